@@ -1,0 +1,77 @@
+// `isp`: run, validate and inspect recipes; list plugins.
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+
+#include "isp/plugin.h"
+#include "isp/registry.h"
+#include "isp/runner.h"
+
+namespace {
+
+int cmd_plugins(isp::Registry& reg, bool as_json, const std::string& kind) {
+  if (as_json) {
+    isp::json out = isp::json::array();
+    for (const auto* c : reg.list(kind)) out.push_back(c->to_json());
+    std::printf("%s\n", out.dump(2).c_str());
+    return 0;
+  }
+  std::string last_kind;
+  for (const auto* c : reg.list(kind)) {
+    if (c->kind != last_kind) std::printf("%s:\n", c->kind.c_str()), last_kind = c->kind;
+    std::printf("  %-24s v%d  %s\n      from %s\n", c->name.c_str(), c->version, c->doc.c_str(), c->origin().c_str());
+    for (const auto& a : c->schema.args) {
+      std::string dflt = a.required ? "required" : "default " + a.default_value.dump();
+      std::printf("      %-22s %-14s %-20s %s\n", a.name.c_str(), isp::to_string(a.type), dflt.c_str(), a.doc.c_str());
+    }
+  }
+  std::printf("plugin folders: ");
+  for (const auto& d : reg.scanned_directories()) std::printf("%s ", d.c_str());
+  std::printf("\nhost: %s\n", isp::describe(isp::host_descriptor()).c_str());
+  for (const auto& f : reg.load_failures()) std::printf("failed: %s\n", f.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"isp: interpretation-steered network pruning (ECCV 2022) as recipes and plugins"};
+  app.require_subcommand(1);
+
+  isp::RunOptions run_opt;
+  auto* run = app.add_subcommand("run", "run a recipe: every stage in order, resumable");
+  run->add_option("recipe", run_opt.recipe_path, "recipe JSON file")->required();
+  run->add_option("--set", run_opt.overrides, "override a recipe value: a.b.0=VALUE (VALUE parsed as JSON)");
+  run->add_option("--work-dir", run_opt.work_dir, "run folder (default: work_dirs/<recipe name>)");
+  run->add_flag("--resume", run_opt.resume, "continue the run in the work dir from its checkpoints");
+
+  isp::RunOptions val_opt;
+  val_opt.validate_only = true;
+  auto* validate = app.add_subcommand("validate", "check a recipe completely without running it");
+  validate->add_option("recipe", val_opt.recipe_path, "recipe JSON file")->required();
+  validate->add_option("--set", val_opt.overrides, "override a recipe value: a.b.0=VALUE");
+
+  bool as_json = false;
+  std::string kind;
+  auto* plugins = app.add_subcommand("plugins", "list registered components with their argument schemas");
+  plugins->add_flag("--json", as_json, "print a JSON array");
+  plugins->add_option("--kind", kind, "only this kind");
+
+  CLI11_PARSE(app, argc, argv);
+  isp::Registry& reg = isp::global_registry();
+  try {
+    reg.load_default_plugins();
+    if (*run) return isp::run_recipe(reg, run_opt);
+    if (*validate) return isp::run_recipe(reg, val_opt);
+    if (*plugins) return cmd_plugins(reg, as_json, kind);
+  } catch (const isp::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error (unexpected): %s\n", e.what());
+    return 3;
+  }
+  return 0;
+}

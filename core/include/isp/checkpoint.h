@@ -1,0 +1,47 @@
+#pragma once
+// Checkpoints: one torch archive with named modules, optimizers, tensors and a JSON "meta" record (epoch,
+// step, resolved recipe ...). Written atomically: a temporary file in the same folder, then rename.
+#include <map>
+#include <memory>
+#include <string>
+
+#include <ATen/core/Tensor.h>
+
+#include "isp/options.h"
+
+namespace torch { namespace nn { class Module; } namespace optim { class Optimizer; } }
+
+namespace isp {
+
+class ISP_API CheckpointWriter {
+ public:
+  CheckpointWriter();
+  ~CheckpointWriter();
+  void module(const std::string& name, const torch::nn::Module& m);
+  void optimizer(const std::string& name, const torch::optim::Optimizer& o);
+  void tensor(const std::string& name, const at::Tensor& t);
+  void meta(const json& j);
+  void save_atomic(const std::string& path);
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+class ISP_API CheckpointReader {
+ public:
+  explicit CheckpointReader(const std::string& path);  // throws isp::Error naming the file when unreadable
+  ~CheckpointReader();
+  bool has(const std::string& name) const;
+  void module(const std::string& name, torch::nn::Module& m);
+  void optimizer(const std::string& name, torch::optim::Optimizer& o);
+  at::Tensor tensor(const std::string& name);
+  const json& meta() const;
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// State dict (name -> tensor) in the zip format Python's torch.load reads as a plain dict (build-notes §5).
+ISP_API void save_state_dict_for_python(const torch::nn::Module& m, const std::string& path);
+
+}  // namespace isp

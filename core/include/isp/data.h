@@ -1,0 +1,44 @@
+#pragma once
+// Mini-batches from an in-memory split: seeded shuffling and augmentation, parallel assembly.
+#include <cstdint>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+
+#include "isp/interfaces/dataset.h"
+
+namespace isp {
+
+struct Batch {
+  at::Tensor x, y;
+  int64_t size() const { return y.size(0); }
+};
+
+class ISP_API BatchLoader {
+ public:
+  // Keeps the whole split on `device` when it fits (always for CPU; on CUDA up to `max_device_bytes`).
+  BatchLoader(const ImageSplit& split, int64_t batch_size, bool shuffle, Augmentation aug, c10::Device device,
+              bool drop_last = false);
+  int64_t num_batches() const;
+  int64_t num_samples() const { return n_; }
+  // Order for `epoch`: a permutation derived only from (seed, epoch), so a resumed run replays it exactly.
+  void start_epoch(uint64_t seed, int64_t epoch);
+  // Batch i of the current epoch; augmentation noise derived from (seed, epoch, i).
+  Batch get(int64_t i) const;
+
+ private:
+  at::Tensor images_, labels_;
+  int64_t n_, batch_size_;
+  bool shuffle_, drop_last_;
+  Augmentation aug_;
+  c10::Device device_;
+  std::vector<int64_t> order_;
+  uint64_t seed_ = 0;
+  int64_t epoch_ = 0;
+};
+
+// Deterministic 64-bit mix of several integers (splitmix64), used for every derived seed.
+ISP_API uint64_t mix_seed(uint64_t a, uint64_t b = 0, uint64_t c = 0);
+
+}  // namespace isp

@@ -1,0 +1,37 @@
+#pragma once
+#include <stdexcept>
+#include <string>
+
+#include "isp/export.h"
+
+namespace isp {
+
+// Where a value came from: the recipe file that set it and its JSON pointer ("/nodes/backbone/depth").
+struct Where {
+  std::string file;
+  std::string pointer;
+  Where child(const std::string& key) const;
+  Where child(std::size_t index) const;
+  std::string str() const;  // "configs/x.json: /nodes/backbone/depth"
+};
+
+// Every error the toolkit raises on purpose derives from isp::Error, so apps print one clean line.
+class ISP_API Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+  ~Error() override;
+};
+class ISP_API RecipeError : public Error {
+ public:
+  RecipeError(const Where& where, const std::string& what);
+  ~RecipeError() override;
+  const Where& where() const { return where_; }
+ private:
+  Where where_;
+};
+class ISP_API UnknownComponent : public Error { public: using Error::Error; ~UnknownComponent() override; };
+class ISP_API DuplicateComponent : public Error { public: using Error::Error; ~DuplicateComponent() override; };
+class ISP_API PluginLoadError : public Error { public: using Error::Error; ~PluginLoadError() override; };
+class ISP_API DataError : public Error { public: using Error::Error; ~DataError() override; };
+
+}  // namespace isp

@@ -1,0 +1,40 @@
+#pragma once
+// JSON recipes: `_base_` inheritance, `_delete_`, `${VAR}` expansion, `--set a.b.0=1` overrides and
+// `{"$ref": "node"}` links between nodes (a DAG; cycles and dangling references are errors).
+#include <map>
+#include <string>
+#include <vector>
+
+#include "isp/options.h"
+
+namespace isp {
+
+struct Recipe {
+  json doc;                                   // fully resolved
+  std::string file;                           // the top-level recipe file
+  std::map<std::string, std::string> origins;  // JSON pointer -> file (or "--set") that last set it
+  // The file that set `pointer` (or its closest set ancestor) together with the pointer.
+  Where where(const std::string& pointer) const;
+};
+
+// Loads, merges bases, expands variables, applies overrides and checks references.
+ISP_API Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides = {});
+// Same, from an in-memory document (bases resolved relative to `base_dir`); used by tests and tools.
+ISP_API Recipe recipe_from_json(json doc, const std::string& pretend_file, const std::string& base_dir,
+                                const std::vector<std::string>& overrides = {});
+
+// Merges `child` into `base` (objects recursively, arrays and scalars replaced, `_delete_` replaces).
+ISP_API void merge_into(json& base, const json& child, const std::string& file, const std::string& pointer,
+                        std::map<std::string, std::string>* origins);
+// Applies one "a.b.0=value" override (value parsed as JSON, else taken as a string).
+ISP_API void apply_override(json& doc, const std::string& assignment, std::map<std::string, std::string>* origins);
+// Expands ${VAR} and ${VAR:-default} in every string (environment plus the recipe's "vars" object).
+ISP_API void expand_variables(json& doc, const std::map<std::string, std::string>& vars, const Recipe& r);
+// Every {"$ref": n} must name a node in /nodes; node references must form a DAG.
+ISP_API void check_references(const Recipe& r);
+
+// Writes text to `path` atomically: a temporary file in the same folder, fsync'd, then renamed over it.
+ISP_API void write_file_atomic(const std::string& path, const std::string& content);
+ISP_API std::string read_text_file(const std::string& path);
+
+}  // namespace isp

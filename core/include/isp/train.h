@@ -1,0 +1,79 @@
+#pragma once
+// The supervised training loop shared by the classifier and finetuning stages: SGD with momentum and weight
+// decay, MultiStep or cosine LR, evaluation every N epochs, model selection on the validation split, atomic
+// per-epoch checkpoints, exact resume, Ctrl-C checkpointing, JSON-lines metrics and a progress line.
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+#include "isp/interfaces/dataset.h"
+#include "isp/interfaces/stage.h"
+
+namespace torch { namespace nn { class Module; } }
+
+namespace isp {
+
+struct SgdScheduleOptions {
+  int64_t epochs = 200;
+  int64_t batch_size = 128;
+  double lr = 0.1;
+  double momentum = 0.9;
+  double weight_decay = 1e-4;
+  bool nesterov = false;
+  std::string lr_schedule = "multistep";
+  std::vector<int64_t> milestones{100, 150};
+  double gamma = 0.1;
+  int64_t warmup_epochs = 0;
+  int64_t eval_every = 1;
+  int64_t eval_batch_size = 256;
+  int64_t max_steps_per_epoch = 0;  // 0 = full epochs (for smoke tests)
+  template <class V> void visit(V& v) {
+    v("epochs", epochs, "training epochs", at_least(1));
+    v("batch_size", batch_size, "mini-batch size", at_least(1));
+    v("lr", lr, "initial learning rate", greater_than(0));
+    v("momentum", momentum, "SGD momentum", between(0, 1));
+    v("weight_decay", weight_decay, "L2 weight decay (coupled, as torch.optim.SGD)", at_least(0));
+    v("nesterov", nesterov, "Nesterov momentum");
+    v("lr_schedule", lr_schedule, "learning-rate schedule", one_of({"multistep", "cosine", "constant"}));
+    v("milestones", milestones, "multistep: epochs after which the LR is multiplied by gamma", at_least(0));
+    v("gamma", gamma, "multistep decay factor", open_closed(0, 1));
+    v("warmup_epochs", warmup_epochs, "linear warm-up epochs", at_least(0));
+    v("eval_every", eval_every, "evaluate on the validation split every N epochs (and after the last)", at_least(1));
+    v("eval_batch_size", eval_batch_size, "evaluation batch size", at_least(1));
+    v("max_steps_per_epoch", max_steps_per_epoch, "cap steps per epoch (0 = full epochs; for smoke tests)", at_least(0));
+  }
+};
+
+ISP_API double lr_at_epoch(const SgdScheduleOptions& o, int64_t epoch);
+
+struct Classifier {
+  torch::nn::Module* module = nullptr;
+  std::function<at::Tensor(const at::Tensor&)> forward;  // logits
+};
+
+// Top-1 accuracy and mean cross-entropy over a split (eval mode, no grad).
+struct EvalResult { double top1 = 0, loss = 0; int64_t n = 0; };
+ISP_API EvalResult evaluate_classifier(const Classifier& c, const ImageSplit& split, int64_t batch_size,
+                                       c10::Device device);
+
+// Trains in ctx.stage_dir (checkpoint.pt, best.pt, final.pt). Returns the summary (val/test top-1, timings).
+ISP_API json fit_classifier(const Classifier& c, const DataBundle& data, const SgdScheduleOptions& opt,
+                            RunContext& ctx);
+
+// A single-line progress display on a terminal, plain lines otherwise.
+class ISP_API Progress {
+ public:
+  explicit Progress(std::string label);
+  void update(const std::string& text, bool force = false);
+  void finish(const std::string& text);
+ private:
+  std::string label_;
+  bool tty_;
+  double last_ = 0;
+};
+
+ISP_API double now_seconds();
+
+}  // namespace isp

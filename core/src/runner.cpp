@@ -1,0 +1,209 @@
+// Pipeline runner: recipe -> plugins -> nodes and stages -> stages executed in order, resumable.
+#include "isp/runner.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/Context.h>
+#include <c10/core/Device.h>
+#include <torch/cuda.h>
+#include <torch/utils.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "isp/interfaces/stage.h"
+
+namespace fs = std::filesystem;
+
+namespace isp {
+
+namespace {
+std::atomic<bool> g_interrupted{false};
+extern "C" void on_sigint(int) { g_interrupted.store(true); }
+
+const std::vector<std::string> kTopLevelKeys{"_base_", "plugins", "nodes", "stages", "vars", "seed", "runtime",
+                                             "work_dir", "name", "description"};
+
+uint64_t fnv1a(const std::string& s) {
+  uint64_t h = 1469598103934665603ULL;
+  for (unsigned char c : s) h = (h ^ c) * 1099511628211ULL;
+  return h;
+}
+
+c10::Device g_device(c10::kCPU);
+}  // namespace
+
+void load_recipe_plugins(Registry& reg, const Recipe& r) {
+  auto it = r.doc.find("plugins");
+  if (it == r.doc.end()) return;
+  if (!it->is_array()) throw RecipeError(r.where("/plugins"), "expected a list of plugin files or folders");
+  for (std::size_t i = 0; i < it->size(); ++i) {
+    const json& e = (*it)[i];
+    std::string ptr = "/plugins/" + std::to_string(i);
+    if (!e.is_string()) throw RecipeError(r.where(ptr), "expected a path string, got " + e.dump());
+    fs::path p = e.get<std::string>();
+    if (p.is_relative()) {
+      // relative to the recipe file that named it
+      fs::path origin = r.where(ptr).file;
+      p = (origin.has_parent_path() ? origin.parent_path() : fs::path(".")) / p;
+    }
+    if (fs::is_directory(p)) {
+      reg.scan_directory(p.string());
+    } else if (fs::exists(p)) {
+      try {
+        reg.load_library(p.string());
+      } catch (const Error& err) {
+        throw RecipeError(r.where(ptr), err.what());
+      }
+    } else {
+      throw RecipeError(r.where(ptr), "plugin file or folder not found: " + p.string());
+    }
+  }
+}
+
+void apply_runtime(const Recipe& r) {
+  json rt = r.doc.value("runtime", json::object());
+  if (!rt.is_object()) throw RecipeError(r.where("/runtime"), "expected an object");
+  for (auto it = rt.begin(); it != rt.end(); ++it)
+    if (it.key() != "threads" && it.key() != "device" && it.key() != "deterministic")
+      throw RecipeError(r.where("/runtime/" + it.key()), "unknown runtime setting (known: threads, device, deterministic)");
+  int threads = 0;
+  if (rt.contains("threads")) {
+    if (!rt["threads"].is_number_integer() || rt["threads"].get<int>() < 0)
+      throw RecipeError(r.where("/runtime/threads"), "expected an integer >= 0 (0 = all cores), got " + rt["threads"].dump());
+    threads = rt["threads"];
+  }
+  if (threads == 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // The default intra-op pool starts with 1 thread on small VMs (build-notes P4): always set it.
+  at::set_num_threads(threads);
+  std::string dev = rt.value("device", std::string("auto"));
+  if (dev == "auto") dev = torch::cuda::is_available() ? "cuda" : "cpu";
+  try {
+    g_device = c10::Device(dev);
+  } catch (const std::exception&) {
+    throw RecipeError(r.where("/runtime/device"), "expected auto, cpu, cuda or cuda:N, got \"" + dev + "\"");
+  }
+  if (g_device.is_cuda() && !torch::cuda::is_available())
+    throw RecipeError(r.where("/runtime/device"), "CUDA requested but this LibTorch sees no CUDA device");
+}
+
+static json read_json_or(const std::string& path, json fallback) {
+  if (!fs::exists(path)) return fallback;
+  try {
+    return json::parse(read_text_file(path));
+  } catch (const std::exception& e) {
+    throw Error(path + ": unreadable (" + e.what() + ")");
+  }
+}
+
+int run_recipe(Registry& reg, const RunOptions& o) {
+  Recipe r = load_recipe(o.recipe_path, o.overrides);
+  for (auto it = r.doc.begin(); it != r.doc.end(); ++it)
+    if (std::find(kTopLevelKeys.begin(), kTopLevelKeys.end(), it.key()) == kTopLevelKeys.end()) {
+      std::string near = closest_match(it.key(), kTopLevelKeys);
+      throw RecipeError(r.where("/" + it.key()), "unknown top-level key" + (near.empty() ? "" : "; did you mean '" + near + "'?"));
+    }
+  load_recipe_plugins(reg, r);
+  apply_runtime(r);
+  if (!r.doc.contains("stages") || !r.doc["stages"].is_array() || r.doc["stages"].empty())
+    throw RecipeError(r.where("/stages"), "expected a non-empty list of stages");
+  json seed_j = r.doc.value("seed", json(1));
+  if (!seed_j.is_number_integer() || seed_j.get<int64_t>() < 0)
+    throw RecipeError(r.where("/seed"), "expected an integer >= 0, got " + seed_j.dump());
+  const uint64_t seed = seed_j.get<uint64_t>();
+  torch::manual_seed(seed);  // weight initialisation is part of the recipe
+
+  BuildContext ctx(reg, r.doc, [&r](const std::string& p) { return r.where(p); });
+  struct Entry { std::string name; std::shared_ptr<Stage> stage; };
+  std::vector<Entry> stages;
+  std::set<std::string> names;
+  const json& sj = r.doc["stages"];
+  for (std::size_t i = 0; i < sj.size(); ++i) {
+    std::string ptr = "/stages/" + std::to_string(i);
+    Where w = r.where(ptr);
+    if (!sj[i].is_object()) throw RecipeError(w, "expected a stage spec {\"type\": ...}");
+    std::string name = sj[i].value("name", sj[i].value("type", std::string("stage")) + std::to_string(i));
+    if (!names.insert(name).second) throw RecipeError(w.child("name"), "duplicate stage name '" + name + "'");
+    stages.push_back({name, ctx.get<Stage>(NodeRef{sj[i], w})});
+  }
+  // Every node is built even when no stage references it, so `validate` checks the whole recipe.
+  json nodes = r.doc.value("nodes", json::object());
+  for (auto it = nodes.begin(); it != nodes.end(); ++it) ctx.build_node(it.key(), "");
+
+  if (o.validate_only) {
+    std::printf("%s: OK (%zu nodes, %zu stages)\n", o.recipe_path.c_str(), nodes.size(), stages.size());
+    return 0;
+  }
+
+  std::string work = o.work_dir;
+  if (work.empty()) work = r.doc.value("work_dir", std::string());
+  if (work.empty()) work = "work_dirs/" + fs::path(o.recipe_path).stem().string();
+  fs::create_directories(work);
+  json resolved = r.doc;
+  const std::string hash = std::to_string(fnv1a([&] { json h = resolved; h.erase("runtime"); return h.dump(); }()));
+  const std::string state_path = work + "/state.json";
+  json state = read_json_or(state_path, json{{"recipe_hash", hash}, {"completed", json::array()}});
+  if (fs::exists(state_path) && !o.resume)
+    throw Error(work + " already holds a run (" + state_path + "); pass --resume to continue it or --work-dir to start a new one");
+  if (state.value("recipe_hash", hash) != hash)
+    throw Error(work + ": the recipe differs from the one this run was started with (see " + work +
+                "/recipe.resolved.json); use another --work-dir");
+  write_file_atomic(work + "/recipe.resolved.json", resolved.dump(2) + "\n");
+  write_file_atomic(state_path, state.dump(2) + "\n");
+
+  g_interrupted.store(false);
+  auto previous = std::signal(SIGINT, on_sigint);
+  json summary = read_json_or(work + "/summary.json", json::object());
+  if (!summary.contains("stages")) summary["stages"] = json::object();
+  const std::string metrics_path = work + "/metrics.jsonl";
+  int code = 0;
+  try {
+    for (auto& e : stages) {
+      RunContext rc;
+      rc.run_dir = work;
+      rc.stage_name = e.name;
+      rc.stage_dir = work + "/" + e.name;
+      rc.device = g_device;
+      rc.seed = seed;
+      rc.resume = o.resume;
+      rc.resolved_recipe = resolved;
+      rc.build = &ctx;
+      rc.interrupted = &g_interrupted;
+      rc.log_metrics = [&metrics_path, name = e.name](json line) {
+        line["stage"] = name;
+        std::ofstream out(metrics_path, std::ios::app);
+        out << line.dump() << "\n";
+      };
+      fs::create_directories(rc.stage_dir);
+      bool done = false;
+      for (const auto& c : state["completed"]) done = done || c == e.name;
+      if (done) {
+        std::fprintf(stderr, "[%s] already finished; restoring its outputs\n", e.name.c_str());
+        e.stage->restore(rc);
+        continue;
+      }
+      double t0 = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+      e.stage->run(rc);
+      double t1 = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+      rc.summary["wall_seconds"] = t1 - t0;
+      summary["stages"][e.name] = rc.summary;
+      for (auto it = rc.summary.begin(); it != rc.summary.end(); ++it) summary[it.key()] = it.value();
+      summary["device"] = g_device.str();
+      summary["threads"] = at::get_num_threads();
+      write_file_atomic(work + "/summary.json", summary.dump(2) + "\n");
+      state["completed"].push_back(e.name);
+      write_file_atomic(state_path, state.dump(2) + "\n");
+    }
+  } catch (const Interrupted& e) {
+    std::fprintf(stderr, "%s\n", e.what());
+    code = 130;
+  }
+  std::signal(SIGINT, previous);
+  if (code == 0) std::fprintf(stderr, "run finished: %s/summary.json\n", work.c_str());
+  return code;
+}
+
+}  // namespace isp

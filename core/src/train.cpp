@@ -1,0 +1,346 @@
+// Checkpoints, evaluation, the supervised training loop and the progress line.
+#include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <sstream>
+
+#include "isp/checkpoint.h"
+#include "isp/data.h"
+#include "isp/recipe.h"
+#include "isp/train.h"
+
+namespace fs = std::filesystem;
+
+namespace isp {
+
+// ------------------------------------------------------------------------------------------- checkpoints
+
+struct CheckpointWriter::Impl {
+  torch::serialize::OutputArchive archive;
+  json meta = json::object();
+  std::vector<std::string> entries;
+};
+CheckpointWriter::CheckpointWriter() : impl_(std::make_unique<Impl>()) {}
+CheckpointWriter::~CheckpointWriter() = default;
+
+void CheckpointWriter::module(const std::string& name, const torch::nn::Module& m) {
+  torch::serialize::OutputArchive sub;
+  m.save(sub);
+  impl_->archive.write(name, sub);
+  impl_->entries.push_back(name);
+}
+void CheckpointWriter::optimizer(const std::string& name, const torch::optim::Optimizer& o) {
+  torch::serialize::OutputArchive sub;
+  o.save(sub);
+  impl_->archive.write(name, sub);
+  impl_->entries.push_back(name);
+}
+void CheckpointWriter::tensor(const std::string& name, const at::Tensor& t) {
+  impl_->archive.write(name, t.detach().cpu());
+  impl_->entries.push_back(name);
+}
+void CheckpointWriter::meta(const json& j) { impl_->meta = j; }
+void CheckpointWriter::save_atomic(const std::string& path) {
+  json m = impl_->meta;
+  m["_entries"] = impl_->entries;
+  impl_->archive.write("meta", c10::IValue(m.dump()));
+  std::ostringstream os;
+  impl_->archive.save_to(os);
+  write_file_atomic(path, os.str());
+}
+
+struct CheckpointReader::Impl {
+  std::string path;
+  torch::serialize::InputArchive archive;
+  json meta;
+  std::vector<std::string> entries;
+};
+CheckpointReader::CheckpointReader(const std::string& path) : impl_(std::make_unique<Impl>()) {
+  impl_->path = path;
+  if (!fs::exists(path)) throw Error(path + ": checkpoint not found");
+  try {
+    impl_->archive.load_from(path);
+    c10::IValue v;
+    impl_->archive.read("meta", v);
+    impl_->meta = json::parse(v.toStringRef());
+  } catch (const std::exception& e) {
+    throw Error(path + ": not a readable isp checkpoint (" + std::string(e.what()).substr(0, 200) + ")");
+  }
+  impl_->entries = impl_->meta.value("_entries", std::vector<std::string>{});
+}
+CheckpointReader::~CheckpointReader() = default;
+bool CheckpointReader::has(const std::string& name) const {
+  return std::find(impl_->entries.begin(), impl_->entries.end(), name) != impl_->entries.end();
+}
+void CheckpointReader::module(const std::string& name, torch::nn::Module& m) {
+  if (!has(name)) throw Error(impl_->path + ": checkpoint has no module '" + name + "'");
+  torch::serialize::InputArchive sub;
+  impl_->archive.read(name, sub);
+  try {
+    m.load(sub);
+  } catch (const std::exception& e) {
+    throw Error(impl_->path + ": module '" + name + "' does not match the recipe's architecture (" +
+                std::string(e.what()).substr(0, 300) + ")");
+  }
+}
+void CheckpointReader::optimizer(const std::string& name, torch::optim::Optimizer& o) {
+  if (!has(name)) throw Error(impl_->path + ": checkpoint has no optimizer '" + name + "'");
+  torch::serialize::InputArchive sub;
+  impl_->archive.read(name, sub);
+  o.load(sub);
+}
+at::Tensor CheckpointReader::tensor(const std::string& name) {
+  if (!has(name)) throw Error(impl_->path + ": checkpoint has no tensor '" + name + "'");
+  at::Tensor t;
+  impl_->archive.read(name, t);
+  return t;
+}
+const json& CheckpointReader::meta() const { return impl_->meta; }
+
+void save_state_dict_for_python(const torch::nn::Module& m, const std::string& path) {
+  c10::Dict<std::string, at::Tensor> dict;
+  for (const auto& p : m.named_parameters()) dict.insert(p.key(), p.value().detach().cpu());
+  for (const auto& b : m.named_buffers()) dict.insert(b.key(), b.value().detach().cpu());
+  std::vector<char> bytes = torch::pickle_save(c10::IValue(dict));
+  write_file_atomic(path, std::string(bytes.begin(), bytes.end()));
+}
+
+// --------------------------------------------------------------------------------------------- progress
+
+double now_seconds() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+Progress::Progress(std::string label) : label_(std::move(label)), tty_(::isatty(STDERR_FILENO) != 0) {}
+void Progress::update(const std::string& text, bool force) {
+  double t = now_seconds();
+  if (tty_) {
+    if (!force && t - last_ < 0.25) return;
+    std::fprintf(stderr, "\r\x1b[K[%s] %s", label_.c_str(), text.c_str());
+    std::fflush(stderr);
+  } else if (force) {
+    std::fprintf(stderr, "[%s] %s\n", label_.c_str(), text.c_str());
+  }
+  last_ = t;
+}
+void Progress::finish(const std::string& text) {
+  if (tty_) std::fprintf(stderr, "\r\x1b[K");
+  std::fprintf(stderr, "[%s] %s\n", label_.c_str(), text.c_str());
+}
+
+static std::string fmt_duration(double s) {
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s / 3600), static_cast<int>(s / 60) % 60);
+  else std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s / 60), static_cast<int>(s) % 60);
+  return buf;
+}
+
+// ------------------------------------------------------------------------------------------ training loop
+
+double lr_at_epoch(const SgdScheduleOptions& o, int64_t epoch) {
+  double lr = o.lr;
+  if (o.warmup_epochs > 0 && epoch < o.warmup_epochs) return o.lr * static_cast<double>(epoch + 1) / o.warmup_epochs;
+  if (o.lr_schedule == "multistep") {
+    for (auto m : o.milestones)
+      if (epoch >= m) lr *= o.gamma;
+  } else if (o.lr_schedule == "cosine") {
+    double t = static_cast<double>(epoch - o.warmup_epochs) / std::max<int64_t>(1, o.epochs - o.warmup_epochs);
+    lr = 0.5 * o.lr * (1.0 + std::cos(M_PI * t));
+  }
+  return lr;
+}
+
+EvalResult evaluate_classifier(const Classifier& c, const ImageSplit& split, int64_t batch_size, c10::Device device) {
+  EvalResult r;
+  if (split.size() == 0) return r;
+  torch::NoGradGuard ng;
+  bool was_training = c.module->is_training();
+  c.module->eval();
+  BatchLoader loader(split, batch_size, false, Augmentation{}, device);
+  loader.start_epoch(0, 0);
+  at::Tensor correct = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(device));
+  at::Tensor loss = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+  for (int64_t i = 0; i < loader.num_batches(); ++i) {
+    Batch b = loader.get(i);
+    at::Tensor x = b.x.to(device), y = b.y.to(device);
+    at::Tensor logits = c.forward(x);
+    correct += logits.argmax(1).eq(y).sum();
+    loss += torch::nn::functional::cross_entropy(logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)).to(torch::kDouble);
+  }
+  r.n = split.size();
+  r.top1 = static_cast<double>(correct.item<int64_t>()) / static_cast<double>(r.n);
+  r.loss = loss.item<double>() / static_cast<double>(r.n);
+  c.module->train(was_training);
+  return r;
+}
+
+json fit_classifier(const Classifier& c, const DataBundle& data, const SgdScheduleOptions& opt, RunContext& ctx) {
+  torch::nn::Module& model = *c.module;
+  model.to(ctx.device);
+  fs::create_directories(ctx.stage_dir);
+  const std::string ckpt_path = ctx.stage_dir + "/checkpoint.pt";
+  const std::string best_path = ctx.stage_dir + "/best.pt";
+  const std::string final_path = ctx.stage_dir + "/final.pt";
+
+  torch::optim::SGD sgd(model.parameters(), torch::optim::SGDOptions(opt.lr)
+                                                .momentum(opt.momentum)
+                                                .weight_decay(opt.weight_decay)
+                                                .nesterov(opt.nesterov));
+  BatchLoader train(data.train, opt.batch_size, /*shuffle=*/true, data.augmentation, ctx.device);
+  const bool has_val = data.val.size() > 0;
+  int64_t start_epoch = 0, start_step = 0, best_epoch = -1, images_seen = 0;
+  double best_val = -1.0, loss_sum = 0.0, correct_sum = 0.0, train_seconds = 0.0;
+  int64_t seen_in_epoch = 0;
+
+  if (ctx.resume && fs::exists(ckpt_path)) {
+    CheckpointReader r(ckpt_path);
+    r.module("model", model);
+    r.optimizer("optimizer", sgd);
+    const json& m = r.meta();
+    start_epoch = m.at("epoch");
+    start_step = m.at("step");
+    best_val = m.value("best_val_top1", -1.0);
+    best_epoch = m.value("best_epoch", -1);
+    loss_sum = m.value("loss_sum", 0.0);
+    correct_sum = m.value("correct_sum", 0.0);
+    seen_in_epoch = m.value("seen_in_epoch", 0);
+    images_seen = m.value("images_seen", 0);
+    train_seconds = m.value("train_seconds", 0.0);
+    if (r.has("rng")) {
+      at::Generator g = at::detail::getDefaultCPUGenerator();
+      g.set_state(r.tensor("rng"));
+    }
+    std::fprintf(stderr, "[%s] resuming from %s at epoch %lld step %lld\n", ctx.stage_name.c_str(), ckpt_path.c_str(),
+                 static_cast<long long>(start_epoch), static_cast<long long>(start_step));
+  }
+
+  auto save_checkpoint = [&](int64_t epoch, int64_t step) {
+    CheckpointWriter w;
+    w.module("model", model);
+    w.optimizer("optimizer", sgd);
+    w.tensor("rng", at::detail::getDefaultCPUGenerator().get_state());
+    w.meta({{"epoch", epoch}, {"step", step}, {"best_val_top1", best_val}, {"best_epoch", best_epoch},
+            {"loss_sum", loss_sum}, {"correct_sum", correct_sum}, {"seen_in_epoch", seen_in_epoch},
+            {"images_seen", images_seen}, {"train_seconds", train_seconds},
+            {"scheduler", {{"type", opt.lr_schedule}, {"lr", lr_at_epoch(opt, epoch)}, {"last_epoch", epoch}}},
+            {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}});
+    w.save_atomic(ckpt_path);
+  };
+
+  Progress progress(ctx.stage_name);
+  int64_t steps_per_epoch = train.num_batches();
+  if (opt.max_steps_per_epoch > 0) steps_per_epoch = std::min(steps_per_epoch, opt.max_steps_per_epoch);
+  const int64_t total_steps = steps_per_epoch * opt.epochs;
+  EvalResult last_val;
+  for (int64_t epoch = start_epoch; epoch < opt.epochs; ++epoch) {
+    const double lr = lr_at_epoch(opt, epoch);
+    for (auto& g : sgd.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
+    train.start_epoch(ctx.seed, epoch);
+    model.train();
+    double t_epoch = now_seconds();
+    at::Tensor dev_loss = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(ctx.device));
+    at::Tensor dev_correct = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(ctx.device));
+    for (int64_t step = (epoch == start_epoch ? start_step : 0); step < steps_per_epoch; ++step) {
+      Batch b = train.get(step);
+      at::Tensor x = b.x.to(ctx.device), y = b.y.to(ctx.device);
+      sgd.zero_grad();
+      at::Tensor logits = c.forward(x);
+      at::Tensor loss = torch::nn::functional::cross_entropy(logits, y);
+      loss.backward();
+      sgd.step();
+      // Accumulate on the device; read back only when the progress line is drawn.
+      dev_loss += loss.detach().to(torch::kDouble) * b.size();
+      dev_correct += logits.detach().argmax(1).eq(y).sum();
+      seen_in_epoch += b.size();
+      images_seen += b.size();
+      bool last_step = step + 1 == steps_per_epoch;
+      if (last_step || step % 10 == 0 || ctx.stop_requested()) {
+        loss_sum += dev_loss.item<double>();
+        correct_sum += static_cast<double>(dev_correct.item<int64_t>());
+        dev_loss.zero_();
+        dev_correct.zero_();
+        double elapsed = train_seconds + (now_seconds() - t_epoch);
+        int64_t done = epoch * steps_per_epoch + step + 1;
+        double per_step = elapsed / std::max<int64_t>(1, done - start_epoch * steps_per_epoch - start_step);
+        char buf[256];
+        std::snprintf(buf, sizeof buf, "epoch %lld/%lld step %lld/%lld loss %.4f acc %.2f%% %.0f img/s ETA %s",
+                      static_cast<long long>(epoch + 1), static_cast<long long>(opt.epochs),
+                      static_cast<long long>(step + 1), static_cast<long long>(steps_per_epoch),
+                      loss_sum / std::max<int64_t>(1, seen_in_epoch), 100.0 * correct_sum / std::max<int64_t>(1, seen_in_epoch),
+                      static_cast<double>(seen_in_epoch) / std::max(1e-9, now_seconds() - t_epoch),
+                      fmt_duration(per_step * static_cast<double>(total_steps - done)).c_str());
+        progress.update(buf);
+      }
+      if (ctx.stop_requested()) {
+        train_seconds += now_seconds() - t_epoch;
+        save_checkpoint(epoch, step + 1);
+        progress.finish("interrupted: checkpoint written to " + ckpt_path);
+        throw Interrupted("interrupted at epoch " + std::to_string(epoch + 1) + " step " + std::to_string(step + 1) +
+                          "; continue with --resume");
+      }
+    }
+    double epoch_seconds = now_seconds() - t_epoch;
+    train_seconds += epoch_seconds;
+    json line = {{"epoch", epoch + 1}, {"lr", lr}, {"train_loss", loss_sum / std::max<int64_t>(1, seen_in_epoch)},
+                 {"train_top1", correct_sum / std::max<int64_t>(1, seen_in_epoch)},
+                 {"images_per_s", seen_in_epoch / std::max(1e-9, epoch_seconds)}};
+    bool eval_now = (epoch + 1) % opt.eval_every == 0 || epoch + 1 == opt.epochs;
+    if (eval_now && has_val) {
+      last_val = evaluate_classifier(c, data.val, opt.eval_batch_size, ctx.device);
+      line["val_top1"] = last_val.top1;
+      line["val_loss"] = last_val.loss;
+      if (last_val.top1 > best_val) {
+        best_val = last_val.top1;
+        best_epoch = epoch + 1;
+        CheckpointWriter w;
+        w.module("model", model);
+        w.meta({{"epoch", epoch + 1}, {"val_top1", best_val}, {"recipe", ctx.resolved_recipe}});
+        w.save_atomic(best_path);
+      }
+    }
+    char buf[256];
+    std::snprintf(buf, sizeof buf, "epoch %lld/%lld loss %.4f train %.2f%%%s %.0f img/s (%.1fs)",
+                  static_cast<long long>(epoch + 1), static_cast<long long>(opt.epochs),
+                  line["train_loss"].get<double>(), 100.0 * line["train_top1"].get<double>(),
+                  line.contains("val_top1") ? (" val " + std::to_string(100.0 * last_val.top1).substr(0, 5) + "%").c_str() : "",
+                  line["images_per_s"].get<double>(), epoch_seconds);
+    progress.finish(buf);
+    if (ctx.log_metrics) ctx.log_metrics(line);
+    loss_sum = correct_sum = 0.0;
+    seen_in_epoch = 0;
+    save_checkpoint(epoch + 1, 0);
+  }
+
+  // Model selection on the validation split, never on the test split.
+  if (has_val && fs::exists(best_path)) {
+    CheckpointReader r(best_path);
+    r.module("model", model);
+  }
+  EvalResult val = has_val ? evaluate_classifier(c, data.val, opt.eval_batch_size, ctx.device) : EvalResult{};
+  EvalResult test = evaluate_classifier(c, data.test, opt.eval_batch_size, ctx.device);
+  {
+    CheckpointWriter w;
+    w.module("model", model);
+    w.meta({{"val_top1", val.top1}, {"test_top1", test.top1}, {"recipe", ctx.resolved_recipe}});
+    w.save_atomic(final_path);
+  }
+  json summary = {{"test_top1", test.top1},         {"test_loss", test.loss},
+                  {"val_top1", has_val ? json(val.top1) : json(nullptr)},
+                  {"best_epoch", has_val ? json(best_epoch) : json(opt.epochs)},
+                  {"selected_on", has_val ? "val_top1" : "last_epoch"},
+                  {"epochs", opt.epochs},
+                  {"train_seconds", train_seconds},
+                  {"train_images_per_s", static_cast<double>(images_seen) / std::max(1e-9, train_seconds)},
+                  {"n_train", data.train.size()}, {"n_val", data.val.size()}, {"n_test", data.test.size()}};
+  std::fprintf(stderr, "[%s] selected epoch %s: val %.2f%%, test %.2f%%\n", ctx.stage_name.c_str(),
+               summary["best_epoch"].dump().c_str(), 100.0 * val.top1, 100.0 * test.top1);
+  return summary;
+}
+
+}  // namespace isp
