@@ -125,7 +125,9 @@ int run_recipe(Registry& reg, const RunOptions& o) {
     std::string ptr = "/stages/" + std::to_string(i);
     Where w = r.where(ptr);
     if (!sj[i].is_object()) throw RecipeError(w, "expected a stage spec {\"type\": ...}");
-    std::string name = sj[i].value("name", sj[i].value("type", std::string("stage")) + std::to_string(i));
+    // A stage is usually a node ({"$ref": "classifier"}), so recipes can override its fields by merging.
+    std::string name = BuildContext::ref_name(sj[i]);
+    if (name.empty()) name = sj[i].value("name", sj[i].value("type", std::string("stage")) + std::to_string(i));
     if (!names.insert(name).second) throw RecipeError(w.child("name"), "duplicate stage name '" + name + "'");
     stages.push_back({name, ctx.get<Stage>(NodeRef{sj[i], w})});
   }

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <sstream>
 
@@ -238,6 +239,10 @@ json fit_classifier(const Classifier& c, const DataBundle& data, const SgdSchedu
   if (opt.max_steps_per_epoch > 0) steps_per_epoch = std::min(steps_per_epoch, opt.max_steps_per_epoch);
   const int64_t total_steps = steps_per_epoch * opt.epochs;
   EvalResult last_val;
+  // Fault injection for tests and demos: behave as if Ctrl-C arrived after N steps of this process.
+  const char* inject = std::getenv("ISP_INTERRUPT_AFTER_STEPS");
+  const int64_t interrupt_after = inject ? std::atoll(inject) : -1;
+  int64_t steps_this_process = 0;
   for (int64_t epoch = start_epoch; epoch < opt.epochs; ++epoch) {
     const double lr = lr_at_epoch(opt, epoch);
     for (auto& g : sgd.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
@@ -259,6 +264,7 @@ json fit_classifier(const Classifier& c, const DataBundle& data, const SgdSchedu
       dev_correct += logits.detach().argmax(1).eq(y).sum();
       seen_in_epoch += b.size();
       images_seen += b.size();
+      if (++steps_this_process == interrupt_after && ctx.interrupted) ctx.interrupted->store(true);
       bool last_step = step + 1 == steps_per_epoch;
       if (last_step || step % 10 == 0 || ctx.stop_requested()) {
         loss_sum += dev_loss.item<double>();

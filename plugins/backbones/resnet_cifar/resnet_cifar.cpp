@@ -1,0 +1,242 @@
+// "ResNetCifar": the gated CIFAR ResNet (6n+2) of isp-spec §2.1 (ResNet-20/32/44/56/110).
+//
+// Stem conv3x3(in_channels->16)+BN+ReLU; three stages of n = (depth-2)/6 BasicBlocks (16/32/64 channels, the
+// first block of stages 2 and 3 has stride 2); option-A shortcuts (AvgPool2d(2,2), then zero channels appended);
+// global average pool; Linear(64->num_classes). One gate per block, on the block-internal channels after
+// ReLU(BN(conv1)) (isp-spec §3.4). Parameter names follow the Python model: conv1.weight, bn1.*,
+// layer1.0.conv1.weight, layer1.0.bn1.running_mean, ..., fc.weight, fc.bias.
+#include <torch/torch.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "isp/interfaces/backbone.h"
+#include "isp/plugin.h"
+
+namespace {
+
+struct ResNetCifarOptions {
+  int depth = 56;
+  int64_t num_classes = 10;
+  int64_t in_channels = 3;
+  int64_t input_size = 32;
+  double bn_init_gamma = 0.5;
+  bool detach_shortcut = false;
+  std::vector<int64_t> widths;
+
+  template <class V> void visit(V& v) {
+    v("depth", depth, "number of layers, 6n+2 (n BasicBlocks per stage)", isp::one_of({20, 32, 44, 56, 110}));
+    v("num_classes", num_classes, "number of output classes", isp::at_least(2));
+    v("in_channels", in_channels, "input image channels", isp::at_least(1));
+    v("input_size", input_size, "input height = width in pixels (a multiple of 4)", isp::at_least(4));
+    v("bn_init_gamma", bn_init_gamma, "initial BatchNorm weight (the official code uses 0.5)");
+    v("detach_shortcut", detach_shortcut,
+      "detach the two option-A downsampling shortcuts as the official code does (isp-spec §6.10)");
+    v("widths", widths,
+      "block-internal (gated) width of each of the 3n blocks, in layer order; empty = full widths "
+      "(16/32/64). Used to rebuild a pruned network");
+  }
+};
+
+// The per-channel gate for one layer: [C] (shared by the batch) or [N, C], reshaped to broadcast over NCHW.
+at::Tensor apply_gate(const at::Tensor& x, const at::Tensor& gate) {
+  if (!gate.defined()) return x;
+  at::Tensor g = gate.to(x.device(), x.scalar_type());
+  if (g.dim() == 1) return x * g.view({1, -1, 1, 1});
+  return x * g.view({g.size(0), g.size(1), 1, 1});
+}
+
+class BasicBlockImpl : public torch::nn::Module {
+ public:
+  BasicBlockImpl(int64_t in_planes, int64_t planes, int64_t mid, int64_t stride, bool detach_shortcut)
+      : in_planes_(in_planes), planes_(planes), mid_(mid), stride_(stride), detach_(detach_shortcut) {
+    conv1 = register_module(
+        "conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(in_planes, mid, 3).stride(stride).padding(1).bias(false)));
+    bn1 = register_module("bn1", torch::nn::BatchNorm2d(mid));
+    conv2 = register_module(
+        "conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(mid, planes, 3).stride(1).padding(1).bias(false)));
+    bn2 = register_module("bn2", torch::nn::BatchNorm2d(planes));
+  }
+
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& gate) {
+    at::Tensor out = torch::relu(bn1->forward(conv1->forward(x)));
+    out = apply_gate(out, gate);
+    out = bn2->forward(conv2->forward(out));
+    return torch::relu(out + shortcut(x));
+  }
+
+  int64_t mid() const { return mid_; }
+
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
+
+ private:
+  // Option A: identity, or AvgPool2d(2,2) followed by (planes - in_planes) zero channels appended.
+  at::Tensor shortcut(const at::Tensor& x) const {
+    if (stride_ == 1 && in_planes_ == planes_) return x;
+    at::Tensor s = x;
+    if (stride_ != 1) s = torch::avg_pool2d(s, {stride_, stride_}, {stride_, stride_});
+    if (detach_) s = s.detach();
+    if (planes_ > in_planes_) {
+      at::Tensor pad = torch::zeros({s.size(0), planes_ - in_planes_, s.size(2), s.size(3)}, s.options());
+      s = torch::cat({s, pad}, 1);
+    }
+    return s;
+  }
+
+  int64_t in_planes_, planes_, mid_, stride_;
+  bool detach_;
+};
+TORCH_MODULE(BasicBlock);
+
+class ResNetCifar : public isp::Backbone {
+ public:
+  explicit ResNetCifar(const ResNetCifarOptions& o) : opt_(o) {
+    const int64_t n = (o.depth - 2) / 6;
+    std::vector<int64_t> widths = o.widths;
+    const int64_t stage_planes[3] = {16, 32, 64};
+    if (widths.empty()) {
+      for (int s = 0; s < 3; ++s)
+        for (int64_t b = 0; b < n; ++b) widths.push_back(stage_planes[s]);
+    }
+    conv1 = register_module(
+        "conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(o.in_channels, 16, 3).stride(1).padding(1).bias(false)));
+    bn1 = register_module("bn1", torch::nn::BatchNorm2d(16));
+    int64_t in_planes = 16;
+    std::size_t k = 0;
+    for (int s = 0; s < 3; ++s) {
+      torch::nn::ModuleList layer;
+      for (int64_t b = 0; b < n; ++b, ++k) {
+        const int64_t stride = (s > 0 && b == 0) ? 2 : 1;
+        BasicBlock block(in_planes, stage_planes[s], widths[k], stride, o.detach_shortcut);
+        layer->push_back(block);
+        blocks_.push_back(block);
+        gated_.push_back({"layer" + std::to_string(s + 1) + "." + std::to_string(b) + ".gate", widths[k]});
+        in_planes = stage_planes[s];
+      }
+      stage_end_.push_back(blocks_.size());
+      layers_.push_back(register_module("layer" + std::to_string(s + 1), layer));
+    }
+    fc = register_module("fc", torch::nn::Linear(64, o.num_classes));
+    widths_ = widths;
+    init_weights();
+  }
+
+  at::Tensor forward(const at::Tensor& x) override { return forward_features(x).logits; }
+
+  isp::BackboneFeatures forward_features(const at::Tensor& x) override {
+    isp::BackboneFeatures f;
+    at::Tensor out = torch::relu(bn1->forward(conv1->forward(x)));
+    int64_t offset = 0;
+    std::size_t next_stage = 0;
+    for (std::size_t i = 0; i < blocks_.size(); ++i) {
+      at::Tensor g;
+      const int64_t w = blocks_[i]->mid();
+      if (gates_.defined()) g = gates_.narrow(-1, offset, w);
+      offset += w;
+      out = blocks_[i]->forward(out, g);
+      if (i + 1 == stage_end_[next_stage]) {
+        f.scales.push_back(out);
+        ++next_stage;
+      }
+    }
+    out = out.mean({2, 3});
+    f.logits = fc->forward(out);
+    return f;
+  }
+
+  std::vector<int64_t> feature_channels() const override { return {16, 32, 64}; }
+  std::vector<isp::GatedLayer> gated_layers() const override { return gated_; }
+
+  void set_gates(const at::Tensor& gates) override {
+    if (!gates.defined()) {
+      gates_ = at::Tensor();
+      return;
+    }
+    int64_t total = 0;
+    for (int64_t w : widths_) total += w;
+    const bool ok = (gates.dim() == 1 && gates.size(0) == total) || (gates.dim() == 2 && gates.size(1) == total);
+    if (!ok) {
+      throw isp::Error("ResNetCifar::set_gates: expected a gate tensor of shape [" + std::to_string(total) +
+                       "] or [N, " + std::to_string(total) + "], got " + shape_str(gates));
+    }
+    gates_ = gates;
+  }
+
+  int64_t num_classes() const override { return opt_.num_classes; }
+  int64_t input_size() const override { return opt_.input_size; }
+
+  isp::json structure() const override {
+    ResNetCifarOptions o = opt_;
+    o.widths = widths_;
+    return isp::options_to_json(o);
+  }
+
+ private:
+  static std::string shape_str(const at::Tensor& t) {
+    std::string s = "[";
+    for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
+    return s + "]";
+  }
+
+  void init_weights() {
+    torch::NoGradGuard no_grad;
+    for (auto& m : modules(/*include_self=*/false)) {
+      if (auto* c = m->as<torch::nn::Conv2d>()) {
+        // n = k*k*C_out (isp-spec §2.1); weight is [C_out, C_in/g, k, k].
+        const double n = static_cast<double>(c->weight.size(0) * c->weight.size(2) * c->weight.size(3));
+        c->weight.normal_(0.0, std::sqrt(2.0 / n));
+      } else if (auto* b = m->as<torch::nn::BatchNorm2d>()) {
+        b->weight.fill_(opt_.bn_init_gamma);
+        b->bias.zero_();
+      } else if (auto* l = m->as<torch::nn::Linear>()) {
+        l->weight.normal_(0.0, 0.01);
+        l->bias.zero_();
+      }
+    }
+  }
+
+  ResNetCifarOptions opt_;
+  std::vector<int64_t> widths_;
+  torch::nn::Conv2d conv1{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr};
+  std::vector<torch::nn::ModuleList> layers_;
+  std::vector<BasicBlock> blocks_;
+  std::vector<std::size_t> stage_end_;
+  torch::nn::Linear fc{nullptr};
+  std::vector<isp::GatedLayer> gated_;
+  at::Tensor gates_;  // plain member, not a parameter or buffer: state_dict is unaffected
+};
+
+std::shared_ptr<isp::Backbone> make_resnet_cifar(const ResNetCifarOptions& o, isp::BuildContext&) {
+  const int64_t n = (o.depth - 2) / 6;
+  if (o.depth < 8 || (o.depth - 2) % 6 != 0) {
+    throw isp::Error("ResNetCifar: depth must be 6n+2, got " + std::to_string(o.depth));
+  }
+  if (o.input_size % 4 != 0) {
+    throw isp::Error("ResNetCifar: input_size must be a multiple of 4 (two stride-2 stages with option-A "
+                     "shortcuts), got " + std::to_string(o.input_size));
+  }
+  if (!o.widths.empty()) {
+    if (static_cast<int64_t>(o.widths.size()) != 3 * n) {
+      throw isp::Error("ResNetCifar: widths must list one width per block, expected " + std::to_string(3 * n) +
+                       " values for depth " + std::to_string(o.depth) + ", got " +
+                       std::to_string(o.widths.size()));
+    }
+    for (std::size_t i = 0; i < o.widths.size(); ++i) {
+      if (o.widths[i] < 1) {
+        throw isp::Error("ResNetCifar: widths[" + std::to_string(i) + "] must be >= 1, got " +
+                         std::to_string(o.widths[i]));
+      }
+    }
+  }
+  return std::make_shared<ResNetCifar>(o);
+}
+
+}  // namespace
+
+ISP_REGISTER(isp::Backbone, "ResNetCifar", 1, ResNetCifarOptions, make_resnet_cifar,
+             "CIFAR ResNet (6n+2, option-A shortcuts) with one channel gate per BasicBlock (isp-spec §2.1)");
+ISP_PLUGIN("0.1.0");

@@ -1,0 +1,11 @@
+// doctest main. Torch headers are not included here; see test_support.h for the glog CHECK clash.
+#define DOCTEST_CONFIG_IMPLEMENT
+#include <doctest/doctest.h>
+
+#include <ATen/Parallel.h>
+
+int main(int argc, char** argv) {
+  at::set_num_threads(2);  // build-notes P4
+  doctest::Context ctx(argc, argv);
+  return ctx.run();
+}

@@ -1,0 +1,243 @@
+// Backbone plugins ResNetCifar and MobileNetV2Cifar (isp-spec §2.1, §2.2, §3.4), built through the registry.
+#include <torch/torch.h>
+#undef CHECK
+#undef CHECK_EQ
+#undef CHECK_NE
+#undef CHECK_LT
+#undef CHECK_LE
+#undef CHECK_GT
+#undef CHECK_GE
+#include <doctest/doctest.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "isp/error.h"
+#include "isp/interfaces/backbone.h"
+#include "isp/registry.h"
+
+using isp::json;
+
+namespace {
+
+struct BackboneFixture {
+  isp::Registry reg;
+  std::unique_ptr<isp::BuildContext> ctx;
+  int counter = 0;
+
+  BackboneFixture() {
+    reg.load_library(ISP_TEST_PLUGIN_DIR "/libisp_backbones_resnet_cifar.so");
+    reg.load_library(ISP_TEST_PLUGIN_DIR "/libisp_backbones_mobilenetv2_cifar.so");
+    ctx = std::make_unique<isp::BuildContext>(reg, json{{"nodes", json::object()}},
+                                              [](const std::string& p) { return isp::Where{"test", p}; });
+  }
+
+  std::shared_ptr<isp::Backbone> build(const json& spec) {
+    const std::string ptr = "/nodes/backbone" + std::to_string(counter++);
+    return std::static_pointer_cast<isp::Backbone>(ctx->build(spec, isp::Where{"test", ptr}, "backbone"));
+  }
+};
+
+int64_t count_params(torch::nn::Module& m) {
+  int64_t n = 0;
+  for (const auto& p : m.parameters()) n += p.numel();
+  return n;
+}
+
+int64_t sum_widths(const std::vector<isp::GatedLayer>& g) {
+  int64_t n = 0;
+  for (const auto& l : g) n += l.width;
+  return n;
+}
+
+}  // namespace
+
+TEST_CASE_FIXTURE(BackboneFixture, "ResNetCifar: ResNet-56 parameters, shapes, features and gates") {
+  auto bb = build(json{{"type", "ResNetCifar"}, {"depth", 56}});
+  REQUIRE(bb);
+  CHECK(count_params(*bb) == 853018);
+  CHECK(bb->num_classes() == 10);
+  CHECK(bb->input_size() == 32);
+
+  auto params = bb->named_parameters();
+  CHECK(params.contains("conv1.weight"));
+  CHECK(params.contains("layer1.0.conv1.weight"));
+  CHECK(params.contains("layer3.8.bn2.bias"));
+  CHECK(params.contains("fc.weight"));
+  CHECK(bb->named_buffers().contains("layer1.0.bn1.running_mean"));
+  CHECK(params["fc.weight"].sizes() == torch::IntArrayRef({10, 64}));
+  CHECK(params["bn1.weight"].eq(0.5).all().item<bool>());  // bn_init_gamma default
+
+  bb->eval();
+  torch::NoGradGuard ng;
+  auto x = torch::randn({2, 3, 32, 32});
+  auto y = bb->forward(x);
+  CHECK(y.sizes() == torch::IntArrayRef({2, 10}));
+
+  auto f = bb->forward_features(x);
+  REQUIRE(f.scales.size() == 3);
+  CHECK(f.scales[0].sizes() == torch::IntArrayRef({2, 16, 32, 32}));
+  CHECK(f.scales[1].sizes() == torch::IntArrayRef({2, 32, 16, 16}));
+  CHECK(f.scales[2].sizes() == torch::IntArrayRef({2, 64, 8, 8}));
+  CHECK(torch::allclose(f.logits, y));
+  CHECK(bb->feature_channels() == std::vector<int64_t>{16, 32, 64});
+
+  auto gates = bb->gated_layers();
+  REQUIRE(gates.size() == 27);
+  CHECK(gates[0].name == "layer1.0.gate");
+  CHECK(gates[26].name == "layer3.8.gate");
+  CHECK(sum_widths(gates) == 1008);
+  CHECK(bb->total_gate_width() == 1008);
+
+  // All-ones equals ungated; zeroing one layer's gates changes the logits; undefined restores.
+  const auto n_params = bb->named_parameters().size();
+  const auto n_buffers = bb->named_buffers().size();
+  bb->set_gates(torch::ones({1008}));
+  CHECK(torch::allclose(bb->forward(x), y));
+  CHECK(bb->named_parameters().size() == n_params);  // gates are not parameters or buffers
+  CHECK(bb->named_buffers().size() == n_buffers);
+  bb->set_gates(torch::ones({2, 1008}));
+  CHECK(torch::allclose(bb->forward(x), y));
+  auto g = torch::ones({1008});
+  g.narrow(0, 16 * 9 + 32 * 4, 32).zero_();  // layer2.4.gate
+  bb->set_gates(g);
+  CHECK_FALSE(torch::equal(bb->forward(x), y));
+  bb->set_gates(at::Tensor());
+  CHECK(torch::allclose(bb->forward(x), y));
+  CHECK_THROWS_AS(bb->set_gates(torch::ones({1007})), isp::Error);
+}
+
+TEST_CASE_FIXTURE(BackboneFixture, "ResNetCifar: gates carry gradients and per-sample gates apply per sample") {
+  auto bb = build(json{{"type", "ResNetCifar"}, {"depth", 20}});
+  bb->eval();
+  auto x = torch::randn({2, 3, 32, 32});
+  auto g = torch::ones({2, 336}, torch::requires_grad());
+  bb->set_gates(g);
+  bb->forward(x).sum().backward();
+  REQUIRE(g.grad().defined());
+  CHECK(g.grad().abs().sum().item<double>() > 0.0);
+
+  torch::NoGradGuard ng;
+  bb->set_gates(at::Tensor());
+  auto y = bb->forward(x);
+  auto g2 = torch::ones({2, 336});
+  g2[1].narrow(0, 0, 16).zero_();  // sample 1 only: layer1.0.gate off
+  bb->set_gates(g2);
+  auto y2 = bb->forward(x);
+  CHECK(torch::allclose(y2[0], y[0]));
+  CHECK_FALSE(torch::equal(y2[1], y[1]));
+}
+
+TEST_CASE_FIXTURE(BackboneFixture, "ResNetCifar: depths, options and rejected depth") {
+  CHECK(count_params(*build(json{{"type", "ResNetCifar"}, {"depth", 20}})) == 269722);
+  CHECK(build(json{{"type", "ResNetCifar"}, {"depth", 110}})->gated_layers().size() == 54);
+  CHECK_THROWS_AS(build(json{{"type", "ResNetCifar"}, {"depth", 57}}), isp::RecipeError);
+
+  auto bb = build(json{{"type", "ResNetCifar"}, {"depth", 20}, {"num_classes", 100}, {"in_channels", 1}});
+  bb->eval();
+  torch::NoGradGuard ng;
+  CHECK(bb->forward(torch::randn({3, 1, 32, 32})).sizes() == torch::IntArrayRef({3, 100}));
+  CHECK(bb->num_classes() == 100);
+}
+
+TEST_CASE_FIXTURE(BackboneFixture, "ResNetCifar: reduced widths rebuild a pruned network") {
+  std::vector<int64_t> w = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  auto bb = build(json{{"type", "ResNetCifar"}, {"depth", 20}, {"widths", w}});
+  auto p = bb->named_parameters();
+  CHECK(p["layer1.0.conv1.weight"].sizes() == torch::IntArrayRef({1, 16, 3, 3}));
+  CHECK(p["layer1.0.conv2.weight"].sizes() == torch::IntArrayRef({16, 1, 3, 3}));
+  CHECK(p["layer1.0.bn1.weight"].sizes() == torch::IntArrayRef({1}));
+  CHECK(p["layer2.0.conv1.weight"].sizes() == torch::IntArrayRef({4, 16, 3, 3}));
+  CHECK(p["layer3.2.conv1.weight"].sizes() == torch::IntArrayRef({9, 64, 3, 3}));
+  CHECK(p["layer3.2.conv2.weight"].sizes() == torch::IntArrayRef({64, 9, 3, 3}));
+  CHECK(sum_widths(bb->gated_layers()) == 45);
+  bb->eval();
+  {
+    torch::NoGradGuard ng;
+    CHECK(bb->forward(torch::randn({2, 3, 32, 32})).sizes() == torch::IntArrayRef({2, 10}));
+  }
+
+  // structure() rebuilds the same architecture.
+  json s = bb->structure();
+  CHECK(s.at("widths").get<std::vector<int64_t>>() == w);
+  CHECK(s.at("depth").get<int>() == 20);
+  s["type"] = "ResNetCifar";
+  auto again = build(s);
+  auto q = again->named_parameters();
+  REQUIRE(q.size() == p.size());
+  for (const auto& kv : p) CHECK(q[kv.key()].sizes() == kv.value().sizes());
+
+  // A full-width structure lists the full widths.
+  auto full = build(json{{"type", "ResNetCifar"}, {"depth", 20}})->structure();
+  CHECK(full.at("widths").get<std::vector<int64_t>>() ==
+        std::vector<int64_t>{16, 16, 16, 32, 32, 32, 64, 64, 64});
+
+  // Wrong length or non-positive widths are rejected.
+  CHECK_THROWS_AS(build(json{{"type", "ResNetCifar"}, {"depth", 20}, {"widths", std::vector<int64_t>{1, 2, 3}}}),
+                  isp::Error);
+  CHECK_THROWS_AS(build(json{{"type", "ResNetCifar"},
+                             {"depth", 20},
+                             {"widths", std::vector<int64_t>{16, 16, 0, 32, 32, 32, 64, 64, 64}}}),
+                  isp::Error);
+}
+
+TEST_CASE_FIXTURE(BackboneFixture, "MobileNetV2Cifar: parameters, shapes, features and gates") {
+  auto bb = build(json{{"type", "MobileNetV2Cifar"}});
+  REQUIRE(bb);
+  // Spec table (stage 3 at stride 1, so block 3 has a 24->32 projection): 2 297 754 (~2.30 M).
+  CHECK(count_params(*bb) == 2297754);
+  auto params = bb->named_parameters();
+  CHECK(params.contains("layers.0.conv1.weight"));
+  CHECK(params["layers.0.conv1.weight"].sizes() == torch::IntArrayRef({32, 32, 1, 1}));  // t=1 keeps expansion
+  CHECK(params["layers.1.shortcut.0.weight"].sizes() == torch::IntArrayRef({24, 16, 1, 1}));
+  CHECK(params["conv2.weight"].sizes() == torch::IntArrayRef({1280, 320, 1, 1}));
+  CHECK(params["linear.weight"].sizes() == torch::IntArrayRef({10, 1280}));
+
+  auto gates = bb->gated_layers();
+  REQUIRE(gates.size() == 17);
+  const std::vector<int64_t> expect = {32,  96,  144, 144, 192, 192, 192, 384, 384,
+                                       384, 384, 576, 576, 576, 960, 960, 960};
+  for (std::size_t i = 0; i < gates.size(); ++i) CHECK(gates[i].width == expect[i]);
+  CHECK(gates[0].name == "layers.0.gate");
+  CHECK(sum_widths(gates) == 7136);
+
+  bb->eval();
+  torch::NoGradGuard ng;
+  auto x = torch::randn({2, 3, 32, 32});
+  auto y = bb->forward(x);
+  CHECK(y.sizes() == torch::IntArrayRef({2, 10}));
+  auto f = bb->forward_features(x);
+  REQUIRE(f.scales.size() == 3);
+  CHECK(f.scales[0].sizes() == torch::IntArrayRef({2, 32, 32, 32}));
+  CHECK(f.scales[1].sizes() == torch::IntArrayRef({2, 96, 16, 16}));
+  CHECK(f.scales[2].sizes() == torch::IntArrayRef({2, 1280, 8, 8}));
+  CHECK(bb->feature_channels() == std::vector<int64_t>{32, 96, 1280});
+
+  bb->set_gates(torch::ones({7136}));
+  CHECK(torch::allclose(bb->forward(x), y));
+  auto g = torch::ones({7136});
+  g.narrow(0, 7136 - 960, 960).zero_();  // layers.16.gate
+  bb->set_gates(g);
+  CHECK_FALSE(torch::equal(bb->forward(x), y));
+  bb->set_gates(at::Tensor());
+  CHECK(torch::allclose(bb->forward(x), y));
+  CHECK_THROWS_AS(bb->set_gates(torch::ones({3, 100})), isp::Error);
+}
+
+TEST_CASE_FIXTURE(BackboneFixture, "MobileNetV2Cifar: reduced widths") {
+  std::vector<int64_t> w(17, 8);
+  auto bb = build(json{{"type", "MobileNetV2Cifar"}, {"widths", w}});
+  auto p = bb->named_parameters();
+  CHECK(p["layers.3.conv1.weight"].sizes() == torch::IntArrayRef({8, 24, 1, 1}));
+  CHECK(p["layers.3.conv2.weight"].sizes() == torch::IntArrayRef({8, 1, 3, 3}));
+  CHECK(p["layers.3.conv3.weight"].sizes() == torch::IntArrayRef({32, 8, 1, 1}));
+  CHECK(sum_widths(bb->gated_layers()) == 17 * 8);
+  CHECK(bb->structure().at("widths").get<std::vector<int64_t>>() == w);
+  bb->eval();
+  {
+    torch::NoGradGuard ng;
+    CHECK(bb->forward(torch::randn({2, 3, 32, 32})).sizes() == torch::IntArrayRef({2, 10}));
+  }
+  CHECK_THROWS_AS(build(json{{"type", "MobileNetV2Cifar"}, {"widths", std::vector<int64_t>(16, 8)}}), isp::Error);
+}

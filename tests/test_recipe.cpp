@@ -1,0 +1,140 @@
+// Recipe engine: _base_ merge rules, _delete_, list replacement, --set, ${VAR}, $ref checks, error locations.
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "isp/recipe.h"
+#undef CHECK
+#include <doctest/doctest.h>
+
+namespace fs = std::filesystem;
+using isp::json;
+
+namespace {
+fs::path scratch() {
+  static fs::path p = [] {
+    auto d = fs::temp_directory_path() / ("isp_recipe_" + std::to_string(::getpid()));
+    fs::remove_all(d);
+    fs::create_directories(d / "_base_");
+    return d;
+  }();
+  return p;
+}
+void write(const fs::path& p, const json& j) {
+  fs::create_directories(p.parent_path());
+  std::ofstream(p) << j.dump(2);
+}
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+}  // namespace
+
+TEST_CASE("bases merge in order, child wins, objects merge recursively, lists are replaced whole") {
+  auto d = scratch();
+  write(d / "_base_/a.json", {{"nodes", {{"backbone", {{"type", "ResNetCifar"}, {"depth", 56}, {"widths", {1, 2, 3}}}}}},
+                              {"seed", 1}});
+  write(d / "_base_/b.json", {{"nodes", {{"backbone", {{"num_classes", 10}}}}}, {"seed", 2}});
+  write(d / "child.json", {{"_base_", {"_base_/a.json", "_base_/b.json"}},
+                           {"nodes", {{"backbone", {{"depth", 20}, {"widths", {7}}}}}}});
+  isp::Recipe r = isp::load_recipe((d / "child.json").string());
+  const json& bb = r.doc["nodes"]["backbone"];
+  CHECK(bb["type"] == "ResNetCifar");
+  CHECK(bb["depth"] == 20);             // child wins
+  CHECK(bb["num_classes"] == 10);       // from the second base
+  CHECK(bb["widths"] == json({7}));     // list replaced, not merged
+  CHECK(r.doc["seed"] == 2);            // later base wins over earlier
+  CHECK(!r.doc.contains("_base_"));
+  // Origins name the file that set each value.
+  CHECK(r.where("/nodes/backbone/depth").file.find("child.json") != std::string::npos);
+  CHECK(r.where("/nodes/backbone/num_classes").file.find("b.json") != std::string::npos);
+  CHECK(r.where("/nodes/backbone/type").file.find("a.json") != std::string::npos);
+}
+
+TEST_CASE("_delete_ replaces the base object") {
+  auto d = scratch();
+  write(d / "_base_/del.json", {{"nodes", {{"head", {{"type", "RbfMaskHead"}, {"num_kernels", 16}}}}}});
+  write(d / "del_child.json", {{"_base_", "_base_/del.json"},
+                               {"nodes", {{"head", {{"_delete_", true}, {"type", "ConvMaskHead"}}}}}});
+  isp::Recipe r = isp::load_recipe((d / "del_child.json").string());
+  CHECK(r.doc["nodes"]["head"] == json({{"type", "ConvMaskHead"}}));
+}
+
+TEST_CASE("--set overrides with dotted paths and list indices, values parsed as JSON") {
+  auto d = scratch();
+  write(d / "set.json", {{"nodes", {{"b", {{"type", "X"}, {"depth", 56}}}}}, {"stages", {{{"type", "S"}, {"epochs", 3}}}}});
+  isp::Recipe r = isp::load_recipe((d / "set.json").string(),
+                                   {"nodes.b.depth=20", "stages.0.epochs=1", "nodes.b.tag=hello", "nodes.b.list=[1,2]"});
+  CHECK(r.doc["nodes"]["b"]["depth"] == 20);
+  CHECK(r.doc["stages"][0]["epochs"] == 1);
+  CHECK(r.doc["nodes"]["b"]["tag"] == "hello");
+  CHECK(r.doc["nodes"]["b"]["list"] == json({1, 2}));
+  CHECK(r.where("/nodes/b/depth").file == "--set nodes.b.depth=20");
+  CHECK(error_of([&] { isp::load_recipe((d / "set.json").string(), {"stages.5.epochs=1"}); }).find("not a valid index") != std::string::npos);
+  CHECK(error_of([&] { isp::load_recipe((d / "set.json").string(), {"nodes.b.depth.x=1"}); }).find("cannot set key") != std::string::npos);
+  CHECK(error_of([&] { isp::load_recipe((d / "set.json").string(), {"novalue"}); }).find("KEY.PATH=VALUE") != std::string::npos);
+}
+
+TEST_CASE("${VAR} expansion from the environment, recipe vars and defaults") {
+  auto d = scratch();
+  ::setenv("ISP_TEST_ROOT", "/data/x", 1);
+  write(d / "vars.json", {{"vars", {{"depth_name", "d56"}}},
+                          {"nodes", {{"a", {{"type", "T"}, {"root", "${ISP_TEST_ROOT}/f"}, {"tag", "${depth_name}"},
+                                            {"o", "${ISP_UNSET_VAR_XYZ:-fallback}"}}}}}});
+  isp::Recipe r = isp::load_recipe((d / "vars.json").string());
+  CHECK(r.doc["nodes"]["a"]["root"] == "/data/x/f");
+  CHECK(r.doc["nodes"]["a"]["tag"] == "d56");
+  CHECK(r.doc["nodes"]["a"]["o"] == "fallback");
+  write(d / "badvar.json", {{"nodes", {{"a", {{"type", "T"}, {"root", "${ISP_UNSET_VAR_XYZ}"}}}}}});
+  std::string e = error_of([&] { isp::load_recipe((d / "badvar.json").string()); });
+  CHECK(e.find("badvar.json: /nodes/a/root") != std::string::npos);
+  CHECK(e.find("ISP_UNSET_VAR_XYZ") != std::string::npos);
+}
+
+TEST_CASE("$ref: dangling references and cycles are errors with the JSON path") {
+  auto d = scratch();
+  write(d / "dangling.json", {{"nodes", {{"backbone", {{"type", "X"}}}}},
+                              {"stages", {{{"type", "S"}, {"model", {{"$ref", "backbon"}}}}}}});
+  std::string e = error_of([&] { isp::load_recipe((d / "dangling.json").string()); });
+  CHECK(e.find("dangling.json: /stages/0/model/$ref") != std::string::npos);
+  CHECK(e.find("did you mean 'backbone'") != std::string::npos);
+  write(d / "cycle.json", {{"nodes", {{"a", {{"type", "X"}, {"in", {{"$ref", "b"}}}}}, {"b", {{"type", "X"}, {"in", {{"$ref", "a"}}}}}}}});
+  e = error_of([&] { isp::load_recipe((d / "cycle.json").string()); });
+  CHECK(e.find("reference cycle") != std::string::npos);
+  CHECK(e.find("cycle.json: /nodes/") != std::string::npos);
+  write(d / "ok.json", {{"nodes", {{"a", {{"type", "X"}}}, {"b", {{"type", "X"}, {"in", {{"$ref", "a"}}}}}}}});
+  CHECK_NOTHROW(isp::load_recipe((d / "ok.json").string()));
+}
+
+TEST_CASE("bad files: missing base, invalid JSON, base cycles") {
+  auto d = scratch();
+  write(d / "nobase.json", {{"_base_", {"_base_/missing.json"}}});
+  std::string e = error_of([&] { isp::load_recipe((d / "nobase.json").string()); });
+  CHECK(e.find("nobase.json: /_base_/0") != std::string::npos);
+  CHECK(e.find("not found") != std::string::npos);
+  std::ofstream(d / "broken.json") << "{ \"nodes\": ";
+  e = error_of([&] { isp::load_recipe((d / "broken.json").string()); });
+  CHECK(e.find("broken.json") != std::string::npos);
+  CHECK(e.find("invalid JSON") != std::string::npos);
+  write(d / "loop_a.json", {{"_base_", "loop_b.json"}});
+  write(d / "loop_b.json", {{"_base_", "loop_a.json"}});
+  e = error_of([&] { isp::load_recipe((d / "loop_a.json").string()); });
+  CHECK(e.find("cycle") != std::string::npos);
+}
+
+TEST_CASE("atomic file writes leave no temporary files and replace the old content") {
+  auto d = scratch();
+  std::string p = (d / "atomic.txt").string();
+  isp::write_file_atomic(p, "one");
+  isp::write_file_atomic(p, "two");
+  CHECK(isp::read_text_file(p) == "two");
+  int files = 0;
+  for (auto& e : fs::directory_iterator(d)) files += e.path().filename().string().rfind("atomic.txt", 0) == 0;
+  CHECK(files == 1);
+}

@@ -1,0 +1,179 @@
+// Registry and schema errors, and the plugin-loader contract proven with fixture libraries.
+#include <dlfcn.h>
+
+#include <cstdlib>
+
+#include "isp/interfaces/stage.h"
+#include "isp/plugin.h"
+#include "isp/registry.h"
+#undef CHECK
+#include <doctest/doctest.h>
+
+using isp::json;
+
+namespace {
+std::string fixture(const std::string& name) { return std::string(ISP_TEST_FIXTURE_DIR) + "/libisp_fixture_" + name + ".so"; }
+isp::Where w(const std::string& p) { return {"configs/x.json", p}; }
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
+
+struct DepthOptions {
+  int64_t depth = 56;
+  double lr = 0.1;
+  std::string mode = "a";
+  std::vector<int64_t> widths;
+  int64_t needed = 0;
+  template <class V> void visit(V& v) {
+    v("depth", depth, "layers", isp::one_of({20, 32, 44, 56, 110}));
+    v("lr", lr, "learning rate", isp::greater_than(0));
+    v("mode", mode, "mode", isp::one_of({"a", "b"}));
+    v("widths", widths, "widths", isp::at_least(1));
+    v("needed", needed, "a required int", isp::required());
+  }
+};
+}  // namespace
+
+TEST_CASE("schema: generated from the options struct, strict validation with file and JSON path") {
+  isp::Schema s = isp::schema_of<DepthOptions>();
+  REQUIRE(s.args.size() == 5);
+  CHECK(s.args[0].default_value == 56);
+  CHECK(s.args[4].required);
+  const json base = {{"needed", 1}};
+  json ok = s.validate(base, w("/nodes/backbone"));
+  CHECK(ok["depth"] == 56);
+  CHECK(ok["mode"] == "a");
+  auto e = error_of([&] { s.validate({{"needed", 1}, {"depth", 57}}, w("/nodes/backbone")); });
+  CHECK(e == "configs/x.json: /nodes/backbone/depth: expected one of 20,32,44,56,110, got 57");
+  e = error_of([&] { s.validate({{"needed", 1}, {"dpeth", 20}}, w("/nodes/backbone")); });
+  CHECK(e.find("/nodes/backbone/dpeth: unknown argument 'dpeth'; did you mean 'depth'?") != std::string::npos);
+  e = error_of([&] { s.validate({{"needed", 1}, {"lr", "fast"}}, w("/n")); });
+  CHECK(e == "configs/x.json: /n/lr: expected float, got \"fast\"");
+  e = error_of([&] { s.validate({{"needed", 1}, {"lr", 0}}, w("/n")); });
+  CHECK(e.find("expected a value > 0") != std::string::npos);
+  e = error_of([&] { s.validate({{"needed", 1}, {"widths", {4, 0}}}, w("/n")); });
+  CHECK(e.find("/n/widths/1: expected a value >= 1") != std::string::npos);
+  e = error_of([&] { s.validate(json::object(), w("/n")); });
+  CHECK(e.find("/n/needed: missing required argument") != std::string::npos);
+  e = error_of([&] { s.validate({{"needed", 1.5}}, w("/n")); });
+  CHECK(e.find("expected int") != std::string::npos);
+  auto opts = isp::read_options<DepthOptions>(s.validate({{"needed", 3}, {"depth", 20}, {"widths", {5, 6}}}, w("")), w(""));
+  CHECK(opts.depth == 20);
+  CHECK(opts.needed == 3);
+  CHECK(opts.widths == std::vector<int64_t>{5, 6});
+}
+
+TEST_CASE("registry: duplicates, versions and unknown names with known names and closest match") {
+  isp::Registry reg;
+  isp::ComponentInfo a;
+  a.kind = "backbone";
+  a.name = "ResNetCifar";
+  a.version = 1;
+  reg.add(a);
+  auto b = a;
+  b.version = 2;
+  reg.add(b);
+  CHECK(reg.find("backbone", "ResNetCifar")->version == 2);  // highest version by default
+  CHECK(reg.find("backbone", "ResNetCifar", 1)->version == 1);
+  CHECK_THROWS_AS(reg.add(a), isp::DuplicateComponent);
+  auto e = error_of([&] { reg.get("backbone", "ResNetCifr", std::nullopt, w("/nodes/backbone/type")); });
+  CHECK(e.find("'ResNetCifr' is not a registered backbone") != std::string::npos);
+  CHECK(e.find("Known: ResNetCifar") != std::string::npos);
+  CHECK(e.find("Did you mean 'ResNetCifar'?") != std::string::npos);
+  CHECK(e.find("Plugin folders scanned:") != std::string::npos);
+  CHECK(e.find("Failed loads:") != std::string::npos);
+}
+
+TEST_CASE("plugins: a good plugin registers, a second load of the same file is a no-op") {
+  isp::Registry reg;
+  reg.load_library(fixture("ok"));
+  CHECK(reg.find("stage", "FixtureStage") != nullptr);
+  CHECK_NOTHROW(reg.load_library(fixture("ok")));
+  CHECK(reg.list("stage").size() == 1);
+  CHECK(reg.find("stage", "FixtureStage")->origin().find("libisp_fixture_ok.so") != std::string::npos);
+}
+
+TEST_CASE("plugins: wrong plugin ABI or LibTorch version is refused before any plugin code runs") {
+  ::unsetenv("ISP_FIXTURE_BAD_RAN");
+  isp::Registry reg;
+  auto e = error_of([&] { reg.load_library(fixture("bad_abi")); });
+  CHECK(e.find("refused") != std::string::npos);
+  CHECK(e.find("built for ISP plugin ABI 999") != std::string::npos);
+  CHECK(e.find("host is ISP plugin ABI " + std::to_string(ISP_PLUGIN_ABI_VERSION)) != std::string::npos);
+  e = error_of([&] { reg.load_library(fixture("bad_torch")); });
+  CHECK(e.find("LibTorch " + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR + 7)) != std::string::npos);
+  CHECK(e.find("host is") != std::string::npos);
+  CHECK(std::getenv("ISP_FIXTURE_BAD_RAN") == nullptr);  // its registration never ran
+  CHECK(reg.find("stage", "FixtureBad") == nullptr);
+}
+
+TEST_CASE("plugins: a throwing registration leaves no entries behind") {
+  isp::Registry reg;
+  auto e = error_of([&] { reg.load_library(fixture("throwing")); });
+  CHECK(e.find("fixture registration failure") != std::string::npos);
+  CHECK(reg.find("stage", "FixtureThrowA") == nullptr);
+  CHECK(reg.list().empty());
+}
+
+TEST_CASE("plugins: the same key from two different files is an error naming both") {
+  isp::Registry reg;
+  reg.load_library(fixture("dup_a"));
+  auto e = error_of([&] { reg.load_library(fixture("dup_b")); });
+  CHECK(e.find("duplicate component stage 'FixtureDuplicate' v1") != std::string::npos);
+  CHECK(e.find("libisp_fixture_dup_a.so") != std::string::npos);
+  CHECK(e.find("libisp_fixture_dup_b.so") != std::string::npos);
+  CHECK(reg.list().size() == 1);
+}
+
+TEST_CASE("plugins: scanning a folder records failed loads and shows them in unknown-name errors") {
+  isp::Registry reg;
+  reg.scan_directory(ISP_TEST_FIXTURE_DIR);
+  CHECK(reg.find("stage", "FixtureStage") != nullptr);
+  bool saw_abi = false;
+  for (const auto& f : reg.load_failures()) saw_abi = saw_abi || f.find("bad_abi") != std::string::npos;
+  CHECK(saw_abi);
+  auto e = error_of([&] { reg.get("stage", "Nope", std::nullopt, w("/stages/0/type")); });
+  CHECK(e.find("bad_abi") != std::string::npos);
+  CHECK(e.find(ISP_TEST_FIXTURE_DIR) != std::string::npos);
+}
+
+TEST_CASE("plugins: a library stays loaded while an object it created is alive") {
+  std::shared_ptr<isp::Stage> stage;
+  const std::string path = fixture("ok");
+  {
+    isp::Registry reg;
+    reg.load_library(path);
+    json recipe = {{"nodes", {{"s", {{"type", "FixtureStage"}, {"marker", "ISP_FIXTURE_LIFETIME"}}}}}};
+    isp::BuildContext ctx(reg, recipe, [](const std::string& p) { return isp::Where{"mem.json", p}; });
+    stage = ctx.node<isp::Stage>("s");
+  }  // registry and context gone: only `stage` keeps the library
+  void* h = ::dlopen(path.c_str(), RTLD_LAZY | RTLD_NOLOAD);
+  CHECK(h != nullptr);
+  if (h) ::dlclose(h);
+  ::unsetenv("ISP_FIXTURE_LIFETIME");
+  isp::RunContext rc;
+  stage->run(rc);  // a virtual call into the plugin's code
+  CHECK(std::getenv("ISP_FIXTURE_LIFETIME") != nullptr);
+}
+
+TEST_CASE("build context: kinds are checked at references, schema errors carry the recipe path") {
+  isp::Registry reg;
+  reg.load_library(fixture("ok"));
+  json recipe = {{"nodes", {{"s", {{"type", "FixtureStage"}, {"markr", "x"}}}}}};
+  isp::BuildContext ctx(reg, recipe, [](const std::string& p) { return isp::Where{"r.json", p}; });
+  auto e = error_of([&] { ctx.node<isp::Stage>("s"); });
+  CHECK(e.find("r.json: /nodes/s/markr: unknown argument 'markr'; did you mean 'marker'?") != std::string::npos);
+  json recipe2 = {{"nodes", {{"s", {{"type", "FixtureStage"}}}}}};
+  isp::BuildContext ctx2(reg, recipe2, [](const std::string& p) { return isp::Where{"r.json", p}; });
+  e = error_of([&] { ctx2.build_node("s", "backbone"); });
+  CHECK(e.find("is not a registered backbone") != std::string::npos);
+  auto s1 = ctx2.node<isp::Stage>("s");
+  auto s2 = ctx2.node<isp::Stage>("s");
+  CHECK(s1.get() == s2.get());  // nodes are built once and shared
+  CHECK(ctx2.resolved_nodes().at("s")["marker"] == "ISP_FIXTURE_RAN");
+}

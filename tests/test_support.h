@@ -1,0 +1,32 @@
+#pragma once
+// Include torch before doctest and drop glog's CHECK macros, which would silently replace doctest's
+// (build-notes P1).
+#include <torch/torch.h>
+#undef CHECK
+#undef CHECK_EQ
+#undef CHECK_NE
+#undef CHECK_LT
+#undef CHECK_LE
+#undef CHECK_GT
+#undef CHECK_GE
+#include <doctest/doctest.h>
+
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+
+#include "isp/registry.h"
+
+namespace isp_test {
+inline std::string plugin(const std::string& name) { return std::string(ISP_TEST_PLUGIN_DIR) + "/lib" + name + ".so"; }
+inline std::string fixture(const std::string& name) { return std::string(ISP_TEST_FIXTURE_DIR) + "/lib" + name + ".so"; }
+inline std::filesystem::path temp_dir(const std::string& tag) {
+  auto p = std::filesystem::temp_directory_path() / ("isp_test_" + tag + "_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(p);
+  std::filesystem::create_directories(p);
+  return p;
+}
+inline isp::Where where(const std::string& p) { return {"test.json", p}; }
+}  // namespace isp_test
