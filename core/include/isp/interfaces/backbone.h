@@ -15,6 +15,29 @@ struct GatedLayer {
   int64_t width = 0;
 };
 
+// One layer as the cost model sees it. Channels that depend on a gated layer name it by index: for a layer
+// whose output (input) channels are the kept channels of gated layer l, out_gate (in_gate) = l.
+struct LayerShape {
+  std::string name;
+  std::string op;  // "conv", "bn", "relu", "linear", "avgpool", "add"
+  int64_t in_channels = 0, out_channels = 0;
+  int64_t kernel = 1, groups = 1;  // conv: groups == in_channels for depthwise (then it follows the gate too)
+  int64_t out_h = 1, out_w = 1;    // output spatial size (linear: 1x1)
+  int64_t in_h = 1, in_w = 1;      // input spatial size (pooling)
+  bool bias = false;
+  int in_gate = -1, out_gate = -1;
+};
+
+// A tensor that must be sliced when channels of a gated layer are removed: dimension `dim` of `param`.
+struct ChannelSlice {
+  std::string param;  // name as in named_parameters()/named_buffers(), e.g. "layer1.0.conv1.weight"
+  int64_t dim = 0;
+};
+struct ChannelGroup {
+  int gate = 0;  // index into gated_layers()
+  std::vector<ChannelSlice> slices;
+};
+
 struct BackboneFeatures {
   std::vector<at::Tensor> scales;  // finest first, e.g. ResNet-56: 16@32x32, 32@16x16, 64@8x8
   at::Tensor logits;
@@ -34,6 +57,10 @@ class ISP_API Backbone : public torch::nn::Module {
   virtual int64_t input_size() const = 0;
   // Width configuration that rebuilds this exact architecture (after pruning: the kept widths).
   virtual json structure() const = 0;
+  // Every layer in forward order, for FLOPs/parameter counting.
+  virtual std::vector<LayerShape> layer_shapes() const = 0;
+  // The tensors coupled to each gated layer (cut together by channel surgery).
+  virtual std::vector<ChannelGroup> channel_groups() const = 0;
   int64_t total_gate_width() const;
 };
 

@@ -7,6 +7,8 @@
 
 #include <c10/core/Device.h>
 
+namespace torch { namespace nn { class Module; } }
+
 #include "isp/options.h"
 
 namespace isp {
@@ -36,6 +38,11 @@ class ISP_API Stage {
   virtual void run(RunContext& ctx) = 0;
   // Called instead of run() when --resume finds the stage finished: reload what it produced into the nodes.
   virtual void restore(RunContext& ctx) = 0;
+  // The network this stage trains or produces (a predictor, a finetuned pruned network), if any. It exists
+  // from construction on, so later stages can hold it; its weights are final after run() or restore().
+  virtual std::shared_ptr<torch::nn::Module> model() { return nullptr; }
+  // Results of this stage that later stages read (e.g. a pruned architecture), after run() or restore().
+  virtual json outputs() const { return json::object(); }
 };
 
 // Thrown by a stage that stopped on Ctrl-C after writing its checkpoint.
