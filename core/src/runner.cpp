@@ -15,6 +15,8 @@
 #include <thread>
 
 #include "isp/interfaces/stage.h"
+#include <chrono>
+#include <set>
 
 namespace fs = std::filesystem;
 
@@ -36,6 +38,17 @@ uint64_t fnv1a(const std::string& s) {
 c10::Device g_device(c10::kCPU);
 }  // namespace
 
+static std::string plugin_path(const Recipe& r, std::size_t i) {
+  const json& e = r.doc["plugins"][i];
+  fs::path p = e.get<std::string>();
+  if (p.is_relative()) {
+    // relative to the recipe file that named it
+    fs::path origin = r.where("/plugins/" + std::to_string(i)).file;
+    p = (origin.has_parent_path() ? origin.parent_path() : fs::path(".")) / p;
+  }
+  return fs::absolute(p).lexically_normal().string();
+}
+
 void load_recipe_plugins(Registry& reg, const Recipe& r) {
   auto it = r.doc.find("plugins");
   if (it == r.doc.end()) return;
@@ -44,12 +57,7 @@ void load_recipe_plugins(Registry& reg, const Recipe& r) {
     const json& e = (*it)[i];
     std::string ptr = "/plugins/" + std::to_string(i);
     if (!e.is_string()) throw RecipeError(r.where(ptr), "expected a path string, got " + e.dump());
-    fs::path p = e.get<std::string>();
-    if (p.is_relative()) {
-      // relative to the recipe file that named it
-      fs::path origin = r.where(ptr).file;
-      p = (origin.has_parent_path() ? origin.parent_path() : fs::path(".")) / p;
-    }
+    fs::path p = plugin_path(r, i);
     if (fs::is_directory(p)) {
       reg.scan_directory(p.string());
     } else if (fs::exists(p)) {
@@ -145,6 +153,8 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   if (work.empty()) work = "work_dirs/" + fs::path(o.recipe_path).stem().string();
   fs::create_directories(work);
   json resolved = r.doc;
+  if (resolved.contains("plugins"))  // absolute, so the run folder can be reopened from anywhere
+    for (std::size_t i = 0; i < resolved["plugins"].size(); ++i) resolved["plugins"][i] = plugin_path(r, i);
   const std::string hash = std::to_string(fnv1a([&] { json h = resolved; h.erase("runtime"); return h.dump(); }()));
   const std::string state_path = work + "/state.json";
   json state = read_json_or(state_path, json{{"recipe_hash", hash}, {"completed", json::array()}});
@@ -207,5 +217,50 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   if (code == 0) std::fprintf(stderr, "run finished: %s/summary.json\n", work.c_str());
   return code;
 }
+
+std::shared_ptr<Stage> RestoredRun::stage(const std::string& name) const {
+  for (const auto& [n, s] : stages)
+    if (n == name) return s;
+  return nullptr;
+}
+
+RestoredRun restore_run(Registry& reg, const std::string& work_dir) {
+  RestoredRun out;
+  out.work_dir = work_dir;
+  const std::string resolved = work_dir + "/recipe.resolved.json";
+  if (!fs::exists(resolved)) throw Error(work_dir + ": not a run folder (no recipe.resolved.json)");
+  out.recipe = load_recipe(resolved);
+  load_recipe_plugins(reg, out.recipe);
+  apply_runtime(out.recipe);
+  torch::manual_seed(out.recipe.doc.value("seed", json(1)).get<uint64_t>());
+  json state = read_json_or(work_dir + "/state.json", json{{"completed", json::array()}});
+  out.summary = read_json_or(work_dir + "/summary.json", json::object());
+  const Recipe& r = out.recipe;
+  out.ctx = std::make_unique<BuildContext>(reg, r.doc, [&r](const std::string& p) { return r.where(p); });
+  const json& sj = r.doc["stages"];
+  for (std::size_t i = 0; i < sj.size(); ++i) {
+    Where w = r.where("/stages/" + std::to_string(i));
+    std::string name = BuildContext::ref_name(sj[i]);
+    if (name.empty()) name = sj[i].value("name", sj[i].value("type", std::string("stage")) + std::to_string(i));
+    auto stage = out.ctx->get<Stage>(NodeRef{sj[i], w});
+    bool done = false;
+    for (const auto& c : state["completed"]) done = done || c == name;
+    if (!done) continue;
+    RunContext rc;
+    rc.run_dir = work_dir;
+    rc.stage_name = name;
+    rc.stage_dir = work_dir + "/" + name;
+    rc.device = g_device;
+    rc.seed = r.doc.value("seed", json(1)).get<uint64_t>();
+    rc.resume = true;
+    rc.resolved_recipe = r.doc;
+    rc.build = out.ctx.get();
+    stage->restore(rc);
+    out.stages.emplace_back(name, stage);
+  }
+  return out;
+}
+
+c10::Device current_device() { return g_device; }
 
 }  // namespace isp

@@ -45,6 +45,7 @@ const char* to_string(ArgType t) {
     case ArgType::StringList: return "list of string";
     case ArgType::Object: return "object";
     case ArgType::Node: return "node";
+    case ArgType::NodeList: return "list of node";
   }
   return "?";
 }
@@ -136,6 +137,12 @@ static void check_value(const ArgSpec& a, const json& v, const Where& w) {
     case ArgType::Node:
       if (!v.is_object() || (!v.contains("$ref") && !v.contains("type")))
         throw RecipeError(w, "expected a node: {\"$ref\": \"<node name>\"} or an inline {\"type\": ...} spec, got " + v.dump());
+      break;
+    case ArgType::NodeList:
+      if (!v.is_array()) type_error();
+      for (std::size_t i = 0; i < v.size(); ++i)
+        if (!v[i].is_object() || (!v[i].contains("$ref") && !v[i].contains("type")))
+          throw RecipeError(w.child(i), "expected a node: {\"$ref\": \"<node name>\"} or an inline {\"type\": ...} spec, got " + v[i].dump());
       break;
   }
   if (!a.choices.empty() && a.type != ArgType::IntList && a.type != ArgType::FloatList && a.type != ArgType::StringList) {

@@ -27,7 +27,7 @@ namespace isp {
 
 using json = nlohmann::json;
 
-enum class ArgType { Bool, Int, Float, String, IntList, FloatList, StringList, Object, Node };
+enum class ArgType { Bool, Int, Float, String, IntList, FloatList, StringList, Object, Node, NodeList };
 ISP_API const char* to_string(ArgType t);
 
 // A value that names another component: {"$ref": "node"} or an inline {"type": ..., ...} spec.
@@ -91,6 +91,7 @@ template <> struct ArgTypeOf<std::vector<double>> { static constexpr ArgType val
 template <> struct ArgTypeOf<std::vector<std::string>> { static constexpr ArgType value = ArgType::StringList; };
 template <> struct ArgTypeOf<json> { static constexpr ArgType value = ArgType::Object; };
 template <> struct ArgTypeOf<NodeRef> { static constexpr ArgType value = ArgType::Node; };
+template <> struct ArgTypeOf<std::vector<NodeRef>> { static constexpr ArgType value = ArgType::NodeList; };
 
 inline void apply(ArgSpec& s, const Required&) { s.required = true; s.default_value = nullptr; }
 inline void apply(ArgSpec& s, const Optional&) { s.optional = true; }
@@ -102,6 +103,11 @@ inline void apply(ArgSpec& s, const NodeKind& k) { s.node_kind = k.kind; }
 
 template <class T> json default_of(const T& v) { return json(v); }
 inline json default_of(const NodeRef& v) { return v.spec; }
+inline json default_of(const std::vector<NodeRef>& v) {
+  json j = json::array();
+  for (const auto& r : v) j.push_back(r.spec);
+  return j;
+}
 }  // namespace detail
 
 // visit() pass 1: collect the schema from a default-constructed struct.
@@ -134,6 +140,10 @@ class OptionsReader {
  private:
   template <class T> static void read(const json& v, T& field, const Where&) { field = v.get<T>(); }
   static void read(const json& v, NodeRef& field, const Where& w) { field.spec = v; field.where = w; }
+  static void read(const json& v, std::vector<NodeRef>& field, const Where& w) {
+    field.clear();
+    for (std::size_t i = 0; i < v.size(); ++i) field.push_back(NodeRef{v[i], w.child(i)});
+  }
   const json& j_;
   Where w_;
 };

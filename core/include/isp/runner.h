@@ -6,6 +6,12 @@
 #include "isp/recipe.h"
 #include "isp/registry.h"
 
+#include <memory>
+
+#include <c10/core/Device.h>
+
+namespace isp { class Stage; }
+
 namespace isp {
 
 struct RunOptions {
@@ -20,6 +26,20 @@ struct RunOptions {
 ISP_API void load_recipe_plugins(Registry& reg, const Recipe& r);
 // Sets torch threads and picks the device from the recipe's "runtime" section.
 ISP_API void apply_runtime(const Recipe& r);
+// A finished (or partly finished) run folder rebuilt for inspection: the resolved recipe, its nodes, and every
+// completed stage restored (weights loaded), in recipe order. Used by `isp explain`, `isp export`, reports.
+struct RestoredRun {
+  Recipe recipe;
+  std::unique_ptr<BuildContext> ctx;
+  std::vector<std::pair<std::string, std::shared_ptr<Stage>>> stages;  // completed stages only
+  std::string work_dir;
+  json summary;
+  std::shared_ptr<Stage> stage(const std::string& name) const;  // nullptr if absent
+};
+ISP_API RestoredRun restore_run(Registry& reg, const std::string& work_dir);
+// The device apply_runtime() chose.
+ISP_API c10::Device current_device();
+
 // Returns the process exit code; throws isp::Error on bad input.
 ISP_API int run_recipe(Registry& reg, const RunOptions& opt);
 
