@@ -9,6 +9,8 @@
 #include "isp/registry.h"
 #include "isp/runner.h"
 
+#include "explain.h"
+
 namespace {
 
 int cmd_plugins(isp::Registry& reg, bool as_json, const std::string& kind) {
@@ -59,6 +61,19 @@ int main(int argc, char** argv) {
   plugins->add_flag("--json", as_json, "print a JSON array");
   plugins->add_option("--kind", kind, "only this kind");
 
+  isp_app::ExplainOptions ex_opt;
+  auto* explain = app.add_subcommand("explain", "saliency figure of a finished AEM run: input | P | input*P | s ~ P | input*s");
+  auto* ex_run = explain->add_option("--run", ex_opt.run_dir, "run folder (the --work-dir of `isp run`)");
+  auto* ex_ck = explain->add_option("--checkpoint", ex_opt.checkpoint,
+                                    "a checkpoint file inside a run folder (<run>/<stage>/final.pt): explains the run "
+                                    "folder that contains it, i.e. the parent of the stage folder");
+  ex_run->excludes(ex_ck);
+  explain->add_option("--images", ex_opt.images, "the first N test images")->check(CLI::Range(1, 1000));
+  explain->add_option("--out", ex_opt.out_dir, "output folder: saliency.png, row_<i>_<class>.png, params.json")->required();
+  explain->add_option("--label", ex_opt.label, "class that conditions the feature filter")
+      ->check(CLI::IsMember({"ground_truth", "predicted"}));
+  explain->add_option("--seed", ex_opt.seed, "seed of the sampled masks s ~ P");
+
   CLI11_PARSE(app, argc, argv);
   isp::Registry& reg = isp::global_registry();
   try {
@@ -66,6 +81,7 @@ int main(int argc, char** argv) {
     if (*run) return isp::run_recipe(reg, run_opt);
     if (*validate) return isp::run_recipe(reg, val_opt);
     if (*plugins) return cmd_plugins(reg, as_json, kind);
+    if (*explain) return isp_app::explain(reg, ex_opt);
   } catch (const isp::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;

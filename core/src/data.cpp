@@ -203,10 +203,11 @@ Batch BatchLoader::get(int64_t i) const {
   int64_t b = end - begin;
   std::vector<int64_t> idx(order_.begin() + begin, order_.begin() + end);
   bool augment = aug_.crop_padding > 0 || aug_.horizontal_flip;
-  at::Tensor y = labels_.index_select(0, at::tensor(idx, at::kLong).to(labels_.device()));
+  at::Tensor index = at::tensor(idx, at::kLong).to(labels_.device());
+  at::Tensor y = labels_.index_select(0, index);
   if (!augment) {
-    at::Tensor x = images_.index_select(0, at::tensor(idx, at::kLong).to(images_.device()));
-    return {x.contiguous(), y};
+    at::Tensor x = images_.index_select(0, index.to(images_.device()));
+    return {x.contiguous(), y, index};
   }
   // Per-sample crop offsets and flips from a seed that depends only on (seed, epoch, batch).
   SplitMix r{mix_seed(seed_, static_cast<uint64_t>(epoch_), static_cast<uint64_t>(i) + 0xA11CE)};
@@ -246,7 +247,7 @@ Batch BatchLoader::get(int64_t i) const {
 #else
     for (int64_t k = 0; k < b; ++k) one(k);
 #endif
-    return {out, y};
+    return {out, y, index};
   }
   // On an accelerator: one gather over index grids, no per-sample kernels.
   auto dev = images_.device();
@@ -262,7 +263,7 @@ Batch BatchLoader::get(int64_t i) const {
   auto rows = src.gather(2, hc.view({b, 1, H, 1}).expand({b, C, H, W}));
   auto x = rows.gather(3, wc.view({b, 1, 1, W}).expand({b, C, H, W}));
   auto padv = at::tensor(pad, at::kFloat).to(dev).view({1, C, 1, 1}).expand({b, C, H, W});
-  return {at::where(valid.expand({b, C, H, W}), x, padv), y};
+  return {at::where(valid.expand({b, C, H, W}), x, padv), y, index};
 }
 
 }  // namespace isp

@@ -14,6 +14,8 @@
 #include "isp/data.h"
 #include "isp/recipe.h"
 #include "isp/train.h"
+#include "isp/interfaces/backbone.h"
+#include "isp/registry.h"
 
 namespace fs = std::filesystem;
 
@@ -109,6 +111,42 @@ void save_state_dict_for_python(const torch::nn::Module& m, const std::string& p
   for (const auto& b : m.named_buffers()) dict.insert(b.key(), b.value().detach().cpu());
   std::vector<char> bytes = torch::pickle_save(c10::IValue(dict));
   write_file_atomic(path, std::string(bytes.begin(), bytes.end()));
+}
+
+LoadedExport load_export(Registry& reg, const std::string& dir) {
+  const std::string sp = dir + "/structure.json", wp = dir + "/weights.pt";
+  if (!fs::exists(sp)) throw Error(dir + ": not an isp export (no structure.json)");
+  LoadedExport out;
+  out.structure = json::parse(read_text_file(sp));
+  if (out.structure.value("format", std::string()) != "isp-export-1")
+    throw Error(sp + ": /format: expected \"isp-export-1\"");
+  for (const auto& p : out.structure.value("plugins", json::array())) {
+    std::string path = p.get<std::string>();
+    if (fs::is_directory(path)) reg.scan_directory(path);
+    else if (fs::exists(path)) reg.load_library(path);
+  }
+  json recipe = {{"nodes", {{"model", out.structure.at("spec")}}}};
+  BuildContext ctx(reg, recipe, [&sp](const std::string& p) { return Where{sp, p == "/nodes/model" ? "/spec" : p}; });
+  out.model = ctx.node<Backbone>("model");
+  std::string bytes = read_text_file(wp);
+  c10::IValue v = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
+  if (!v.isGenericDict()) throw Error(wp + ": expected a {name: tensor} dict");
+  auto dict = v.toGenericDict();
+  torch::NoGradGuard ng;
+  std::size_t matched = 0;
+  auto assign = [&](const std::string& name, at::Tensor& t) {
+    c10::IValue key(name);
+    if (!dict.contains(key)) throw Error(wp + ": missing tensor '" + name + "'");
+    at::Tensor src = dict.at(key).toTensor();
+    if (src.sizes() != t.sizes()) throw Error(wp + ": tensor '" + name + "' has shape " + c10::str(src.sizes()) + ", the structure expects " + c10::str(t.sizes()));
+    t.copy_(src);
+    ++matched;
+  };
+  for (auto& p : out.model->named_parameters()) assign(p.key(), p.value());
+  for (auto& b : out.model->named_buffers()) assign(b.key(), b.value());
+  if (matched != dict.size()) throw Error(wp + ": holds " + std::to_string(dict.size()) + " tensors, the structure uses " + std::to_string(matched));
+  out.model->eval();
+  return out;
 }
 
 // --------------------------------------------------------------------------------------------- progress

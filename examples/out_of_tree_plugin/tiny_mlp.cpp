@@ -38,6 +38,21 @@ class TinyMlp : public isp::Backbone {
   int64_t num_classes() const override { return o_.num_classes; }
   int64_t input_size() const override { return o_.input_size; }
   isp::json structure() const override { return isp::options_to_json(o_); }
+  std::vector<isp::LayerShape> layer_shapes() const override {
+    const int64_t in = o_.in_channels * o_.input_size * o_.input_size;
+    isp::LayerShape fc1{"fc1", "linear", in, o_.hidden};
+    fc1.bias = true;
+    fc1.out_gate = 0;
+    isp::LayerShape relu{"relu", "relu", o_.hidden, o_.hidden};
+    relu.in_gate = relu.out_gate = 0;
+    isp::LayerShape fc2{"fc2", "linear", o_.hidden, o_.num_classes};
+    fc2.bias = true;
+    fc2.in_gate = 0;
+    return {fc1, relu, fc2};
+  }
+  std::vector<isp::ChannelGroup> channel_groups() const override {
+    return {{0, {{"fc1.weight", 0}, {"fc1.bias", 0}, {"fc2.weight", 1}}}};
+  }
 
  private:
   TinyMlpOptions o_;

@@ -41,6 +41,16 @@ class ISP_API CheckpointReader {
   std::unique_ptr<Impl> impl_;
 };
 
+class Registry;
+class Backbone;
+
+// Reloads an export folder (structure.json + weights.pt) as a ready network, without the run that made it.
+struct LoadedExport {
+  std::shared_ptr<Backbone> model;
+  json structure;
+};
+ISP_API LoadedExport load_export(Registry& reg, const std::string& dir);
+
 // State dict (name -> tensor) in the zip format Python's torch.load reads as a plain dict (build-notes §5).
 ISP_API void save_state_dict_for_python(const torch::nn::Module& m, const std::string& path);
 

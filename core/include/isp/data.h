@@ -12,6 +12,7 @@ namespace isp {
 
 struct Batch {
   at::Tensor x, y;
+  at::Tensor index;  // positions of the samples in the split (int64, on the split's device)
   int64_t size() const { return y.size(0); }
 };
 

@@ -66,7 +66,7 @@ std::vector<int64_t> full_widths() {
 class InvertedResidualImpl : public torch::nn::Module {
  public:
   InvertedResidualImpl(int64_t in_planes, int64_t out_planes, int64_t hidden, int64_t stride)
-      : hidden_(hidden), stride_(stride) {
+      : in_planes_(in_planes), out_planes_(out_planes), hidden_(hidden), stride_(stride) {
     using torch::nn::Conv2dOptions;
     conv1 = register_module("conv1", torch::nn::Conv2d(Conv2dOptions(in_planes, hidden, 1).bias(false)));
     bn1 = register_module("bn1", torch::nn::BatchNorm2d(hidden));
@@ -92,13 +92,16 @@ class InvertedResidualImpl : public torch::nn::Module {
   }
 
   int64_t hidden() const { return hidden_; }
+  int64_t in_planes() const { return in_planes_; }
+  int64_t out_planes() const { return out_planes_; }
+  int64_t stride() const { return stride_; }
 
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
   torch::nn::Sequential shortcut{nullptr};
 
  private:
-  int64_t hidden_, stride_;
+  int64_t in_planes_, out_planes_, hidden_, stride_;
 };
 TORCH_MODULE(InvertedResidual);
 
@@ -180,6 +183,86 @@ class MobileNetV2Cifar : public isp::Backbone {
     MobileNetV2CifarOptions o = opt_;
     o.widths = widths_;
     return isp::options_to_json(o);
+  }
+
+  // Every layer in forward order. The official counter (print_model_param_flops, isp-spec §1e) hooks nn.Module
+  // layers only; the kuangliu-style Python model applies ReLU (F.relu), the global pool (F.avg_pool2d) and the
+  // residual add functionally, so they are listed as "functional_relu", "functional_avgpool" and "add", which
+  // the cost model counts as 0 FLOPs. With this the unpruned network counts 312 877 578 FLOPs (the reference
+  // 0.31288 G). The depthwise conv has groups = in = out = hidden width and follows the gate on both sides.
+  std::vector<isp::LayerShape> layer_shapes() const override {
+    std::vector<isp::LayerShape> v;
+    auto add = [&v](std::string name, std::string op, int64_t cin, int64_t cout, int64_t k, int64_t in_hw,
+                    int64_t out_hw, int in_gate = -1, int out_gate = -1, int64_t groups = 1) {
+      isp::LayerShape l;
+      l.name = std::move(name);
+      l.op = std::move(op);
+      l.in_channels = cin;
+      l.out_channels = cout;
+      l.kernel = k;
+      l.groups = groups;
+      l.in_h = l.in_w = in_hw;
+      l.out_h = l.out_w = out_hw;
+      l.in_gate = in_gate;
+      l.out_gate = out_gate;
+      v.push_back(l);
+    };
+    int64_t hw = opt_.input_size;
+    add("conv1", "conv", opt_.in_channels, 32, 3, hw, hw);
+    add("bn1", "bn", 32, 32, 1, hw, hw);
+    add("relu", "functional_relu", 32, 32, 1, hw, hw);
+    for (std::size_t i = 0; i < blocks_.size(); ++i) {
+      const auto& b = blocks_[i];
+      const int g = static_cast<int>(i);
+      const std::string p = "layers." + std::to_string(i) + ".";
+      const int64_t h = b->hidden(), out_hw = (hw + b->stride() - 1) / b->stride();
+      add(p + "conv1", "conv", b->in_planes(), h, 1, hw, hw, -1, g);
+      add(p + "bn1", "bn", h, h, 1, hw, hw, g, g);
+      add(p + "relu1", "functional_relu", h, h, 1, hw, hw, g, g);
+      add(p + "conv2", "conv", h, h, 3, hw, out_hw, g, g, h);
+      add(p + "bn2", "bn", h, h, 1, out_hw, out_hw, g, g);
+      add(p + "relu2", "functional_relu", h, h, 1, out_hw, out_hw, g, g);
+      add(p + "conv3", "conv", h, b->out_planes(), 1, out_hw, out_hw, g, -1);
+      add(p + "bn3", "bn", b->out_planes(), b->out_planes(), 1, out_hw, out_hw);
+      if (b->stride() == 1) {
+        if (b->in_planes() != b->out_planes()) {
+          add(p + "shortcut.0", "conv", b->in_planes(), b->out_planes(), 1, hw, hw);
+          add(p + "shortcut.1", "bn", b->out_planes(), b->out_planes(), 1, hw, hw);
+        }
+        add(p + "add", "add", b->out_planes(), b->out_planes(), 1, out_hw, out_hw);
+      }
+      hw = out_hw;
+    }
+    add("conv2", "conv", 320, 1280, 1, hw, hw);
+    add("bn2", "bn", 1280, 1280, 1, hw, hw);
+    add("relu", "functional_relu", 1280, 1280, 1, hw, hw);
+    add("avgpool", "functional_avgpool", 1280, 1280, hw, hw, 1);
+    isp::LayerShape fc;
+    fc.name = "linear";
+    fc.op = "linear";
+    fc.in_channels = 1280;
+    fc.out_channels = opt_.num_classes;
+    fc.bias = true;
+    v.push_back(fc);
+    return v;
+  }
+
+  // Block l: conv1 rows, bn1, depthwise conv2 rows (its weight is [C, 1, 3, 3]), bn2, conv3 columns (isp-spec §1e).
+  std::vector<isp::ChannelGroup> channel_groups() const override {
+    std::vector<isp::ChannelGroup> v;
+    for (std::size_t i = 0; i < blocks_.size(); ++i) {
+      const std::string p = "layers." + std::to_string(i) + ".";
+      isp::ChannelGroup g;
+      g.gate = static_cast<int>(i);
+      g.slices.push_back({p + "conv1.weight", 0});
+      for (const char* bn : {"bn1", "bn2"})
+        for (const char* t : {"weight", "bias", "running_mean", "running_var"})
+          g.slices.push_back({p + bn + "." + t, 0});
+      g.slices.push_back({p + "conv2.weight", 0});
+      g.slices.push_back({p + "conv3.weight", 1});
+      v.push_back(std::move(g));
+    }
+    return v;
   }
 
  private:

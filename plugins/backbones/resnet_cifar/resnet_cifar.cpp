@@ -68,6 +68,9 @@ class BasicBlockImpl : public torch::nn::Module {
   }
 
   int64_t mid() const { return mid_; }
+  int64_t in_planes() const { return in_planes_; }
+  int64_t planes() const { return planes_; }
+  int64_t stride() const { return stride_; }
 
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
@@ -172,6 +175,76 @@ class ResNetCifar : public isp::Backbone {
     ResNetCifarOptions o = opt_;
     o.widths = widths_;
     return isp::options_to_json(o);
+  }
+
+  // Every layer in forward order. What the official counter (print_model_param_flops, isp-spec §1e) sees is
+  // exactly the nn.Module layers of the Python model: convs, BNs, the block's nn.ReLU module (reused, so hooked
+  // twice per block), the head nn.AvgPool2d and the FC. The option-A shortcut pools with a fresh
+  // nn.AvgPool2d(2,2) built inside forward (never hooked) and the residual add is a functional op: both are
+  // listed for completeness as "functional_avgpool" and "add", which the cost model counts as 0 FLOPs. With this
+  // ResNet-56 counts 127 087 242 FLOPs (the reference 0.12709 G) and 853 018 parameters.
+  std::vector<isp::LayerShape> layer_shapes() const override {
+    std::vector<isp::LayerShape> v;
+    auto add = [&v](std::string name, std::string op, int64_t cin, int64_t cout, int64_t k, int64_t in_hw,
+                    int64_t out_hw, int in_gate = -1, int out_gate = -1) {
+      isp::LayerShape l;
+      l.name = std::move(name);
+      l.op = std::move(op);
+      l.in_channels = cin;
+      l.out_channels = cout;
+      l.kernel = k;
+      l.in_h = l.in_w = in_hw;
+      l.out_h = l.out_w = out_hw;
+      l.in_gate = in_gate;
+      l.out_gate = out_gate;
+      v.push_back(l);
+    };
+    int64_t hw = opt_.input_size;
+    add("conv1", "conv", opt_.in_channels, 16, 3, hw, hw);
+    add("bn1", "bn", 16, 16, 1, hw, hw);
+    add("relu", "relu", 16, 16, 1, hw, hw);
+    const int64_t n = (opt_.depth - 2) / 6;
+    for (std::size_t i = 0; i < blocks_.size(); ++i) {
+      const auto& b = blocks_[i];
+      const int g = static_cast<int>(i);
+      const std::string p =
+          "layer" + std::to_string(i / n + 1) + "." + std::to_string(static_cast<int64_t>(i) % n) + ".";
+      const int64_t out_hw = hw / b->stride();
+      add(p + "conv1", "conv", b->in_planes(), b->mid(), 3, hw, out_hw, -1, g);
+      add(p + "bn1", "bn", b->mid(), b->mid(), 1, out_hw, out_hw, g, g);
+      add(p + "relu1", "relu", b->mid(), b->mid(), 1, out_hw, out_hw, g, g);
+      add(p + "conv2", "conv", b->mid(), b->planes(), 3, out_hw, out_hw, g, -1);
+      add(p + "bn2", "bn", b->planes(), b->planes(), 1, out_hw, out_hw);
+      if (b->stride() != 1) add(p + "shortcut", "functional_avgpool", b->in_planes(), b->in_planes(), b->stride(), hw, out_hw);
+      add(p + "add", "add", b->planes(), b->planes(), 1, out_hw, out_hw);
+      add(p + "relu2", "relu", b->planes(), b->planes(), 1, out_hw, out_hw);
+      hw = out_hw;
+    }
+    add("avgpool", "avgpool", 64, 64, hw, hw, 1);
+    isp::LayerShape fc_l;
+    fc_l.name = "fc";
+    fc_l.op = "linear";
+    fc_l.in_channels = 64;
+    fc_l.out_channels = opt_.num_classes;
+    fc_l.bias = true;
+    v.push_back(fc_l);
+    return v;
+  }
+
+  // Block l: conv1 rows, bn1 (affine and running statistics) and conv2 columns (isp-spec §1e).
+  std::vector<isp::ChannelGroup> channel_groups() const override {
+    std::vector<isp::ChannelGroup> v;
+    const int64_t n = (opt_.depth - 2) / 6;
+    for (std::size_t i = 0; i < blocks_.size(); ++i) {
+      const std::string p =
+          "layer" + std::to_string(i / n + 1) + "." + std::to_string(static_cast<int64_t>(i) % n) + ".";
+      isp::ChannelGroup g;
+      g.gate = static_cast<int>(i);
+      g.slices = {{p + "conv1.weight", 0},     {p + "bn1.weight", 0},       {p + "bn1.bias", 0},
+                  {p + "bn1.running_mean", 0}, {p + "bn1.running_var", 0}, {p + "conv2.weight", 1}};
+      v.push_back(std::move(g));
+    }
+    return v;
   }
 
  private:

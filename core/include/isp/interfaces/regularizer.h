@@ -17,6 +17,7 @@ struct LossInputs {
   at::Tensor maps, maps_ref;        // RBF maps of both [n,1,H,W]
   at::Tensor logits, labels;        // classifier logits and targets
   at::Tensor flops_ratio;           // differentiable FLOPs(kept)/FLOPs(full network), scalar
+  at::Tensor flops_ratio_official;  // the official code's ratio (isp-spec §3.3), scalar
 };
 
 class ISP_API Regularizer {

@@ -38,8 +38,8 @@ class ISP_API Stage {
   virtual void run(RunContext& ctx) = 0;
   // Called instead of run() when --resume finds the stage finished: reload what it produced into the nodes.
   virtual void restore(RunContext& ctx) = 0;
-  // The network this stage trains or produces (a predictor, a finetuned pruned network), if any. It exists
-  // from construction on, so later stages can hold it; its weights are final after run() or restore().
+  // The network this stage trains or produces (a predictor, a pruned network), if any. Trained networks exist
+  // from construction on, so later stages can hold them; produced ones (pruning) exist after run()/restore().
   virtual std::shared_ptr<torch::nn::Module> model() { return nullptr; }
   // Results of this stage that later stages read (e.g. a pruned architecture), after run() or restore().
   virtual json outputs() const { return json::object(); }

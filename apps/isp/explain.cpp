@@ -1,0 +1,252 @@
+// `isp explain`: rebuilds a finished run, takes its last trained AEM selector and writes the saliency figure
+// of the paper (input | mask distribution P | input * P | a sampled mask s ~ P | input * s) for the first N
+// test images, per-row PNGs and the RBF parameters as JSON.
+#include "explain.h"
+
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <vector>
+
+#define STB_IMAGE_WRITE_IMPLEMENTATION
+#include <stb/stb_image_write.h>
+#include <stb/stb_easy_font.h>
+
+#include "isp/interfaces/dataset.h"
+#include "isp/interfaces/stage.h"
+#include "isp/recipe.h"
+#include "isp/registry.h"
+#include "isp/runner.h"
+#include "isp/selector.h"
+
+namespace fs = std::filesystem;
+using isp::json;
+
+namespace isp_app {
+namespace {
+
+struct Image {
+  int w = 0, h = 0;
+  std::vector<uint8_t> px;  // RGB
+  Image(int w_, int h_, uint8_t fill = 255) : w(w_), h(h_), px(static_cast<std::size_t>(w_) * h_ * 3, fill) {}
+  void set(int x, int y, const std::array<uint8_t, 3>& c) {
+    if (x < 0 || y < 0 || x >= w || y >= h) return;
+    uint8_t* p = &px[(static_cast<std::size_t>(y) * w + x) * 3];
+    p[0] = c[0], p[1] = c[1], p[2] = c[2];
+  }
+  void fill_rect(int x0, int y0, int x1, int y1, const std::array<uint8_t, 3>& c) {
+    for (int y = y0; y < y1; ++y)
+      for (int x = x0; x < x1; ++x) set(x, y, c);
+  }
+  void blit(const Image& src, int ox, int oy) {
+    for (int y = 0; y < src.h; ++y)
+      for (int x = 0; x < src.w; ++x) {
+        const uint8_t* p = &src.px[(static_cast<std::size_t>(y) * src.w + x) * 3];
+        set(ox + x, oy + y, {p[0], p[1], p[2]});
+      }
+  }
+  Image crop(int x0, int y0, int cw, int ch) const {
+    Image out(cw, ch);
+    for (int y = 0; y < ch; ++y)
+      for (int x = 0; x < cw; ++x) {
+        const uint8_t* p = &px[(static_cast<std::size_t>(y0 + y) * w + x0 + x) * 3];
+        out.set(x, y, {p[0], p[1], p[2]});
+      }
+    return out;
+  }
+  void save(const std::string& path) const {
+    if (!stbi_write_png(path.c_str(), w, h, 3, px.data(), w * 3)) throw isp::Error(path + ": cannot write PNG");
+  }
+};
+
+// Text from stb_easy_font's quads (axis-aligned rectangles), scaled by `scale`.
+void draw_text(Image& img, int x, int y, const std::string& text, int scale, const std::array<uint8_t, 3>& c) {
+  static char buffer[99999];
+  int quads = stb_easy_font_print(0, 0, const_cast<char*>(text.c_str()), nullptr, buffer, sizeof buffer);
+  for (int q = 0; q < quads; ++q) {
+    float x0 = 1e9f, y0 = 1e9f, x1 = -1e9f, y1 = -1e9f;
+    for (int v = 0; v < 4; ++v) {
+      const float* f = reinterpret_cast<const float*>(buffer + (q * 4 + v) * 16);
+      x0 = std::min(x0, f[0]), x1 = std::max(x1, f[0]), y0 = std::min(y0, f[1]), y1 = std::max(y1, f[1]);
+    }
+    img.fill_rect(x + static_cast<int>(x0 * scale), y + static_cast<int>(y0 * scale), x + static_cast<int>(x1 * scale),
+                  y + static_cast<int>(y1 * scale), c);
+  }
+}
+
+// Viridis, linearly interpolated between five anchors.
+std::array<uint8_t, 3> viridis(float t) {
+  static const float a[5][3] = {{68, 1, 84}, {59, 82, 139}, {33, 145, 140}, {94, 201, 98}, {253, 231, 37}};
+  t = std::clamp(t, 0.0f, 1.0f) * 4.0f;
+  int i = std::min(3, static_cast<int>(t));
+  float f = t - static_cast<float>(i);
+  std::array<uint8_t, 3> c{};
+  for (int k = 0; k < 3; ++k) c[k] = static_cast<uint8_t>(std::lround(a[i][k] + f * (a[i + 1][k] - a[i][k])));
+  return c;
+}
+
+// [C,H,W] float in [0,1] (C = 1 or 3) -> upscaled tile. `cmap`: map a 1-channel tensor through viridis.
+Image tile(const at::Tensor& chw, bool cmap) {
+  at::Tensor t = chw.detach().to(at::kCPU).to(at::kFloat).clamp(0, 1).contiguous();
+  const int c = static_cast<int>(t.size(0)), h = static_cast<int>(t.size(1)), w = static_cast<int>(t.size(2));
+  auto a = t.accessor<float, 3>();
+  Image out(w * kScale, h * kScale);
+  for (int y = 0; y < h; ++y)
+    for (int x = 0; x < w; ++x) {
+      std::array<uint8_t, 3> col{};
+      if (cmap) {
+        col = viridis(a[0][y][x]);
+      } else {
+        for (int k = 0; k < 3; ++k) col[k] = static_cast<uint8_t>(std::lround(255.0f * a[c == 3 ? k : 0][y][x]));
+      }
+      out.fill_rect(x * kScale, y * kScale, (x + 1) * kScale, (y + 1) * kScale, col);
+    }
+  return out;
+}
+
+// A red cross at the RBF centre and a circle of radius sigma (grid pixel units) on a tile.
+void mark_rbf(Image& img, int ox, int oy, double c_row, double c_col, double sigma) {
+  const std::array<uint8_t, 3> red{230, 30, 30};
+  const int cx = ox + static_cast<int>(std::lround((c_col + 0.5) * kScale));
+  const int cy = oy + static_cast<int>(std::lround((c_row + 0.5) * kScale));
+  for (int d = -6; d <= 6; ++d)
+    for (int t = -1; t <= 0; ++t) img.set(cx + d, cy + t, red), img.set(cx + t, cy + d, red);
+  const double r = sigma * kScale;
+  const int steps = std::max(32, static_cast<int>(2 * M_PI * r));
+  for (int i = 0; i < steps; ++i) {
+    double a = 2 * M_PI * i / steps;
+    img.set(cx + static_cast<int>(std::lround(r * std::cos(a))), cy + static_cast<int>(std::lround(r * std::sin(a))), red);
+  }
+}
+
+std::string safe_name(const std::string& s) {
+  std::string out;
+  for (char ch : s) out += (std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_') ? ch : '_';
+  return out.empty() ? "class" : out;
+}
+
+std::string find_dataset_node(isp::RestoredRun& run, const std::string& stage_name) {
+  const json nodes = run.recipe.doc.value("nodes", json::object());
+  if (nodes.contains(stage_name) && nodes[stage_name].contains("data")) {
+    std::string ref = isp::BuildContext::ref_name(nodes[stage_name]["data"]);
+    if (!ref.empty()) return ref;
+  }
+  for (auto it = nodes.begin(); it != nodes.end(); ++it)
+    if (run.ctx->kind_of_node(it.key()) == "dataset") return it.key();
+  throw isp::Error(run.work_dir + ": the recipe has no dataset node");
+}
+
+}  // namespace
+
+int explain(isp::Registry& reg, const ExplainOptions& o) {
+  std::string work = o.run_dir;
+  if (work.empty()) {
+    if (o.checkpoint.empty()) throw isp::Error("explain: give --run WORK_DIR or --checkpoint FILE");
+    // A checkpoint lives in <run>/<stage>/<file>.pt: explain the run folder that holds it.
+    fs::path p = fs::absolute(o.checkpoint);
+    if (!fs::exists(p)) throw isp::Error(o.checkpoint + ": checkpoint not found");
+    work = p.parent_path().parent_path().string();
+    if (!fs::exists(fs::path(work) / "recipe.resolved.json"))
+      throw isp::Error(o.checkpoint + ": not inside a run folder (expected " + work + "/recipe.resolved.json)");
+  }
+  if (o.label != "ground_truth" && o.label != "predicted")
+    throw isp::Error("explain: --label must be ground_truth or predicted, got " + o.label);
+  isp::RestoredRun run = isp::restore_run(reg, work);
+
+  std::shared_ptr<isp::SelectorNet> sel;
+  std::string stage_name;
+  for (auto it = run.stages.rbegin(); it != run.stages.rend() && !sel; ++it) {
+    sel = std::dynamic_pointer_cast<isp::SelectorNet>(it->second->model());
+    if (sel) stage_name = it->first;
+  }
+  if (!sel) throw isp::Error(work + ": no finished stage of this run produced an AEM selector (TrainSelector)");
+  const std::string data_node = find_dataset_node(run, stage_name);
+  const isp::DataBundle& data = run.ctx->node<isp::Dataset>(data_node)->data();
+  if (data.test.size() == 0) throw isp::Error("explain: the dataset '" + data_node + "' has no test images");
+  const int64_t n = std::min<int64_t>(o.images, data.test.size());
+  if (n < 1) throw isp::Error("explain: --images must be at least 1");
+
+  const c10::Device dev = isp::current_device();
+  torch::NoGradGuard ng;
+  sel->to(dev);
+  sel->eval();
+  sel->encoder->to(dev);
+  sel->encoder->eval();
+  at::Tensor x = data.test.images.slice(0, 0, n).to(dev);
+  at::Tensor y = data.test.labels.slice(0, 0, n).to(dev);
+  at::Tensor logits = sel->encoder->forward(x);
+  at::Tensor pred = logits.argmax(1);
+  isp::MaskDistribution dist = sel->forward(x, o.label == "predicted" ? pred : y, false);
+  at::Tensor P = dist.probs;
+  torch::manual_seed(o.seed);
+  at::Tensor s = sel->sampler->sample(P);
+
+  // Back to pixels: x * std + mean per channel.
+  const int64_t C = x.size(1);
+  std::vector<double> mean = data.mean, stdv = data.std;
+  if (mean.empty()) mean = {0.0};
+  if (stdv.empty()) stdv = {1.0};
+  if (mean.size() == 1) mean.resize(C, mean[0]);
+  if (stdv.size() == 1) stdv.resize(C, stdv[0]);
+  auto opt = torch::TensorOptions().dtype(x.scalar_type()).device(dev);
+  at::Tensor m = torch::tensor(std::vector<float>(mean.begin(), mean.end()), opt).view({1, C, 1, 1});
+  at::Tensor sd = torch::tensor(std::vector<float>(stdv.begin(), stdv.end()), opt).view({1, C, 1, 1});
+  auto to_pixels = [&](const at::Tensor& t) { return (t * sd + m).clamp(0, 1).cpu(); };
+  at::Tensor img = to_pixels(x), img_p = to_pixels(x * P), img_s = to_pixels(x * s);
+  at::Tensor Pc = P.cpu(), sc = s.cpu();
+  at::Tensor readable = dist.readable.defined() ? dist.readable.to(at::kCPU).to(at::kDouble) : at::Tensor();
+  at::Tensor params = dist.params.defined() ? dist.params.to(at::kCPU).to(at::kDouble).flatten(1) : at::Tensor();
+
+  const int side = static_cast<int>(x.size(2));
+  const int tile_px = kScale * side;
+  Image fig(figure_width(side), figure_height(side, static_cast<int>(n)));
+  const char* titles[5] = {"input", "mask distribution P", "input * P", "sampled mask s", "input * s"};
+  for (int c = 0; c < 5; ++c) draw_text(fig, kGap + c * (tile_px + kGap), 4, titles[c], 1, {0, 0, 0});
+
+  fs::create_directories(o.out_dir);
+  json out = json::array();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t label = y[i].item<int64_t>(), predicted = pred[i].item<int64_t>();
+    auto name_of = [&](int64_t k) {
+      return k >= 0 && k < static_cast<int64_t>(data.class_names.size()) ? data.class_names[k] : std::to_string(k);
+    };
+    const int row_y = kHeader + static_cast<int>(i) * (kStrip + tile_px + kGap);
+    std::string caption = "#" + std::to_string(i) + "  " + name_of(label) +
+                          (predicted != label ? "  (predicted " + name_of(predicted) + ")" : "");
+    draw_text(fig, kGap, row_y + 3, caption, 2, {0, 0, 0});
+    const int ty = row_y + kStrip;
+    Image tiles[5] = {tile(img[i], false), tile(Pc[i], true), tile(img_p[i], false), tile(sc[i], false),
+                      tile(img_s[i], false)};
+    for (int c = 0; c < 5; ++c) fig.blit(tiles[c], kGap + c * (tile_px + kGap), ty);
+    json e = {{"index", i}, {"label", label}, {"class_name", name_of(label)}, {"predicted", predicted},
+              {"predicted_name", name_of(predicted)}, {"conditioned_on", o.label},
+              {"mask_area", Pc[i].mean().item<double>()}};
+    if (readable.defined() && readable.size(1) >= 3) {
+      const double cr = readable[i][0].item<double>(), cc = readable[i][1].item<double>(), sg = readable[i][2].item<double>();
+      e["c_row"] = cr, e["c_col"] = cc, e["sigma"] = sg;
+      for (int c = 1; c <= 2; ++c) mark_rbf(fig, kGap + c * (tile_px + kGap), ty, cr, cc, sg);
+    } else {
+      e["c_row"] = e["c_col"] = e["sigma"] = nullptr;
+    }
+    json u = json::array();
+    if (params.defined())
+      for (int64_t k = 0; k < params.size(1); ++k) u.push_back(params[i][k].item<double>());
+    e["u"] = u;
+    out.push_back(e);
+    const std::string row_file = "row_" + std::to_string(i) + "_" + safe_name(name_of(label)) + ".png";
+    fig.crop(0, row_y, fig.w, kStrip + tile_px + kGap).save((fs::path(o.out_dir) / row_file).string());
+    out.back()["file"] = row_file;
+  }
+  fig.save((fs::path(o.out_dir) / "saliency.png").string());
+  isp::write_file_atomic((fs::path(o.out_dir) / "params.json").string(), out.dump(2) + "\n");
+  std::printf("%s: %lld images from stage '%s' (data '%s'); figure %dx%d\n", o.out_dir.c_str(),
+              static_cast<long long>(n), stage_name.c_str(), data_node.c_str(), fig.w, fig.h);
+  return 0;
+}
+
+}  // namespace isp_app

@@ -1,0 +1,49 @@
+// "FreeLogitGates": one free logit per channel, theta ~ N(0, init_std) (the official Simplified_Gate and the
+// default gate generator, isp-spec §2.4).
+#include <torch/torch.h>
+
+#include "gumbel_gates.h"
+#include "isp/cost.h"
+#include "isp/interfaces/pruner.h"
+#include "isp/plugin.h"
+
+namespace {
+
+struct FreeLogitOptions {
+  double temperature = 0.4;
+  double offset = 3.0;
+  double init_std = 1.0;
+  template <class V> void visit(V& v) {
+    v("temperature", temperature, "Gumbel-sigmoid temperature T", isp::greater_than(0));
+    v("offset", offset, "logit offset b (gates start mostly on)");
+    v("init_std", init_std, "theta ~ N(0, init_std)", isp::at_least(0));
+  }
+};
+
+class FreeLogitGates : public isp::Pruner {
+ public:
+  explicit FreeLogitGates(FreeLogitOptions o) : o_(o) {}
+  void attach(isp::Backbone& model, const isp::CostModel&) override {
+    layers_ = model.gated_layers();
+    theta_ = register_parameter("theta", torch::randn({model.total_gate_width()}) * o_.init_std);
+  }
+  bool learns_gates() const override { return true; }
+  at::Tensor soft_gates() override { return isp_pruners::soft_gates(theta_, o_.offset, o_.temperature); }
+  at::Tensor hard_gates() override { return isp_pruners::straight_through(soft_gates()); }
+  at::Tensor final_gates() override { return isp_pruners::final_gates(theta_, o_.offset, layers_); }
+
+ private:
+  FreeLogitOptions o_;
+  std::vector<isp::GatedLayer> layers_;
+  at::Tensor theta_;
+};
+
+std::shared_ptr<isp::Pruner> make(const FreeLogitOptions& o, isp::BuildContext&) {
+  return std::make_shared<FreeLogitGates>(o);
+}
+
+}  // namespace
+
+ISP_PLUGIN("0.1.0");
+ISP_REGISTER(isp::Pruner, "FreeLogitGates", 1, FreeLogitOptions, make,
+             "one learned logit per channel, Gumbel-sigmoid gates (official default gate generator)");

@@ -1,0 +1,183 @@
+// Stage "Export": the deliverable folder and the run's report.
+//   export/recipe.resolved.json   the recipe that produced it
+//   export/structure.json         node spec with pruned widths + kept channel indices per gated layer
+//   export/weights.pt             {name: tensor} state dict in torch's zip format: Python reads it with
+//                                 torch.load(path) (a plain dict); isp reloads it with isp::load_export
+//   export/summary.json           params, FLOPs and accuracy before/after
+//   report.md, report.json        (run folder) the comparison table a paper needs, wall time per stage
+#include <torch/torch.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "isp/checkpoint.h"
+#include "isp/cost.h"
+#include "isp/data.h"
+#include "isp/interfaces/backbone.h"
+#include "isp/interfaces/stage.h"
+#include "isp/plugin.h"
+#include "isp/recipe.h"
+#include "isp/registry.h"
+#include "isp/selector.h"
+#include "isp/train.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct ExportOptions {
+  isp::NodeRef model, baseline, selector, data;
+  int64_t agreement_images = 500;
+  template <class V> void visit(V& v) {
+    v("model", model, "the stage whose network is exported (Finetune or PruneChannels)", isp::required(), isp::of_kind("stage"));
+    v("baseline", baseline, "the unpruned backbone, for the before/after columns", isp::required(), isp::of_kind("backbone"));
+    v("selector", selector, "TrainSelector stage: compare saliency of pruned vs original (optional)", isp::of_kind("stage"));
+    v("data", data, "dataset (test split for the saliency comparison)", isp::required(), isp::of_kind("dataset"));
+    v("agreement_images", agreement_images, "test images used for the saliency agreement figures", isp::at_least(1));
+  }
+};
+
+class Export : public isp::Stage {
+ public:
+  Export(ExportOptions o, isp::BuildContext& ctx)
+      : o_(std::move(o)), source_(ctx.get<isp::Stage>(o_.model)), baseline_(ctx.get<isp::Backbone>(o_.baseline)),
+        data_(ctx.get<isp::Dataset>(o_.data)) {
+    if (!o_.selector.empty()) selector_ = std::dynamic_pointer_cast<isp::SelectorNet>(ctx.get<isp::Stage>(o_.selector)->model());
+  }
+
+  void run(isp::RunContext& ctx) override {
+    auto net = std::dynamic_pointer_cast<isp::Backbone>(source_->model());
+    if (!net) throw isp::RecipeError(o_.model.where, "the referenced stage produced no network");
+    const std::string dir = ctx.stage_dir;
+    fs::create_directories(dir);
+    isp::write_file_atomic(dir + "/recipe.resolved.json", ctx.resolved_recipe.dump(2) + "\n");
+    isp::json arch = source_->outputs();
+    isp::json spec = arch.value("spec", isp::json::object());
+    if (spec.empty()) spec = net->structure();
+    isp::json structure = {{"format", "isp-export-1"}, {"spec", spec}, {"layers", arch.value("layers", isp::json::array())},
+                           {"plugins", ctx.resolved_recipe.value("plugins", isp::json::array())}};
+    isp::write_file_atomic(dir + "/structure.json", structure.dump(2) + "\n");
+    isp::save_state_dict_for_python(*net, dir + "/weights.pt");
+
+    isp::json stages = isp::json::parse(isp::read_text_file(ctx.run_dir + "/summary.json")).value("stages", isp::json::object());
+    auto find = [&](const char* key) -> isp::json {
+      isp::json v;
+      for (auto it = stages.begin(); it != stages.end(); ++it)
+        if (it->contains(key)) v = (*it)[key];  // the last stage that reports it
+      return v;
+    };
+    isp::CostModel before_m(baseline_->layer_shapes(), baseline_->gated_layers());
+    isp::CostModel after_m(net->layer_shapes(), net->gated_layers());
+    auto before = before_m.count(), after = after_m.count();
+    isp::json report = {{"recipe", ctx.resolved_recipe.value("description", std::string())},
+                        {"baseline_top1", find("baseline_top1")},
+                        {"pruned_top1", find("pruned_top1")},
+                        {"finetuned_top1", find("finetuned_top1")},
+                        {"flops_before", before.flops},
+                        {"flops_after", after.flops},
+                        {"params_before", before.params},
+                        {"params_after", after.params},
+                        {"flops_reduction", 1.0 - after.flops / before.flops},
+                        {"params_reduction", 1.0 - after.params / before.params},
+                        {"kept_widths", arch.value("widths", isp::json::array())},
+                        {"full_widths", arch.value("full_widths", isp::json::array())}};
+    if (report["finetuned_top1"].is_null()) report["finetuned_top1"] = report["pruned_top1"];
+    if (!report["baseline_top1"].is_null() && !report["finetuned_top1"].is_null())
+      report["delta_top1"] = report["finetuned_top1"].get<double>() - report["baseline_top1"].get<double>();
+    isp::json wall = isp::json::object();
+    for (auto it = stages.begin(); it != stages.end(); ++it) wall[it.key()] = it->value("wall_seconds", 0.0);
+    report["wall_seconds"] = wall;
+    report["pruner"] = pruner_name(ctx);
+    if (selector_) report["saliency"] = saliency_agreement(*net, ctx.device);
+    isp::write_file_atomic(dir + "/summary.json", report.dump(2) + "\n");
+    isp::write_file_atomic(ctx.run_dir + "/report.json", report.dump(2) + "\n");
+    isp::write_file_atomic(ctx.run_dir + "/report.md", markdown(report));
+    ctx.summary = {{"export_dir", dir}, {"flops_reduction", report["flops_reduction"]}};
+  }
+  void restore(isp::RunContext&) override {}
+
+ private:
+  std::string pruner_name(const isp::RunContext& ctx) const {
+    for (auto& [name, spec] : ctx.resolved_recipe.value("nodes", isp::json::object()).items())
+      if (spec.value("type", std::string()).find("Prune") != std::string::npos || spec.value("type", std::string()).find("Gates") != std::string::npos)
+        if (spec.value("type", std::string()) != "PruneChannels") return spec.value("type", std::string());
+    return "";
+  }
+
+  // How far the pruned network's saliency moved: the same frozen decoder/head on the pruned encoder.
+  isp::json saliency_agreement(isp::Backbone& pruned, torch::Device dev) {
+    torch::NoGradGuard ng;
+    const auto& test = data_->data().test;
+    int64_t n = std::min<int64_t>(o_.agreement_images, test.size());
+    isp::ImageSplit sub{test.images.narrow(0, 0, n), test.labels.narrow(0, 0, n)};
+    isp::SelectorNet on_pruned(std::dynamic_pointer_cast<isp::Backbone>(pruned.shared_from_this()), selector_->filter,
+                               selector_->decoder, selector_->head, selector_->sampler);
+    selector_->eval();
+    pruned.eval();
+    baseline_->eval();
+    isp::BatchLoader loader(sub, 128, false, isp::Augmentation{}, dev);
+    loader.start_epoch(0, 0);
+    double shift = 0, iou = 0, dsigma = 0;
+    bool rbf = true;
+    for (int64_t i = 0; i < loader.num_batches(); ++i) {
+      isp::Batch b = loader.get(i);
+      auto x = b.x.to(dev), y = b.y.to(dev);
+      auto a = selector_->forward(x, y, false), p = on_pruned.forward(x, y, false);
+      if (a.readable.defined() && p.readable.defined()) {
+        shift += (a.readable.narrow(1, 0, 2) - p.readable.narrow(1, 0, 2)).pow(2).sum(1).sqrt().sum().item<double>();
+        dsigma += (a.readable.select(1, 2) - p.readable.select(1, 2)).abs().sum().item<double>();
+      } else {
+        rbf = false;
+      }
+      auto ma = a.probs.ge(0.5), mp = p.probs.ge(0.5);
+      auto inter = (ma & mp).flatten(1).sum(1).to(at::kDouble), uni = (ma | mp).flatten(1).sum(1).to(at::kDouble);
+      iou += (inter / uni.clamp_min(1)).sum().item<double>();
+    }
+    isp::json out = {{"images", n}, {"mask_iou_at_0.5", iou / n}};
+    if (rbf) {
+      out["mean_center_shift_px"] = shift / n;
+      out["mean_abs_sigma_change"] = dsigma / n;
+    }
+    return out;
+  }
+
+  static std::string pct(const isp::json& v) {
+    if (!v.is_number()) return "n/a";
+    std::ostringstream os;
+    os.precision(2);
+    os << std::fixed << 100.0 * v.get<double>();
+    return os.str();
+  }
+  static std::string markdown(const isp::json& r) {
+    std::ostringstream os;
+    os.precision(3);
+    os << "# Pruning report\n\n" << r.value("recipe", std::string()) << "\n\n";
+    os << "| baseline top-1 | pruned top-1 | finetuned top-1 | Δ top-1 | FLOPs before | FLOPs after | FLOPs ↓ | params before | params after | params ↓ |\n";
+    os << "|---|---|---|---|---|---|---|---|---|---|\n";
+    os << "| " << pct(r["baseline_top1"]) << "% | " << pct(r["pruned_top1"]) << "% | " << pct(r["finetuned_top1"]) << "% | "
+       << (r.contains("delta_top1") ? pct(r["delta_top1"]) : std::string("n/a")) << " | " << r["flops_before"].get<double>() / 1e6
+       << " M | " << r["flops_after"].get<double>() / 1e6 << " M | " << pct(r["flops_reduction"]) << "% | "
+       << r["params_before"].get<double>() / 1e6 << " M | " << r["params_after"].get<double>() / 1e6 << " M | "
+       << pct(r["params_reduction"]) << "% |\n\n";
+    if (r.contains("saliency")) os << "Saliency of the pruned vs the original network (same selector): " << r["saliency"].dump() << "\n\n";
+    os << "Kept widths per gated layer: " << r["kept_widths"].dump() << "\n\nof " << r["full_widths"].dump() << "\n\n";
+    os << "| stage | wall time (s) |\n|---|---|\n";
+    for (auto& [k, v] : r["wall_seconds"].items()) os << "| " << k << " | " << v.get<double>() << " |\n";
+    return os.str();
+  }
+
+  ExportOptions o_;
+  std::shared_ptr<isp::Stage> source_;
+  std::shared_ptr<isp::Backbone> baseline_;
+  std::shared_ptr<isp::Dataset> data_;
+  std::shared_ptr<isp::SelectorNet> selector_;
+};
+
+std::shared_ptr<isp::Stage> make(const ExportOptions& o, isp::BuildContext& ctx) { return std::make_shared<Export>(o, ctx); }
+
+}  // namespace
+
+ISP_PLUGIN("0.1.0");
+ISP_REGISTER(isp::Stage, "Export", 1, ExportOptions, make,
+             "write the pruned network (structure + torch.load-able weights) and report.md/report.json");

@@ -1,0 +1,352 @@
+// Stage "TrainPredictor" (isp-spec §1b, §3.1): a fresh copy of the classifier's architecture learns to
+// reproduce the frozen classifier's class distribution from randomly masked inputs:
+//   L = (1/n) sum_i KL( softmax(f_bb(x_i)) || softmax(f_pred(x_i * m_i)) ),  m ~ mask_source.
+// Adam with coupled L2 weight decay (torch.optim.Adam), no LR schedule, model selection on the lowest
+// validation KL. Evaluation masks are random (as in the official code, isp-spec §6.21) but drawn from a
+// FIXED seed per evaluation, so two evaluations of the same weights agree and model selection is not steered
+// by mask noise; the metric remains one draw of masks, i.e. a noisy estimate of the expected KL.
+#include <torch/torch.h>
+
+#include <ATen/Context.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <mutex>
+
+#include "isp/checkpoint.h"
+#include "isp/data.h"
+#include "isp/interfaces/aem.h"
+#include "isp/interfaces/backbone.h"
+#include "isp/interfaces/dataset.h"
+#include "isp/interfaces/stage.h"
+#include "isp/plugin.h"
+#include "isp/registry.h"
+#include "isp/train.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct TrainPredictorOptions {
+  isp::NodeRef classifier, data, mask_source;
+  int64_t epochs = 300;
+  int64_t batch_size = 128;
+  double lr = 1e-4;
+  double weight_decay = 1e-4;
+  double beta1 = 0.9, beta2 = 0.999;
+  int64_t eval_every = 5;
+  int64_t eval_batch_size = 256;
+  int64_t max_steps_per_epoch = 0;
+  std::string augmentation = "flip";
+  int64_t eval_seed = 20220;
+  template <class V> void visit(V& v) {
+    v("classifier", classifier, "the trained, frozen black-box classifier ({\"$ref\": backbone node}); the predictor "
+      "is a fresh copy of this node's architecture", isp::required(), isp::of_kind("backbone"));
+    v("data", data, "the dataset ({\"$ref\": node})", isp::required(), isp::of_kind("dataset"));
+    v("mask_source", mask_source, "random masks applied to the predictor's input (RandomRbfMasks: isp-spec §1b)",
+      isp::required(), isp::of_kind("mask_source"));
+    v("epochs", epochs, "training epochs", isp::at_least(1));
+    v("batch_size", batch_size, "mini-batch size", isp::at_least(1));
+    v("lr", lr, "Adam learning rate (constant)", isp::greater_than(0));
+    v("weight_decay", weight_decay, "L2 weight decay added to the gradient (coupled, as torch.optim.Adam)", isp::at_least(0));
+    v("beta1", beta1, "Adam beta1", isp::between(0, 1));
+    v("beta2", beta2, "Adam beta2", isp::between(0, 1));
+    v("eval_every", eval_every, "evaluate on the validation split every N epochs (and after the last)", isp::at_least(1));
+    v("eval_batch_size", eval_batch_size, "evaluation batch size", isp::at_least(1));
+    v("max_steps_per_epoch", max_steps_per_epoch, "cap steps per epoch (0 = full epochs; for smoke tests)", isp::at_least(0));
+    v("augmentation", augmentation, "training augmentation: flip = horizontal flip only (isp-spec §1b), dataset = the "
+      "dataset's own augmentation, none", isp::one_of({"flip", "dataset", "none"}));
+    v("eval_seed", eval_seed, "seed of the (fixed) random masks used by every evaluation", isp::at_least(0));
+  }
+};
+
+// Seeds the default generators of the CPU and of `device` for a scope, then puts their states back, so an
+// evaluation with fixed masks leaves the training stream untouched.
+class ScopedSeed {
+ public:
+  ScopedSeed(c10::Device device, uint64_t seed) {
+    gens_.push_back(at::detail::getDefaultCPUGenerator());
+    if (!device.is_cpu()) gens_.push_back(at::globalContext().defaultGenerator(device));
+    for (auto& g : gens_) {
+      std::lock_guard<std::mutex> lock(g.mutex());
+      states_.push_back(g.get_state());
+      g.set_current_seed(seed);
+    }
+  }
+  ~ScopedSeed() {
+    for (std::size_t i = 0; i < gens_.size(); ++i) {
+      std::lock_guard<std::mutex> lock(gens_[i].mutex());
+      gens_[i].set_state(states_[i]);
+    }
+  }
+ private:
+  std::vector<at::Generator> gens_;
+  std::vector<at::Tensor> states_;
+};
+
+isp::Augmentation pick_augmentation(const std::string& mode, const isp::DataBundle& d) {
+  if (mode == "dataset") return d.augmentation;
+  isp::Augmentation a;
+  a.pad_value = d.augmentation.pad_value;
+  a.horizontal_flip = mode == "flip";
+  return a;
+}
+
+// KL(q || p) per sample from logits, summed over classes: [n].
+at::Tensor kl_per_sample(const at::Tensor& target_logits, const at::Tensor& logits) {
+  at::Tensor lq = torch::log_softmax(target_logits, 1), lp = torch::log_softmax(logits, 1);
+  return (lq.exp() * (lq - lp)).sum(1);
+}
+
+std::string fmt_duration(double s) {
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s / 3600), static_cast<int>(s / 60) % 60);
+  else std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s / 60), static_cast<int>(s) % 60);
+  return buf;
+}
+
+struct PredEval { double kl = 0, agreement = 0; int64_t n = 0; };
+
+class TrainPredictor : public isp::Stage {
+ public:
+  TrainPredictor(TrainPredictorOptions o, isp::BuildContext& ctx)
+      : opt_(std::move(o)),
+        classifier_(ctx.get<isp::Backbone>(opt_.classifier)),
+        data_(ctx.get<isp::Dataset>(opt_.data)),
+        masks_(ctx.get<isp::MaskSource>(opt_.mask_source)) {
+    const std::string node = isp::BuildContext::ref_name(opt_.classifier.spec);
+    if (node.empty())
+      throw isp::RecipeError(opt_.classifier.where,
+                             "must be a {\"$ref\": node} link to the trained classifier's backbone node (the predictor "
+                             "is built as a fresh copy of that node's architecture)");
+    predictor_ = ctx.fresh<isp::Backbone>(node);
+    if (data_->data().num_classes() != classifier_->num_classes())
+      throw isp::RecipeError(opt_.classifier.where, "the classifier has " + std::to_string(classifier_->num_classes()) +
+                                                        " classes but the dataset has " +
+                                                        std::to_string(data_->data().num_classes()));
+  }
+
+  std::shared_ptr<torch::nn::Module> model() override { return predictor_; }
+
+  void run(isp::RunContext& ctx) override {
+    const isp::DataBundle& data = data_->data();
+    classifier_->to(ctx.device);
+    classifier_->eval();
+    predictor_->to(ctx.device);
+    fs::create_directories(ctx.stage_dir);
+    const std::string ckpt_path = ctx.stage_dir + "/checkpoint.pt";
+    const std::string best_path = ctx.stage_dir + "/best.pt";
+    const std::string final_path = ctx.stage_dir + "/final.pt";
+
+    torch::optim::Adam adam(predictor_->parameters(), torch::optim::AdamOptions(opt_.lr)
+                                                          .betas({opt_.beta1, opt_.beta2})
+                                                          .weight_decay(opt_.weight_decay));
+    isp::BatchLoader train(data.train, opt_.batch_size, /*shuffle=*/true, pick_augmentation(opt_.augmentation, data),
+                           ctx.device);
+    const bool has_val = data.val.size() > 0;
+    int64_t start_epoch = 0, start_step = 0, best_epoch = -1, images_seen = 0, seen_in_epoch = 0;
+    double best_val = std::numeric_limits<double>::infinity(), loss_sum = 0.0, train_seconds = 0.0;
+
+    if (ctx.resume && fs::exists(ckpt_path)) {
+      isp::CheckpointReader r(ckpt_path);
+      r.module("model", *predictor_);
+      r.optimizer("optimizer", adam);
+      const isp::json& m = r.meta();
+      start_epoch = m.at("epoch");
+      start_step = m.at("step");
+      best_val = m.value("best_val_kl", std::numeric_limits<double>::infinity());
+      if (m.contains("best_val_kl") && m["best_val_kl"].is_null()) best_val = std::numeric_limits<double>::infinity();
+      best_epoch = m.value("best_epoch", -1);
+      loss_sum = m.value("loss_sum", 0.0);
+      seen_in_epoch = m.value("seen_in_epoch", 0);
+      images_seen = m.value("images_seen", 0);
+      train_seconds = m.value("train_seconds", 0.0);
+      if (r.has("rng")) at::Generator(at::detail::getDefaultCPUGenerator()).set_state(r.tensor("rng"));
+      if (!ctx.device.is_cpu() && r.has("rng_device"))
+        at::Generator(at::globalContext().defaultGenerator(ctx.device)).set_state(r.tensor("rng_device"));
+      std::fprintf(stderr, "[%s] resuming from %s at epoch %lld step %lld\n", ctx.stage_name.c_str(),
+                   ckpt_path.c_str(), static_cast<long long>(start_epoch), static_cast<long long>(start_step));
+    }
+
+    auto save_checkpoint = [&](int64_t epoch, int64_t step) {
+      isp::CheckpointWriter w;
+      w.module("model", *predictor_);
+      w.optimizer("optimizer", adam);
+      w.tensor("rng", at::detail::getDefaultCPUGenerator().get_state());
+      if (!ctx.device.is_cpu()) w.tensor("rng_device", at::Generator(at::globalContext().defaultGenerator(ctx.device)).get_state());
+      w.meta({{"epoch", epoch}, {"step", step},
+              {"best_val_kl", std::isfinite(best_val) ? isp::json(best_val) : isp::json(nullptr)},
+              {"best_epoch", best_epoch}, {"loss_sum", loss_sum}, {"seen_in_epoch", seen_in_epoch},
+              {"images_seen", images_seen}, {"train_seconds", train_seconds},
+              {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}});
+      w.save_atomic(ckpt_path);
+    };
+
+    isp::Progress progress(ctx.stage_name);
+    int64_t steps_per_epoch = train.num_batches();
+    if (opt_.max_steps_per_epoch > 0) steps_per_epoch = std::min(steps_per_epoch, opt_.max_steps_per_epoch);
+    const int64_t total_steps = steps_per_epoch * opt_.epochs;
+    const char* inject = std::getenv("ISP_INTERRUPT_AFTER_STEPS");
+    const int64_t interrupt_after = inject ? std::atoll(inject) : -1;
+    int64_t steps_this_process = 0;
+    PredEval last_val;
+    const double t_process = isp::now_seconds();
+    for (int64_t epoch = start_epoch; epoch < opt_.epochs; ++epoch) {
+      train.start_epoch(ctx.seed, epoch);
+      predictor_->train();
+      const double t_epoch = isp::now_seconds();
+      at::Tensor dev_loss = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(ctx.device));
+      for (int64_t step = (epoch == start_epoch ? start_step : 0); step < steps_per_epoch; ++step) {
+        isp::Batch b = train.get(step);
+        at::Tensor x = b.x.to(ctx.device);
+        at::Tensor target;
+        {
+          torch::NoGradGuard ng;
+          target = classifier_->forward(x);
+        }
+        at::Tensor m = masks_->sample(x.size(0), x.size(2), x.size(3), x.options());
+        adam.zero_grad();
+        at::Tensor loss = kl_per_sample(target, predictor_->forward(x * m)).mean();
+        loss.backward();
+        adam.step();
+        dev_loss += loss.detach().to(torch::kDouble) * b.size();
+        seen_in_epoch += b.size();
+        images_seen += b.size();
+        if (++steps_this_process == interrupt_after && ctx.interrupted) ctx.interrupted->store(true);
+        const bool last_step = step + 1 == steps_per_epoch;
+        if (last_step || step % 10 == 0 || ctx.stop_requested()) {
+          loss_sum += dev_loss.item<double>();
+          dev_loss.zero_();
+          const int64_t done = epoch * steps_per_epoch + step + 1;
+          const double per_step = (isp::now_seconds() - t_process) /
+                                  std::max<int64_t>(1, done - start_epoch * steps_per_epoch - start_step);
+          char buf[256];
+          std::snprintf(buf, sizeof buf, "epoch %lld/%lld step %lld/%lld KL %.4f %.0f img/s ETA %s",
+                        static_cast<long long>(epoch + 1), static_cast<long long>(opt_.epochs),
+                        static_cast<long long>(step + 1), static_cast<long long>(steps_per_epoch),
+                        loss_sum / std::max<int64_t>(1, seen_in_epoch),
+                        static_cast<double>(seen_in_epoch) / std::max(1e-9, isp::now_seconds() - t_epoch),
+                        fmt_duration(per_step * static_cast<double>(total_steps - done)).c_str());
+          progress.update(buf);
+        }
+        if (ctx.stop_requested()) {
+          train_seconds += isp::now_seconds() - t_epoch;
+          save_checkpoint(epoch, step + 1);
+          progress.finish("interrupted: checkpoint written to " + ckpt_path);
+          throw isp::Interrupted("interrupted at epoch " + std::to_string(epoch + 1) + " step " +
+                                 std::to_string(step + 1) + "; continue with --resume");
+        }
+      }
+      const double epoch_seconds = isp::now_seconds() - t_epoch;
+      train_seconds += epoch_seconds;
+      isp::json line = {{"epoch", epoch + 1}, {"lr", opt_.lr},
+                        {"train_kl", loss_sum / std::max<int64_t>(1, seen_in_epoch)},
+                        {"train_loss", loss_sum / std::max<int64_t>(1, seen_in_epoch)},
+                        {"images_per_s", seen_in_epoch / std::max(1e-9, epoch_seconds)}};
+      const bool eval_now = (epoch + 1) % opt_.eval_every == 0 || epoch + 1 == opt_.epochs;
+      if (eval_now && has_val) {
+        last_val = evaluate(data.val, ctx.device);
+        line["val_kl"] = last_val.kl;
+        line["val_agreement"] = last_val.agreement;
+        if (last_val.kl < best_val) {
+          best_val = last_val.kl;
+          best_epoch = epoch + 1;
+          isp::CheckpointWriter w;
+          w.module("model", *predictor_);
+          w.meta({{"epoch", epoch + 1}, {"val_kl", best_val}, {"recipe", ctx.resolved_recipe}});
+          w.save_atomic(best_path);
+        }
+      }
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "epoch %lld/%lld KL %.4f%s %.0f img/s (%.1fs)", static_cast<long long>(epoch + 1),
+                    static_cast<long long>(opt_.epochs), line["train_kl"].get<double>(),
+                    line.contains("val_kl") ? (" val KL " + std::to_string(last_val.kl).substr(0, 6) + " agree " +
+                                               std::to_string(100.0 * last_val.agreement).substr(0, 5) + "%").c_str()
+                                            : "",
+                    line["images_per_s"].get<double>(), epoch_seconds);
+      progress.finish(buf);
+      if (ctx.log_metrics) ctx.log_metrics(line);
+      loss_sum = 0.0;
+      seen_in_epoch = 0;
+      save_checkpoint(epoch + 1, 0);
+    }
+
+    if (has_val && fs::exists(best_path)) isp::CheckpointReader(best_path).module("model", *predictor_);
+    const PredEval val = has_val ? evaluate(data.val, ctx.device) : PredEval{};
+    const PredEval test = evaluate(data.test, ctx.device);
+    {
+      isp::CheckpointWriter w;
+      w.module("model", *predictor_);
+      w.meta({{"val_kl", val.kl}, {"test_kl", test.kl}, {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}});
+      w.save_atomic(final_path);
+    }
+    predictor_->eval();
+    ctx.summary = {{"predictor_kl", test.kl},
+                   {"predictor_agreement", test.agreement},
+                   {"predictor_val_kl", has_val ? isp::json(val.kl) : isp::json(nullptr)},
+                   {"predictor_val_agreement", has_val ? isp::json(val.agreement) : isp::json(nullptr)},
+                   {"predictor_best_epoch", has_val ? isp::json(best_epoch) : isp::json(opt_.epochs)},
+                   {"predictor_selected_on", has_val ? "val_kl" : "last_epoch"},
+                   {"predictor_eval_masks", "random, fixed seed " + std::to_string(opt_.eval_seed)},
+                   {"epochs", opt_.epochs},
+                   {"train_seconds", train_seconds},
+                   {"images_per_s", static_cast<double>(images_seen) / std::max(1e-9, train_seconds)}};
+    std::fprintf(stderr, "[%s] selected epoch %s: val KL %.4f, test KL %.4f, test agreement %.2f%%\n",
+                 ctx.stage_name.c_str(), ctx.summary["predictor_best_epoch"].dump().c_str(), val.kl, test.kl,
+                 100.0 * test.agreement);
+  }
+
+  void restore(isp::RunContext& ctx) override {
+    isp::CheckpointReader(ctx.stage_dir + "/final.pt").module("model", *predictor_);
+    predictor_->to(ctx.device);
+    predictor_->eval();
+  }
+
+ private:
+  // KL and argmax agreement of predictor(x * m) vs classifier(x), masks from a fixed seed.
+  PredEval evaluate(const isp::ImageSplit& split, c10::Device device) {
+    PredEval r;
+    if (split.size() == 0) return r;
+    torch::NoGradGuard ng;
+    const bool was_training = predictor_->is_training();
+    predictor_->eval();
+    classifier_->eval();
+    ScopedSeed seeded(device, static_cast<uint64_t>(opt_.eval_seed));
+    isp::BatchLoader loader(split, opt_.eval_batch_size, false, isp::Augmentation{}, device);
+    loader.start_epoch(0, 0);
+    at::Tensor kl = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
+    at::Tensor agree = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(device));
+    for (int64_t i = 0; i < loader.num_batches(); ++i) {
+      isp::Batch b = loader.get(i);
+      at::Tensor x = b.x.to(device);
+      at::Tensor z = classifier_->forward(x);
+      at::Tensor m = masks_->sample(x.size(0), x.size(2), x.size(3), x.options());
+      at::Tensor p = predictor_->forward(x * m);
+      kl += kl_per_sample(z, p).sum().to(torch::kDouble);
+      agree += p.argmax(1).eq(z.argmax(1)).sum();
+    }
+    r.n = split.size();
+    r.kl = kl.item<double>() / static_cast<double>(r.n);
+    r.agreement = static_cast<double>(agree.item<int64_t>()) / static_cast<double>(r.n);
+    predictor_->train(was_training);
+    return r;
+  }
+
+  TrainPredictorOptions opt_;
+  std::shared_ptr<isp::Backbone> classifier_;
+  std::shared_ptr<isp::Dataset> data_;
+  std::shared_ptr<isp::MaskSource> masks_;
+  std::shared_ptr<isp::Backbone> predictor_;
+};
+
+std::shared_ptr<isp::Stage> make_stage(const TrainPredictorOptions& o, isp::BuildContext& ctx) {
+  return std::make_shared<TrainPredictor>(o, ctx);
+}
+
+}  // namespace
+
+ISP_PLUGIN("0.1.0");
+ISP_REGISTER(isp::Stage, "TrainPredictor", 1, TrainPredictorOptions, make_stage,
+             "train the AEM predictor: a fresh copy of the classifier's architecture that matches the frozen "
+             "classifier on randomly masked inputs (KL, Adam); model selection on the validation KL");

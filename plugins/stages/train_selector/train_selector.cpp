@@ -1,0 +1,404 @@
+// Stage "TrainSelector" (isp-spec §1c, §3.2): the AEM selector (frozen classifier encoder -> feature filter
+// -> decoder -> mask head, isp::SelectorNet) learns masks P such that the frozen predictor, fed x * s with
+// s ~ sampler(P), reproduces the frozen classifier:
+//   L = (1/n) sum_i KL( softmax(f_bb(x_i)) || softmax(f_pred(x_i * s_i)) ) + sum_r weight_r * r(s, P, ...).
+// Adam on the selector's own parameters (filter + decoder + head). Evaluation uses the deterministic mask P
+// (no sampling); model selection on the highest validation agreement argmax f_pred(x*P) == argmax f_bb(x).
+#include <torch/torch.h>
+
+#include <ATen/Context.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+
+#include "isp/checkpoint.h"
+#include "isp/data.h"
+#include "isp/interfaces/aem.h"
+#include "isp/interfaces/backbone.h"
+#include "isp/interfaces/dataset.h"
+#include "isp/interfaces/regularizer.h"
+#include "isp/interfaces/stage.h"
+#include "isp/plugin.h"
+#include "isp/registry.h"
+#include "isp/selector.h"
+#include "isp/train.h"
+
+namespace fs = std::filesystem;
+
+namespace {
+
+struct TrainSelectorOptions {
+  isp::NodeRef classifier, predictor, filter, decoder, head, sampler, data;
+  std::vector<isp::NodeRef> regularizers;
+  int64_t epochs = 20;
+  int64_t batch_size = 16;
+  double lr = 1e-4;
+  double weight_decay = 1e-4;
+  double beta1 = 0.9, beta2 = 0.999;
+  int64_t eval_every = 1;
+  int64_t eval_batch_size = 256;
+  int64_t max_steps_per_epoch = 0;
+  std::string label_source = "ground_truth";
+  std::string augmentation = "flip";
+  template <class V> void visit(V& v) {
+    v("classifier", classifier, "the trained, frozen classifier ({\"$ref\": backbone node}); also the selector's encoder",
+      isp::required(), isp::of_kind("backbone"));
+    v("predictor", predictor, "the TrainPredictor stage node whose network scores the masked inputs ({\"$ref\": node})",
+      isp::required(), isp::of_kind("stage"));
+    v("filter", filter, "class-conditioned filter of the deepest encoder features", isp::required(),
+      isp::of_kind("feature_filter"));
+    v("decoder", decoder, "decoder from the encoder scales to a full-resolution map", isp::required(), isp::of_kind("decoder"));
+    v("head", head, "mask head: decoder features -> mask distribution P", isp::required(), isp::of_kind("mask_head"));
+    v("sampler", sampler, "draws the relaxed masks s ~ P in training (RelaxedBernoulli, temperature 1: isp-spec §3.2)",
+      isp::required(), isp::of_kind("sampler"));
+    v("regularizers", regularizers, "weighted loss terms on the masks (MaskArea, MaskSmoothness, ...)");
+    v("data", data, "the dataset ({\"$ref\": node})", isp::required(), isp::of_kind("dataset"));
+    v("epochs", epochs, "training epochs", isp::at_least(1));
+    v("batch_size", batch_size, "mini-batch size", isp::at_least(1));
+    v("lr", lr, "Adam learning rate (constant)", isp::greater_than(0));
+    v("weight_decay", weight_decay, "L2 weight decay added to the gradient (coupled, as torch.optim.Adam)", isp::at_least(0));
+    v("beta1", beta1, "Adam beta1", isp::between(0, 1));
+    v("beta2", beta2, "Adam beta2", isp::between(0, 1));
+    v("eval_every", eval_every, "evaluate on the validation split every N epochs (and after the last)", isp::at_least(1));
+    v("eval_batch_size", eval_batch_size, "evaluation batch size", isp::at_least(1));
+    v("max_steps_per_epoch", max_steps_per_epoch, "cap steps per epoch (0 = full epochs; for smoke tests)", isp::at_least(0));
+    v("label_source", label_source, "class that conditions the feature filter at evaluation (training always uses the "
+      "ground truth, isp-spec §2.3): ground_truth or predicted (the classifier's argmax)",
+      isp::one_of({"ground_truth", "predicted"}));
+    v("augmentation", augmentation, "training augmentation: flip = horizontal flip only (isp-spec §1c), dataset = the "
+      "dataset's own augmentation, none", isp::one_of({"flip", "dataset", "none"}));
+  }
+};
+
+isp::Augmentation pick_augmentation(const std::string& mode, const isp::DataBundle& d) {
+  if (mode == "dataset") return d.augmentation;
+  isp::Augmentation a;
+  a.pad_value = d.augmentation.pad_value;
+  a.horizontal_flip = mode == "flip";
+  return a;
+}
+
+at::Tensor kl_per_sample(const at::Tensor& target_logits, const at::Tensor& logits) {
+  at::Tensor lq = torch::log_softmax(target_logits, 1), lp = torch::log_softmax(logits, 1);
+  return (lq.exp() * (lq - lp)).sum(1);
+}
+
+std::string fmt_duration(double s) {
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s / 3600), static_cast<int>(s / 60) % 60);
+  else std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s / 60), static_cast<int>(s) % 60);
+  return buf;
+}
+
+// Turns off requires_grad of a frozen network's parameters for a scope (gradients still flow through it to
+// its input), and restores the previous flags afterwards.
+class FrozenParameters {
+ public:
+  explicit FrozenParameters(torch::nn::Module& m) {
+    for (auto& p : m.parameters()) {
+      params_.push_back(p);
+      flags_.push_back(p.requires_grad());
+      p.set_requires_grad(false);
+    }
+  }
+  ~FrozenParameters() {
+    for (std::size_t i = 0; i < params_.size(); ++i) params_[i].set_requires_grad(flags_[i]);
+  }
+ private:
+  std::vector<at::Tensor> params_;
+  std::vector<bool> flags_;
+};
+
+struct SelEval { double agreement = 0, kl = 0, area = 0; int64_t n = 0; };
+
+class TrainSelector : public isp::Stage {
+ public:
+  TrainSelector(TrainSelectorOptions o, isp::BuildContext& ctx)
+      : opt_(std::move(o)), classifier_(ctx.get<isp::Backbone>(opt_.classifier)), data_(ctx.get<isp::Dataset>(opt_.data)) {
+    auto pred_stage = ctx.get<isp::Stage>(opt_.predictor);
+    predictor_ = std::dynamic_pointer_cast<isp::Backbone>(pred_stage->model());
+    if (!predictor_)
+      throw isp::RecipeError(opt_.predictor.where,
+                             "this stage produces no backbone network; expected a TrainPredictor stage node");
+    if (predictor_.get() == classifier_.get())
+      throw isp::RecipeError(opt_.predictor.where, "the predictor must be a separate network from the classifier");
+    selector_ = std::make_shared<isp::SelectorNet>(classifier_, ctx.get<isp::FeatureFilter>(opt_.filter),
+                                                   ctx.get<isp::Decoder>(opt_.decoder),
+                                                   ctx.get<isp::MaskHead>(opt_.head),
+                                                   ctx.get<isp::MaskSampler>(opt_.sampler));
+    for (const auto& r : opt_.regularizers) regularizers_.push_back(ctx.get<isp::Regularizer>(r));
+    if (data_->data().num_classes() != classifier_->num_classes())
+      throw isp::RecipeError(opt_.classifier.where, "the classifier has " + std::to_string(classifier_->num_classes()) +
+                                                        " classes but the dataset has " +
+                                                        std::to_string(data_->data().num_classes()));
+  }
+
+  std::shared_ptr<torch::nn::Module> model() override { return selector_; }
+
+  void run(isp::RunContext& ctx) override {
+    const isp::DataBundle& data = data_->data();
+    classifier_->to(ctx.device);
+    predictor_->to(ctx.device);
+    selector_->to(ctx.device);
+    classifier_->eval();
+    predictor_->eval();
+    FrozenParameters frozen_pred(*predictor_), frozen_cls(*classifier_);
+    fs::create_directories(ctx.stage_dir);
+    const std::string ckpt_path = ctx.stage_dir + "/checkpoint.pt";
+    const std::string best_path = ctx.stage_dir + "/best.pt";
+    const std::string final_path = ctx.stage_dir + "/final.pt";
+
+    // selector_->parameters(): filter + decoder + head; the encoder is not a registered submodule.
+    torch::optim::Adam adam(selector_->parameters(), torch::optim::AdamOptions(opt_.lr)
+                                                         .betas({opt_.beta1, opt_.beta2})
+                                                         .weight_decay(opt_.weight_decay));
+    isp::BatchLoader train(data.train, opt_.batch_size, /*shuffle=*/true, pick_augmentation(opt_.augmentation, data),
+                           ctx.device);
+    const bool has_val = data.val.size() > 0;
+    const std::size_t n_terms = regularizers_.size();
+    int64_t start_epoch = 0, start_step = 0, best_epoch = -1, images_seen = 0, seen_in_epoch = 0;
+    double best_val = -1.0, train_seconds = 0.0;
+    // Running sums of the epoch (host side, updated when the progress line is drawn): loss, KL, each term.
+    std::vector<double> sums(2 + n_terms, 0.0);
+
+    if (ctx.resume && fs::exists(ckpt_path)) {
+      isp::CheckpointReader r(ckpt_path);
+      r.module("model", *selector_);
+      r.optimizer("optimizer", adam);
+      const isp::json& m = r.meta();
+      start_epoch = m.at("epoch");
+      start_step = m.at("step");
+      best_val = m.value("best_val_agreement", -1.0);
+      best_epoch = m.value("best_epoch", -1);
+      seen_in_epoch = m.value("seen_in_epoch", 0);
+      images_seen = m.value("images_seen", 0);
+      train_seconds = m.value("train_seconds", 0.0);
+      std::vector<double> s = m.value("sums", std::vector<double>{});
+      if (s.size() == sums.size()) sums = s;
+      if (r.has("rng")) at::Generator(at::detail::getDefaultCPUGenerator()).set_state(r.tensor("rng"));
+      if (!ctx.device.is_cpu() && r.has("rng_device"))
+        at::Generator(at::globalContext().defaultGenerator(ctx.device)).set_state(r.tensor("rng_device"));
+      std::fprintf(stderr, "[%s] resuming from %s at epoch %lld step %lld\n", ctx.stage_name.c_str(),
+                   ckpt_path.c_str(), static_cast<long long>(start_epoch), static_cast<long long>(start_step));
+    }
+
+    auto save_checkpoint = [&](int64_t epoch, int64_t step) {
+      isp::CheckpointWriter w;
+      w.module("model", *selector_);
+      w.optimizer("optimizer", adam);
+      w.tensor("rng", at::detail::getDefaultCPUGenerator().get_state());
+      if (!ctx.device.is_cpu()) w.tensor("rng_device", at::Generator(at::globalContext().defaultGenerator(ctx.device)).get_state());
+      w.meta({{"epoch", epoch}, {"step", step}, {"best_val_agreement", best_val}, {"best_epoch", best_epoch},
+              {"sums", sums}, {"seen_in_epoch", seen_in_epoch}, {"images_seen", images_seen},
+              {"train_seconds", train_seconds}, {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}});
+      w.save_atomic(ckpt_path);
+    };
+
+    isp::Progress progress(ctx.stage_name);
+    int64_t steps_per_epoch = train.num_batches();
+    if (opt_.max_steps_per_epoch > 0) steps_per_epoch = std::min(steps_per_epoch, opt_.max_steps_per_epoch);
+    const int64_t total_steps = steps_per_epoch * opt_.epochs;
+    const char* inject = std::getenv("ISP_INTERRUPT_AFTER_STEPS");
+    const int64_t interrupt_after = inject ? std::atoll(inject) : -1;
+    int64_t steps_this_process = 0;
+    SelEval last_val;
+    const double t_process = isp::now_seconds();
+    const auto dopt = torch::TensorOptions().dtype(torch::kDouble).device(ctx.device);
+    for (int64_t epoch = start_epoch; epoch < opt_.epochs; ++epoch) {
+      train.start_epoch(ctx.seed, epoch);
+      selector_->train();
+      const double t_epoch = isp::now_seconds();
+      // Device-side accumulators [loss, kl, term...], read back only when the progress line is drawn.
+      at::Tensor dev_sums = torch::zeros({static_cast<int64_t>(2 + n_terms)}, dopt);
+      for (int64_t step = (epoch == start_epoch ? start_step : 0); step < steps_per_epoch; ++step) {
+        isp::Batch b = train.get(step);
+        at::Tensor x = b.x.to(ctx.device), y = b.y.to(ctx.device);
+        at::Tensor z;
+        {
+          torch::NoGradGuard ng;
+          z = classifier_->forward(x);
+        }
+        // Ground-truth labels condition the filter in training (isp-spec §1c); the encoder runs without grad.
+        isp::MaskDistribution dist = selector_->forward(x, y, /*encoder_grad=*/false);
+        at::Tensor s = selector_->sampler->sample(dist.probs);
+        at::Tensor kl = kl_per_sample(z, predictor_->forward(x * s)).mean();
+        isp::LossInputs in;
+        in.mask = s;
+        in.probs = dist.probs;
+        in.params = dist.params;
+        in.readable = dist.readable;
+        in.logits = z;
+        in.labels = y;
+        at::Tensor loss = kl;
+        std::vector<at::Tensor> parts{at::Tensor(), kl.detach()};
+        for (const auto& r : regularizers_) {
+          at::Tensor t = r->compute(in);
+          loss = loss + r->weight() * t;
+          parts.push_back(t.detach());
+        }
+        parts[0] = loss.detach();
+        adam.zero_grad();
+        loss.backward();
+        adam.step();
+        dev_sums += torch::stack(parts).to(torch::kDouble) * static_cast<double>(b.size());
+        seen_in_epoch += b.size();
+        images_seen += b.size();
+        if (++steps_this_process == interrupt_after && ctx.interrupted) ctx.interrupted->store(true);
+        const bool last_step = step + 1 == steps_per_epoch;
+        if (last_step || step % 10 == 0 || ctx.stop_requested()) {
+          at::Tensor host = dev_sums.cpu();
+          for (std::size_t k = 0; k < sums.size(); ++k) sums[k] += host[static_cast<int64_t>(k)].item<double>();
+          dev_sums.zero_();
+          const int64_t done = epoch * steps_per_epoch + step + 1;
+          const double per_step = (isp::now_seconds() - t_process) /
+                                  std::max<int64_t>(1, done - start_epoch * steps_per_epoch - start_step);
+          const double denom = static_cast<double>(std::max<int64_t>(1, seen_in_epoch));
+          char buf[256];
+          std::snprintf(buf, sizeof buf, "epoch %lld/%lld step %lld/%lld loss %.4f KL %.4f %.0f img/s ETA %s",
+                        static_cast<long long>(epoch + 1), static_cast<long long>(opt_.epochs),
+                        static_cast<long long>(step + 1), static_cast<long long>(steps_per_epoch), sums[0] / denom,
+                        sums[1] / denom,
+                        static_cast<double>(seen_in_epoch) / std::max(1e-9, isp::now_seconds() - t_epoch),
+                        fmt_duration(per_step * static_cast<double>(total_steps - done)).c_str());
+          progress.update(buf);
+        }
+        if (ctx.stop_requested()) {
+          train_seconds += isp::now_seconds() - t_epoch;
+          save_checkpoint(epoch, step + 1);
+          progress.finish("interrupted: checkpoint written to " + ckpt_path);
+          throw isp::Interrupted("interrupted at epoch " + std::to_string(epoch + 1) + " step " +
+                                 std::to_string(step + 1) + "; continue with --resume");
+        }
+      }
+      const double epoch_seconds = isp::now_seconds() - t_epoch;
+      train_seconds += epoch_seconds;
+      const double denom = static_cast<double>(std::max<int64_t>(1, seen_in_epoch));
+      isp::json line = {{"epoch", epoch + 1}, {"lr", opt_.lr}, {"train_loss", sums[0] / denom},
+                        {"train_kl", sums[1] / denom}, {"images_per_s", seen_in_epoch / std::max(1e-9, epoch_seconds)}};
+      for (std::size_t k = 0; k < n_terms; ++k) line["train_" + regularizers_[k]->term()] = sums[2 + k] / denom;
+      const bool eval_now = (epoch + 1) % opt_.eval_every == 0 || epoch + 1 == opt_.epochs;
+      if (eval_now && has_val) {
+        last_val = evaluate(data.val, ctx.device);
+        line["val_agreement"] = last_val.agreement;
+        line["val_kl"] = last_val.kl;
+        line["val_mask_area"] = last_val.area;
+        if (last_val.agreement > best_val) {
+          best_val = last_val.agreement;
+          best_epoch = epoch + 1;
+          isp::CheckpointWriter w;
+          w.module("model", *selector_);
+          w.meta({{"epoch", epoch + 1}, {"val_agreement", best_val}, {"recipe", ctx.resolved_recipe}});
+          w.save_atomic(best_path);
+        }
+      }
+      char buf[320];
+      std::snprintf(buf, sizeof buf, "epoch %lld/%lld loss %.4f KL %.4f%s %.0f img/s (%.1fs)",
+                    static_cast<long long>(epoch + 1), static_cast<long long>(opt_.epochs),
+                    line["train_loss"].get<double>(), line["train_kl"].get<double>(),
+                    line.contains("val_agreement")
+                        ? (" val agree " + std::to_string(100.0 * last_val.agreement).substr(0, 5) + "% KL " +
+                           std::to_string(last_val.kl).substr(0, 6) + " area " + std::to_string(last_val.area).substr(0, 5))
+                              .c_str()
+                        : "",
+                    line["images_per_s"].get<double>(), epoch_seconds);
+      progress.finish(buf);
+      if (ctx.log_metrics) ctx.log_metrics(line);
+      std::fill(sums.begin(), sums.end(), 0.0);
+      seen_in_epoch = 0;
+      save_checkpoint(epoch + 1, 0);
+    }
+
+    if (has_val && fs::exists(best_path)) isp::CheckpointReader(best_path).module("model", *selector_);
+    const SelEval val = has_val ? evaluate(data.val, ctx.device) : SelEval{};
+    const SelEval test = evaluate(data.test, ctx.device);
+    {
+      isp::CheckpointWriter w;
+      w.module("model", *selector_);
+      w.meta({{"val_agreement", val.agreement}, {"test_agreement", test.agreement}, {"recipe", ctx.resolved_recipe},
+              {"stage", ctx.stage_name}});
+      w.save_atomic(final_path);
+    }
+    selector_->eval();
+    ctx.summary = {{"selector_agreement", test.agreement},
+                   {"selector_kl", test.kl},
+                   {"mean_mask_area", test.area},
+                   {"selector_val_agreement", has_val ? isp::json(val.agreement) : isp::json(nullptr)},
+                   {"selector_val_kl", has_val ? isp::json(val.kl) : isp::json(nullptr)},
+                   {"selector_val_mask_area", has_val ? isp::json(val.area) : isp::json(nullptr)},
+                   {"selector_best_epoch", has_val ? isp::json(best_epoch) : isp::json(opt_.epochs)},
+                   {"selector_selected_on", has_val ? "val_agreement" : "last_epoch"},
+                   {"selector_label_source", opt_.label_source},
+                   {"selector_parameters", count_parameters()},
+                   {"epochs", opt_.epochs},
+                   {"train_seconds", train_seconds},
+                   {"images_per_s", static_cast<double>(images_seen) / std::max(1e-9, train_seconds)}};
+    std::fprintf(stderr, "[%s] selected epoch %s: val agreement %.2f%%, test agreement %.2f%%, KL %.4f, mask area %.3f\n",
+                 ctx.stage_name.c_str(), ctx.summary["selector_best_epoch"].dump().c_str(), 100.0 * val.agreement,
+                 100.0 * test.agreement, test.kl, test.area);
+  }
+
+  void restore(isp::RunContext& ctx) override {
+    isp::CheckpointReader(ctx.stage_dir + "/final.pt").module("model", *selector_);
+    selector_->to(ctx.device);
+    selector_->eval();
+  }
+
+ private:
+  int64_t count_parameters() const {
+    int64_t n = 0;
+    for (const auto& p : selector_->parameters()) n += p.numel();
+    return n;
+  }
+
+  // Deterministic evaluation with the mask P itself (isp-spec §1c): agreement, KL and mean(P).
+  SelEval evaluate(const isp::ImageSplit& split, c10::Device device) {
+    SelEval r;
+    if (split.size() == 0) return r;
+    torch::NoGradGuard ng;
+    const bool was_training = selector_->is_training();
+    selector_->eval();
+    classifier_->eval();
+    predictor_->eval();
+    isp::BatchLoader loader(split, opt_.eval_batch_size, false, isp::Augmentation{}, device);
+    loader.start_epoch(0, 0);
+    const auto dopt = torch::TensorOptions().dtype(torch::kDouble).device(device);
+    at::Tensor kl = torch::zeros({}, dopt), area = torch::zeros({}, dopt);
+    at::Tensor agree = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(device));
+    for (int64_t i = 0; i < loader.num_batches(); ++i) {
+      isp::Batch b = loader.get(i);
+      at::Tensor x = b.x.to(device), y = b.y.to(device);
+      at::Tensor z = classifier_->forward(x);
+      at::Tensor labels = opt_.label_source == "predicted" ? z.argmax(1) : y;
+      at::Tensor P = selector_->forward(x, labels, false).probs;
+      at::Tensor p = predictor_->forward(x * P);
+      kl += kl_per_sample(z, p).sum().to(torch::kDouble);
+      agree += p.argmax(1).eq(z.argmax(1)).sum();
+      area += P.flatten(1).mean(1).sum().to(torch::kDouble);
+    }
+    r.n = split.size();
+    r.kl = kl.item<double>() / static_cast<double>(r.n);
+    r.area = area.item<double>() / static_cast<double>(r.n);
+    r.agreement = static_cast<double>(agree.item<int64_t>()) / static_cast<double>(r.n);
+    selector_->train(was_training);
+    return r;
+  }
+
+  TrainSelectorOptions opt_;
+  std::shared_ptr<isp::Backbone> classifier_;
+  std::shared_ptr<isp::Dataset> data_;
+  std::shared_ptr<isp::Backbone> predictor_;
+  std::shared_ptr<isp::SelectorNet> selector_;
+  std::vector<std::shared_ptr<isp::Regularizer>> regularizers_;
+};
+
+std::shared_ptr<isp::Stage> make_stage(const TrainSelectorOptions& o, isp::BuildContext& ctx) {
+  return std::make_shared<TrainSelector>(o, ctx);
+}
+
+}  // namespace
+
+ISP_PLUGIN("0.1.0");
+ISP_REGISTER(isp::Stage, "TrainSelector", 1, TrainSelectorOptions, make_stage,
+             "train the AEM selector (encoder -> filter -> decoder -> mask head) against the frozen predictor and "
+             "classifier; model selection on the validation agreement");

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs everything isp needs from Debian 12's archive and builds it (idempotent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
+pkgs="cmake g++ make ccache libtorch-dev libboost-dev nlohmann-json3-dev libtbb-dev doctest-dev libcli11-dev
+      libstb-dev zlib1g-dev libopenblas0-pthread dataset-fashion-mnist"
+missing=""
+for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  $SUDO apt-get update -q
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
+fi
+# Two threads for torch's pool, one for OpenBLAS (build-notes P4, P5).
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}" OPENBLAS_NUM_THREADS=1
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo
+cmake --build build -j"$(nproc)"
