@@ -110,17 +110,20 @@ Image tile(const at::Tensor& chw, bool cmap) {
 }
 
 // A red cross at the RBF centre and a circle of radius sigma (grid pixel units) on a tile.
-void mark_rbf(Image& img, int ox, int oy, double c_row, double c_col, double sigma) {
+void mark_rbf(Image& img, int ox, int oy, int tile_px, double c_row, double c_col, double sigma) {
   const std::array<uint8_t, 3> red{230, 30, 30};
+  auto dot = [&](int x, int y) {  // clipped to the tile
+    if (x >= ox && y >= oy && x < ox + tile_px && y < oy + tile_px) img.set(x, y, red);
+  };
   const int cx = ox + static_cast<int>(std::lround((c_col + 0.5) * kScale));
   const int cy = oy + static_cast<int>(std::lround((c_row + 0.5) * kScale));
   for (int d = -6; d <= 6; ++d)
-    for (int t = -1; t <= 0; ++t) img.set(cx + d, cy + t, red), img.set(cx + t, cy + d, red);
+    for (int t = -1; t <= 0; ++t) dot(cx + d, cy + t), dot(cx + t, cy + d);
   const double r = sigma * kScale;
   const int steps = std::max(32, static_cast<int>(2 * M_PI * r));
   for (int i = 0; i < steps; ++i) {
     double a = 2 * M_PI * i / steps;
-    img.set(cx + static_cast<int>(std::lround(r * std::cos(a))), cy + static_cast<int>(std::lround(r * std::sin(a))), red);
+    dot(cx + static_cast<int>(std::lround(r * std::cos(a))), cy + static_cast<int>(std::lround(r * std::sin(a))));
   }
 }
 
@@ -229,7 +232,7 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
     if (readable.defined() && readable.size(1) >= 3) {
       const double cr = readable[i][0].item<double>(), cc = readable[i][1].item<double>(), sg = readable[i][2].item<double>();
       e["c_row"] = cr, e["c_col"] = cc, e["sigma"] = sg;
-      for (int c = 1; c <= 2; ++c) mark_rbf(fig, kGap + c * (tile_px + kGap), ty, cr, cc, sg);
+      for (int c = 1; c <= 2; ++c) mark_rbf(fig, kGap + c * (tile_px + kGap), ty, tile_px, cr, cc, sg);
     } else {
       e["c_row"] = e["c_col"] = e["sigma"] = nullptr;
     }

@@ -19,7 +19,8 @@ struct GatedLayer {
 // whose output (input) channels are the kept channels of gated layer l, out_gate (in_gate) = l.
 struct LayerShape {
   std::string name;
-  std::string op;  // "conv", "bn", "relu", "linear", "avgpool", "add"
+  std::string op;  // "conv", "bn", "relu", "linear", "avgpool", or inline (0 FLOPs, see cost.h):
+                   // "functional_relu", "functional_avgpool", "add"
   int64_t in_channels = 0, out_channels = 0;
   int64_t kernel = 1, groups = 1;  // conv: groups == in_channels for depthwise (then it follows the gate too)
   int64_t out_h = 1, out_w = 1;    // output spatial size (linear: 1x1)
