@@ -49,14 +49,7 @@ std::shared_ptr<isp::Dataset> build(isp::Registry& reg, const json& spec) {
   isp::BuildContext ctx(reg, recipe, [](const std::string& p) { return isp::Where{"data.json", p}; });
   return ctx.node<isp::Dataset>("data");
 }
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "";
-}
+using isp_test::error_of;
 
 }  // namespace
 

@@ -19,14 +19,7 @@ using isp::json;
 
 namespace {
 
-isp::Registry& registry() {
-  static isp::Registry* reg = [] {
-    auto* r = new isp::Registry();
-    r->scan_directory(ISP_TEST_PLUGIN_DIR);
-    return r;
-  }();
-  return *reg;
-}
+isp::Registry& registry() { return isp_test::shared_registry(); }
 
 struct Built {
   std::unique_ptr<isp::BuildContext> ctx;

@@ -15,6 +15,7 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <string>
 
 #include "isp/registry.h"
@@ -29,4 +30,22 @@ inline std::filesystem::path temp_dir(const std::string& tag) {
   return p;
 }
 inline isp::Where where(const std::string& p) { return {"test.json", p}; }
+// One registry with every plugin of the build, shared by the tests of a process (never unloaded).
+inline isp::Registry& shared_registry() {
+  static isp::Registry* reg = [] {
+    auto* r = new isp::Registry();
+    r->scan_directory(ISP_TEST_PLUGIN_DIR);
+    return r;
+  }();
+  return *reg;
+}
+// The message of the exception `f` throws, or "" when it does not throw.
+inline std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "";
+}
 }  // namespace isp_test

@@ -14,14 +14,7 @@ using isp::json;
 
 namespace {
 
-isp::Registry& registry() {
-  static isp::Registry* reg = [] {
-    auto* r = new isp::Registry();
-    r->scan_directory(ISP_TEST_PLUGIN_DIR);
-    return r;
-  }();
-  return *reg;
-}
+isp::Registry& registry() { return isp_test::shared_registry(); }
 
 std::string write_recipe(const fs::path& dir, const json& data, int64_t epochs, int64_t batch) {
   json recipe = {

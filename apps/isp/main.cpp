@@ -9,6 +9,7 @@
 #include "isp/registry.h"
 #include "isp/runner.h"
 
+#include "compare.h"
 #include "explain.h"
 
 namespace {
@@ -74,6 +75,12 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"ground_truth", "predicted"}));
   explain->add_option("--seed", ex_opt.seed, "seed of the sampled masks s ~ P");
 
+  std::vector<std::string> compare_dirs;
+  bool compare_md = false;
+  auto* compare = app.add_subcommand("compare", "one table over several runs (their report.json or summary.json)");
+  compare->add_option("runs", compare_dirs, "run folders")->required();
+  compare->add_flag("--markdown", compare_md, "print a Markdown table");
+
   CLI11_PARSE(app, argc, argv);
   isp::Registry& reg = isp::global_registry();
   try {
@@ -82,6 +89,7 @@ int main(int argc, char** argv) {
     if (*validate) return isp::run_recipe(reg, val_opt);
     if (*plugins) return cmd_plugins(reg, as_json, kind);
     if (*explain) return isp_app::explain(reg, ex_opt);
+    if (*compare) return compare_runs(compare_dirs, compare_md);
   } catch (const isp::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;
