@@ -18,15 +18,6 @@ using isp::json;
 
 namespace {
 
-isp::Registry& registry() {
-  static isp::Registry* reg = [] {
-    auto* r = new isp::Registry();
-    r->scan_directory(ISP_TEST_PLUGIN_DIR);
-    return r;
-  }();
-  return *reg;
-}
-
 json ref(const std::string& n) { return {{"$ref", n}}; }
 
 std::string write_aem_recipe(const fs::path& dir) {
@@ -67,7 +58,7 @@ TEST_CASE("AEM stages: predictor and selector train, summary and explain figure"
   o.recipe_path = write_aem_recipe(dir);
   o.work_dir = (dir / "run").string();
   ::unsetenv("ISP_INTERRUPT_AFTER_STEPS");
-  REQUIRE(isp::run_recipe(registry(), o) == 0);
+  REQUIRE(isp::run_recipe(isp_test::shared_registry(), o) == 0);
 
   std::vector<json> sel;
   std::ifstream in(dir / "run" / "metrics.jsonl");

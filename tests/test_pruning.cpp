@@ -118,7 +118,7 @@ TEST_CASE("L1-norm and random pruners meet the whole-network FLOPs target") {
   }
 }
 
-TEST_CASE("tiny pipeline on synthetic data: prune -> finetune -> export; the reloaded export gives identical logits") {
+TEST_CASE("tiny pipeline on synthetic data: prune -> finetune -> export -> reload gives identical logits") {
   auto dir = isp_test::temp_dir("pipeline");
   json recipe = {
       {"seed", 5},

@@ -98,10 +98,15 @@ class Export : public isp::Stage {
   void restore(isp::RunContext&) override {}
 
  private:
+  // The pruner node the exported network came from (its type names the method in `isp compare`).
   std::string pruner_name(const isp::RunContext& ctx) const {
-    for (auto& [name, spec] : ctx.resolved_recipe.value("nodes", isp::json::object()).items())
-      if (spec.value("type", std::string()).find("Prune") != std::string::npos || spec.value("type", std::string()).find("Gates") != std::string::npos)
-        if (spec.value("type", std::string()) != "PruneChannels") return spec.value("type", std::string());
+    const isp::json nodes = ctx.resolved_recipe.value("nodes", isp::json::object());
+    for (const auto& spec : nodes) {
+      if (!spec.is_object() || !spec.contains("type") || !spec["type"].is_string()) continue;
+      std::string type = spec["type"];
+      if (type != "PruneChannels" && (type.find("Pruner") != std::string::npos || type.find("Gates") != std::string::npos))
+        return type;
+    }
     return "";
   }
 

@@ -40,6 +40,7 @@ struct TrainPredictorOptions {
   int64_t max_steps_per_epoch = 0;
   std::string augmentation = "flip";
   int64_t eval_seed = 20220;
+  bool init_from_classifier = false;
   template <class V> void visit(V& v) {
     v("classifier", classifier, "the trained, frozen black-box classifier ({\"$ref\": backbone node}); the predictor "
       "is a fresh copy of this node's architecture", isp::required(), isp::of_kind("backbone"));
@@ -58,6 +59,8 @@ struct TrainPredictorOptions {
     v("augmentation", augmentation, "training augmentation: flip = horizontal flip only (isp-spec §1b), dataset = the "
       "dataset's own augmentation, none", isp::one_of({"flip", "dataset", "none"}));
     v("eval_seed", eval_seed, "seed of the (fixed) random masks used by every evaluation", isp::at_least(0));
+    v("init_from_classifier", init_from_classifier, "start from the trained classifier's weights instead of a random "
+      "initialisation (not in the paper, whose predictor starts fresh; converges far faster in short runs)");
   }
 };
 
@@ -148,6 +151,7 @@ class TrainPredictor : public isp::Stage {
     int64_t start_epoch = 0, start_step = 0, best_epoch = -1, images_seen = 0, seen_in_epoch = 0;
     double best_val = std::numeric_limits<double>::infinity(), loss_sum = 0.0, train_seconds = 0.0;
 
+    if (opt_.init_from_classifier) copy_classifier_weights();
     if (ctx.resume && fs::exists(ckpt_path)) {
       isp::CheckpointReader r(ckpt_path);
       r.module("model", *predictor_);
@@ -304,6 +308,22 @@ class TrainPredictor : public isp::Stage {
   }
 
  private:
+  void copy_classifier_weights() {
+    torch::NoGradGuard ng;
+    auto src_p = classifier_->named_parameters(), src_b = classifier_->named_buffers();
+    for (auto& p : predictor_->named_parameters()) {
+      const at::Tensor* s = src_p.find(p.key());
+      if (!s || s->sizes() != p.value().sizes())
+        throw isp::RecipeError(opt_.classifier.where, "init_from_classifier: the classifier has no parameter '" +
+                                                          p.key() + "' of the predictor's shape");
+      p.value().copy_(*s);
+    }
+    for (auto& b : predictor_->named_buffers()) {
+      const at::Tensor* s = src_b.find(b.key());
+      if (s && s->sizes() == b.value().sizes()) b.value().copy_(*s);
+    }
+  }
+
   // KL and argmax agreement of predictor(x * m) vs classifier(x), masks from a fixed seed.
   PredEval evaluate(const isp::ImageSplit& split, c10::Device device) {
     PredEval r;
