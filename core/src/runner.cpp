@@ -160,9 +160,14 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   json state = read_json_or(state_path, json{{"recipe_hash", hash}, {"completed", json::array()}});
   if (fs::exists(state_path) && !o.resume)
     throw Error(work + " already holds a run (" + state_path + "); pass --resume to continue it or --work-dir to start a new one");
-  if (state.value("recipe_hash", hash) != hash)
-    throw Error(work + ": the recipe differs from the one this run was started with (see " + work +
-                "/recipe.resolved.json); use another --work-dir");
+  if (state.value("recipe_hash", hash) != hash) {
+    if (!o.force)
+      throw Error(work + ": the recipe differs from the one this run was started with (see " + work +
+                  "/recipe.resolved.json); use another --work-dir, or --force to keep the finished stages and "
+                  "run the rest with the new recipe");
+    std::fprintf(stderr, "warning: recipe changed; finished stages are kept, the others run with the new recipe\n");
+    state["recipe_hash"] = hash;
+  }
   write_file_atomic(work + "/recipe.resolved.json", resolved.dump(2) + "\n");
   write_file_atomic(state_path, state.dump(2) + "\n");
 

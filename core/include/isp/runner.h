@@ -19,6 +19,7 @@ struct RunOptions {
   std::vector<std::string> overrides;
   std::string work_dir;  // default: work_dirs/<recipe name>
   bool resume = false;
+  bool force = false;  // with resume: accept a changed recipe (finished stages are kept as they are)
   bool validate_only = false;
 };
 
