@@ -36,6 +36,7 @@ struct PruneOptions {
   std::string bn_policy = "frozen";
   int64_t eval_every = 1;
   int64_t select_after_epoch = 0;
+  double max_flops_ratio = 1.0;
   int64_t eval_batch_size = 256;
   int64_t max_steps_per_epoch = 0;
   template <class V> void visit(V& v) {
@@ -55,6 +56,9 @@ struct PruneOptions {
       isp::one_of({"frozen", "batch"}));
     v("eval_every", eval_every, "evaluate the deterministic architecture on the validation split every N epochs", isp::at_least(1));
     v("select_after_epoch", select_after_epoch, "only architectures after this epoch are candidates (official 100)", isp::at_least(0));
+    v("max_flops_ratio", max_flops_ratio,
+      "only architectures whose whole-network FLOPs ratio is at most this are candidates (if none is, the cheapest one "
+      "seen is taken)", isp::open_closed(0, 1));
     v("eval_batch_size", eval_batch_size, "evaluation batch size", isp::at_least(1));
     v("max_steps_per_epoch", max_steps_per_epoch, "cap steps per epoch (0 = all; smoke tests)", isp::at_least(0));
   }
@@ -108,7 +112,8 @@ class PruneChannels : public isp::Stage {
 
     const std::string ckpt = ctx.stage_dir + "/checkpoint.pt";
     at::Tensor best_gates;
-    double best_val = -1;
+    double best_val = -1, best_ratio = 2.0;
+    bool best_fits = false;
     int64_t best_epoch = 0, start_epoch = 0;
     isp::json history = isp::json::array();
     if (pruner_->learns_gates()) {
@@ -120,6 +125,8 @@ class PruneChannels : public isp::Stage {
         start_epoch = r.meta().at("epoch");
         best_val = r.meta().value("best_val_top1", -1.0);
         best_epoch = r.meta().value("best_epoch", 0);
+        best_fits = r.meta().value("best_fits", false);
+        best_ratio = r.meta().value("best_ratio", 2.0);
         if (r.has("best_gates")) best_gates = r.tensor("best_gates").to(dev);
       }
       isp::BatchLoader loader(subset, o_.batch_size, true, isp::Augmentation{}, dev);
@@ -186,10 +193,18 @@ class PruneChannels : public isp::Stage {
           double val = evaluate_gated(g, data.val.size() ? data.val : subset, dev);
           line["val_top1_gated"] = val;
           line["final_flops_ratio"] = ratio;
-          if (epoch + 1 > o_.select_after_epoch && val > best_val) {
-            best_val = val;
-            best_epoch = epoch + 1;
-            best_gates = g;
+          // Model selection on the validation split among architectures that meet the budget; until one
+          // does, the cheapest architecture seen so far is kept.
+          bool fits = ratio <= o_.max_flops_ratio;
+          if (epoch + 1 > o_.select_after_epoch) {
+            bool better = fits ? (!best_fits || val > best_val) : (!best_fits && ratio < best_ratio);
+            if (better) {
+              best_val = val;
+              best_epoch = epoch + 1;
+              best_gates = g;
+              best_fits = fits;
+              best_ratio = ratio;
+            }
           }
         }
         if (ctx.log_metrics) ctx.log_metrics(line);
@@ -198,13 +213,15 @@ class PruneChannels : public isp::Stage {
         w.module("pruner", *pruner_);
         w.optimizer("optimizer", opt);
         if (best_gates.defined()) w.tensor("best_gates", best_gates);
-        w.meta({{"epoch", epoch + 1}, {"best_val_top1", best_val}, {"best_epoch", best_epoch}, {"recipe", ctx.resolved_recipe}});
+        w.meta({{"epoch", epoch + 1}, {"best_val_top1", best_val}, {"best_epoch", best_epoch}, {"best_fits", best_fits},
+                {"best_ratio", best_ratio}, {"recipe", ctx.resolved_recipe}});
         w.save_atomic(ckpt);
         if (ctx.stop_requested()) throw isp::Interrupted("pruning interrupted after epoch " + std::to_string(epoch + 1) + "; continue with --resume");
       }
       if (!best_gates.defined()) best_gates = pruner_->final_gates().to(dev);
       ctx.summary["pruning_images_per_s"] = static_cast<double>(images) / std::max(1e-9, train_seconds);
       ctx.summary["selected_epoch"] = best_epoch;
+      ctx.summary["selected_meets_budget"] = best_fits;
     } else {
       best_gates = pruner_->final_gates().to(dev);
     }
