@@ -1,13 +1,5 @@
 // Backbone plugins ResNetCifar and MobileNetV2Cifar (isp-spec §2.1, §2.2, §3.4), built through the registry.
-#include <torch/torch.h>
-#undef CHECK
-#undef CHECK_EQ
-#undef CHECK_NE
-#undef CHECK_LT
-#undef CHECK_LE
-#undef CHECK_GT
-#undef CHECK_GE
-#include <doctest/doctest.h>
+#include "test_support.h"  // torch first, glog's CHECK macros dropped, then doctest
 
 #include <memory>
 #include <string>
