@@ -35,6 +35,29 @@ Built build(const json& nodes) {
   return b;
 }
 
+// classifier -> prune -> finetune -> export on 160 synthetic images: seconds on a CPU.
+json tiny_pipeline_recipe() {
+  return {
+      {"seed", 5},
+      {"runtime", {{"threads", 2}, {"device", "cpu"}}},
+      {"nodes",
+       {{"data", {{"type", "SyntheticImages"}, {"num_train", 160}, {"num_test", 40}, {"num_classes", 4}}},
+        {"backbone", {{"type", "ResNetCifar"}, {"depth", 20}, {"num_classes", 4}}},
+        {"classifier", {{"type", "TrainClassifier"}, {"model", {{"$ref", "backbone"}}}, {"data", {{"$ref", "data"}}},
+                        {"epochs", 2}, {"batch_size", 32}, {"lr", 0.05}, {"milestones", json::array()}}},
+        {"gates", {{"type", "FreeLogitGates"}}},
+        {"flops", {{"type", "FlopsBudget"}, {"target", 0.5}, {"weight", 5.0}}},
+        {"ce", {{"type", "CrossEntropyTerm"}, {"weight", 1.0}}},
+        {"prune", {{"type", "PruneChannels"}, {"classifier", {{"$ref", "backbone"}}}, {"pruner", {{"$ref", "gates"}}},
+                   {"data", {{"$ref", "data"}}}, {"regularizers", {{{"$ref", "flops"}}, {{"$ref", "ce"}}}},
+                   {"subset_fraction", 0.5}, {"epochs", 6}, {"batch_size", 36}, {"lr", 0.2}, {"eval_every", 2}}},
+        {"finetune", {{"type", "Finetune"}, {"pruned", {{"$ref", "prune"}}}, {"data", {{"$ref", "data"}}},
+                      {"epochs", 1}, {"batch_size", 32}, {"lr", 0.01}, {"milestones", json::array()}}},
+        {"export", {{"type", "Export"}, {"model", {{"$ref", "finetune"}}}, {"baseline", {{"$ref", "backbone"}}},
+                    {"data", {{"$ref", "data"}}}}}}},
+      {"stages", {{{"$ref", "classifier"}}, {{"$ref", "prune"}}, {{"$ref", "finetune"}}, {{"$ref", "export"}}}}};
+}
+
 }  // namespace
 
 TEST_CASE("gates: Gumbel-sigmoid statistics, straight-through, deterministic final architecture") {
@@ -120,25 +143,7 @@ TEST_CASE("L1-norm and random pruners meet the whole-network FLOPs target") {
 
 TEST_CASE("tiny pipeline on synthetic data: prune -> finetune -> export -> reload gives identical logits") {
   auto dir = isp_test::temp_dir("pipeline");
-  json recipe = {
-      {"seed", 5},
-      {"runtime", {{"threads", 2}, {"device", "cpu"}}},
-      {"nodes",
-       {{"data", {{"type", "SyntheticImages"}, {"num_train", 160}, {"num_test", 40}, {"num_classes", 4}}},
-        {"backbone", {{"type", "ResNetCifar"}, {"depth", 20}, {"num_classes", 4}}},
-        {"classifier", {{"type", "TrainClassifier"}, {"model", {{"$ref", "backbone"}}}, {"data", {{"$ref", "data"}}},
-                        {"epochs", 2}, {"batch_size", 32}, {"lr", 0.05}, {"milestones", json::array()}}},
-        {"gates", {{"type", "FreeLogitGates"}}},
-        {"flops", {{"type", "FlopsBudget"}, {"target", 0.5}, {"weight", 5.0}}},
-        {"ce", {{"type", "CrossEntropyTerm"}, {"weight", 1.0}}},
-        {"prune", {{"type", "PruneChannels"}, {"classifier", {{"$ref", "backbone"}}}, {"pruner", {{"$ref", "gates"}}},
-                   {"data", {{"$ref", "data"}}}, {"regularizers", {{{"$ref", "flops"}}, {{"$ref", "ce"}}}},
-                   {"subset_fraction", 0.5}, {"epochs", 6}, {"batch_size", 36}, {"lr", 0.2}, {"eval_every", 2}}},
-        {"finetune", {{"type", "Finetune"}, {"pruned", {{"$ref", "prune"}}}, {"data", {{"$ref", "data"}}},
-                      {"epochs", 1}, {"batch_size", 32}, {"lr", 0.01}, {"milestones", json::array()}}},
-        {"export", {{"type", "Export"}, {"model", {{"$ref", "finetune"}}}, {"baseline", {{"$ref", "backbone"}}},
-                    {"data", {{"$ref", "data"}}}}}}},
-      {"stages", {{{"$ref", "classifier"}}, {{"$ref", "prune"}}, {{"$ref", "finetune"}}, {{"$ref", "export"}}}}};
+  json recipe = tiny_pipeline_recipe();
   std::ofstream(dir / "recipe.json") << recipe.dump(2);
   isp::RunOptions o;
   o.recipe_path = (dir / "recipe.json").string();
@@ -163,4 +168,60 @@ TEST_CASE("tiny pipeline on synthetic data: prune -> finetune -> export -> reloa
   MESSAGE("export reload max |logit difference|: " << diff);
   CHECK(diff == 0.0);
   CHECK(ex.structure["layers"].size() == 9);
+}
+
+TEST_CASE("stage fingerprints: --reuse takes over matching stages, --resume --force reruns only what changed") {
+  auto dir = isp_test::temp_dir("reuse");
+  json a = tiny_pipeline_recipe();
+  json b = a;
+  b["nodes"]["finetune"]["epochs"] = 2;  // changes finetune and, through the chain, export
+  std::ofstream(dir / "a.json") << a.dump(2);
+  std::ofstream(dir / "b.json") << b.dump(2);
+  auto read = [](const fs::path& p) { return json::parse(isp::read_text_file(p.string())); };
+
+  isp::RunOptions oa;
+  oa.recipe_path = (dir / "a.json").string();
+  oa.work_dir = (dir / "a").string();
+  REQUIRE(isp::run_recipe(registry(), oa) == 0);
+
+  isp::RunOptions ob;
+  ob.recipe_path = (dir / "b.json").string();
+  ob.work_dir = (dir / "b").string();
+  ob.reuse_from = oa.work_dir;
+  REQUIRE(isp::run_recipe(registry(), ob) == 0);
+  json sb = read(dir / "b" / "summary.json");
+  CHECK(sb["stages"]["classifier"].contains("reused_from"));
+  CHECK(sb["stages"]["prune"].contains("reused_from"));
+  CHECK_FALSE(sb["stages"]["finetune"].contains("reused_from"));
+  CHECK_FALSE(sb["stages"]["export"].contains("reused_from"));
+  // Reused files are the same files (hard links), not retrained copies.
+  CHECK(fs::equivalent(dir / "a" / "prune" / "gates.pt", dir / "b" / "prune" / "gates.pt"));
+  CHECK(fs::equivalent(dir / "a" / "classifier" / "final.pt", dir / "b" / "classifier" / "final.pt"));
+  CHECK(read(dir / "b" / "report.json")["baseline_top1"] == read(dir / "a" / "report.json")["baseline_top1"]);
+  int classifier_lines = 0;
+  {
+    std::ifstream in(dir / "b" / "metrics.jsonl");
+    for (std::string line; std::getline(in, line);) classifier_lines += json::parse(line)["stage"] == "classifier";
+  }
+  CHECK(classifier_lines > 0);
+  // --reuse only starts new runs.
+  CHECK_THROWS_AS(isp::run_recipe(registry(), ob), isp::Error);
+
+  // Resuming run a with recipe b: refused without --force, naming the changed stages.
+  isp::RunOptions ra = oa;
+  ra.recipe_path = ob.recipe_path;
+  ra.resume = true;
+  std::string err = isp_test::error_of([&] { isp::run_recipe(registry(), ra); });
+  CHECK(err.find("finetune, export") != std::string::npos);
+  CHECK(err.find("--force") != std::string::npos);
+  ra.force = true;
+  REQUIRE(isp::run_recipe(registry(), ra) == 0);
+  CHECK(fs::exists(dir / "a" / "finetune.replaced-1" / "final.pt"));
+  CHECK(fs::exists(dir / "a" / "export.replaced-1"));
+  CHECK_FALSE(fs::exists(dir / "a" / "prune.replaced-1"));
+  CHECK(read(dir / "a" / "state.json")["completed"].size() == 4);
+  // Resuming again with the same recipe reruns nothing.
+  ra.force = false;
+  REQUIRE(isp::run_recipe(registry(), ra) == 0);
+  CHECK_FALSE(fs::exists(dir / "a" / "finetune.replaced-2"));
 }

@@ -17,6 +17,12 @@ std::string pct(const json& v) {
   std::snprintf(b, sizeof b, "%.2f", 100.0 * v.get<double>());
   return b;
 }
+std::string fixed3(const json& v) {
+  if (!v.is_number()) return "-";
+  char b[32];
+  std::snprintf(b, sizeof b, "%.3f", v.get<double>());
+  return b;
+}
 std::string mega(const json& v) {
   if (!v.is_number()) return "-";
   char b[32];
@@ -28,7 +34,7 @@ std::string mega(const json& v) {
 int compare_runs(const std::vector<std::string>& runs, bool md) {
   std::vector<std::vector<std::string>> rows;
   rows.push_back({"run", "pruner", "baseline %", "pruned %", "finetuned %", "Δ", "MFLOPs", "FLOPs ↓ %", "Mparams",
-                  "params ↓ %", "centre shift px"});
+                  "params ↓ %", "mask IoU", "centre shift px"});
   for (const auto& r : runs) {
     fs::path p = fs::path(r) / "report.json";
     if (!fs::exists(p)) p = fs::path(r) / "summary.json";
@@ -39,8 +45,8 @@ int compare_runs(const std::vector<std::string>& runs, bool md) {
                     pct(j.value("pruned_top1", json())), pct(j.value("finetuned_top1", json())),
                     pct(j.value("delta_top1", json())), mega(j.value("flops_after", json())),
                     pct(j.value("flops_reduction", json())), mega(j.value("params_after", json())),
-                    pct(j.value("params_reduction", json())),
-                    sal.contains("mean_center_shift_px") ? std::to_string(sal["mean_center_shift_px"].get<double>()).substr(0, 5) : "-"});
+                    pct(j.value("params_reduction", json())), fixed3(sal.value("mask_iou_at_0.5", json())),
+                    fixed3(sal.value("mean_center_shift_px", json()))});
   }
   std::vector<std::size_t> w(rows[0].size(), 0);
   auto len = [](const std::string& s) {  // count UTF-8 code points for alignment

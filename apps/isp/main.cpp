@@ -49,7 +49,11 @@ int main(int argc, char** argv) {
   run->add_option("--set", run_opt.overrides, "override a recipe value: a.b.0=VALUE (VALUE parsed as JSON)");
   run->add_option("--work-dir", run_opt.work_dir, "run folder (default: work_dirs/<recipe name>)");
   run->add_flag("--resume", run_opt.resume, "continue the run in the work dir from its checkpoints");
-  run->add_flag("--force", run_opt.force, "with --resume: accept a changed recipe (finished stages are kept)");
+  run->add_flag("--force", run_opt.force,
+                "with --resume: rerun the stages the changed recipe affects (old folders kept as <stage>.replaced-N)");
+  run->add_option("--reuse", run_opt.reuse_from,
+                  "start from another run's finished stages for as long as this recipe agrees with them "
+                  "(e.g. one classifier and AEM shared by several pruners)");
 
   isp::RunOptions val_opt;
   val_opt.validate_only = true;

@@ -16,6 +16,7 @@
 
 #include "isp/interfaces/stage.h"
 #include <chrono>
+#include <map>
 #include <set>
 
 namespace fs = std::filesystem;
@@ -107,6 +108,76 @@ static json read_json_or(const std::string& path, json fallback) {
   }
 }
 
+std::string stage_name(const json& spec, std::size_t i) {
+  std::string name = BuildContext::ref_name(spec);
+  if (name.empty()) name = spec.value("name", spec.value("type", std::string("stage")) + std::to_string(i));
+  return name;
+}
+
+static void collect_refs(const json& j, std::vector<std::string>& out) {
+  if (j.is_object()) {
+    std::string ref = BuildContext::ref_name(j);
+    if (!ref.empty()) out.push_back(ref);
+    for (const auto& v : j) collect_refs(v, out);
+  } else if (j.is_array()) {
+    for (const auto& v : j) collect_refs(v, out);
+  }
+}
+
+// Stage fingerprints: what each stage's outputs depend on, so that a changed recipe reruns exactly the stages it
+// affects and another run's finished stages can be reused (`--reuse`). A stage depends on its own spec, on every
+// node it reaches through $ref (transitively), on the seed and the plugins -- and on every earlier stage, since
+// stages hand results on through shared nodes (the classifier stage trains the backbone node that the prune
+// stage reads without naming the classifier stage). Hence each fingerprint includes the previous one.
+static std::vector<std::pair<std::string, std::string>> stage_fingerprints(const json& doc) {
+  std::vector<std::pair<std::string, std::string>> out;
+  const json nodes = doc.value("nodes", json::object());
+  const json stages = doc.value("stages", json::array());
+  std::string previous;
+  for (std::size_t i = 0; i < stages.size(); ++i) {
+    json f = {{"previous", previous}, {"seed", doc.value("seed", json(1))},
+              {"plugins", doc.value("plugins", json::array())}, {"stage", stages[i]}, {"nodes", json::object()}};
+    std::vector<std::string> todo;
+    collect_refs(stages[i], todo);
+    while (!todo.empty()) {
+      std::string n = todo.back();
+      todo.pop_back();
+      if (f["nodes"].contains(n) || !nodes.contains(n)) continue;
+      f["nodes"][n] = nodes[n];
+      collect_refs(nodes[n], todo);
+    }
+    char hex[17];
+    std::snprintf(hex, sizeof hex, "%016llx", static_cast<unsigned long long>(fnv1a(f.dump())));
+    previous = hex;
+    out.emplace_back(stage_name(stages[i], i), previous);
+  }
+  return out;
+}
+
+// A free name next to `dir` for keeping an outdated stage folder: prune.replaced-1, prune.replaced-2, ...
+static std::string aside_name(const std::string& dir) {
+  for (int k = 1;; ++k) {
+    std::string p = dir + ".replaced-" + std::to_string(k);
+    if (!fs::exists(p)) return p;
+  }
+}
+
+// Copies a finished stage folder of another run with hard links (checkpoints are only ever replaced by rename,
+// so the source files are never modified through the links); plain copies across file systems.
+static void link_tree(const fs::path& from, const fs::path& to) {
+  fs::create_directories(to);
+  for (const auto& e : fs::recursive_directory_iterator(from)) {
+    fs::path target = to / fs::relative(e.path(), from);
+    if (e.is_directory()) {
+      fs::create_directories(target);
+      continue;
+    }
+    std::error_code ec;
+    fs::create_hard_link(e.path(), target, ec);
+    if (ec) fs::copy_file(e.path(), target, fs::copy_options::overwrite_existing);
+  }
+}
+
 int run_recipe(Registry& reg, const RunOptions& o) {
   Recipe r = load_recipe(o.recipe_path, o.overrides);
   for (auto it = r.doc.begin(); it != r.doc.end(); ++it)
@@ -134,8 +205,7 @@ int run_recipe(Registry& reg, const RunOptions& o) {
     Where w = r.where(ptr);
     if (!sj[i].is_object()) throw RecipeError(w, "expected a stage spec {\"type\": ...}");
     // A stage is usually a node ({"$ref": "classifier"}), so recipes can override its fields by merging.
-    std::string name = BuildContext::ref_name(sj[i]);
-    if (name.empty()) name = sj[i].value("name", sj[i].value("type", std::string("stage")) + std::to_string(i));
+    std::string name = stage_name(sj[i], i);
     if (!names.insert(name).second) throw RecipeError(w.child("name"), "duplicate stage name '" + name + "'");
     stages.push_back({name, ctx.get<Stage>(NodeRef{sj[i], w})});
   }
@@ -156,29 +226,103 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   if (resolved.contains("plugins"))  // absolute, so the run folder can be reopened from anywhere
     for (std::size_t i = 0; i < resolved["plugins"].size(); ++i) resolved["plugins"][i] = plugin_path(r, i);
   const std::string hash = std::to_string(fnv1a([&] { json h = resolved; h.erase("runtime"); return h.dump(); }()));
+  const auto fingerprints = stage_fingerprints(resolved);
   const std::string state_path = work + "/state.json";
-  json state = read_json_or(state_path, json{{"recipe_hash", hash}, {"completed", json::array()}});
-  if (fs::exists(state_path) && !o.resume)
+  const bool existing = fs::exists(state_path);
+  json state = read_json_or(state_path, json{{"completed", json::array()}});
+  if (existing && !o.resume)
     throw Error(work + " already holds a run (" + state_path + "); pass --resume to continue it or --work-dir to start a new one");
-  if (state.value("recipe_hash", hash) != hash) {
-    if (!o.force)
+  if (existing && !o.reuse_from.empty())
+    throw Error("--reuse starts a new run, but " + work + " already holds one (" + state_path + "); pick another --work-dir");
+  if (!state.contains("fingerprints")) {
+    // A run folder written before stages had fingerprints: only an unchanged recipe can continue it.
+    if (existing && state.value("recipe_hash", hash) != hash)
       throw Error(work + ": the recipe differs from the one this run was started with (see " + work +
-                  "/recipe.resolved.json); use another --work-dir, or --force to keep the finished stages and "
-                  "run the rest with the new recipe");
-    std::fprintf(stderr, "warning: recipe changed; finished stages are kept, the others run with the new recipe\n");
-    state["recipe_hash"] = hash;
+                  "/recipe.resolved.json), and the folder predates per-stage fingerprints; use another --work-dir");
+    state["fingerprints"] = json::object();
+    for (const auto& [name, fp] : fingerprints)
+      for (const auto& c : state["completed"])
+        if (c == name) state["fingerprints"][name] = fp;
+  }
+  state["recipe_hash"] = hash;
+  json summary = read_json_or(work + "/summary.json", json::object());
+  if (!summary.contains("stages")) summary["stages"] = json::object();
+  const std::string metrics_path = work + "/metrics.jsonl";
+
+  // Stages that ran (or started) under a different recipe than this one, and therefore every stage after them.
+  std::vector<std::string> changed;
+  for (const auto& [name, fp] : fingerprints)
+    if (state["fingerprints"].contains(name) && state["fingerprints"][name] != fp) changed.push_back(name);
+  if (!changed.empty()) {
+    std::string list;
+    for (const auto& n : changed) list += (list.empty() ? "" : ", ") + n;
+    if (!o.force)
+      throw Error(work + ": the recipe changed for stage(s) " + list + " since they ran (see " + work +
+                  "/recipe.resolved.json); pass --force to rerun them (their folders are kept as <stage>.replaced-N), "
+                  "or use another --work-dir");
+    for (const auto& n : changed) {
+      const std::string dir = work + "/" + n;
+      if (fs::exists(dir)) {
+        std::string aside = aside_name(dir);
+        fs::rename(dir, aside);
+        std::fprintf(stderr, "[%s] recipe changed: rerunning; the old folder is kept as %s\n", n.c_str(), aside.c_str());
+      }
+      json kept = json::array();
+      for (const auto& c : state["completed"])
+        if (c != n) kept.push_back(c);
+      state["completed"] = kept;
+      state["fingerprints"].erase(n);
+      summary["stages"].erase(n);
+    }
+  }
+
+  if (!o.reuse_from.empty()) {
+    // Take over another run's finished stages for as long as this recipe agrees with it (same fingerprints).
+    const fs::path src = o.reuse_from;
+    if (!fs::exists(src / "recipe.resolved.json"))
+      throw Error(o.reuse_from + ": --reuse expects a run folder (no recipe.resolved.json)");
+    const json src_state = read_json_or((src / "state.json").string(), json{{"completed", json::array()}});
+    json src_summary = read_json_or((src / "summary.json").string(), json::object());
+    std::map<std::string, std::string> src_fp;
+    for (const auto& [name, fp] : stage_fingerprints(read_json_or((src / "recipe.resolved.json").string(), json::object())))
+      src_fp[name] = fp;
+    std::set<std::string> src_done;
+    for (const auto& c : src_state.value("completed", json::array())) src_done.insert(c.get<std::string>());
+    std::vector<std::string> reused;
+    for (const auto& [name, fp] : fingerprints) {
+      if (!src_done.count(name) || src_fp[name] != fp) break;
+      link_tree(src / name, fs::path(work) / name);
+      state["completed"].push_back(name);
+      state["fingerprints"][name] = fp;
+      json st = src_summary.value("stages", json::object()).value(name, json::object());
+      for (auto it = st.begin(); it != st.end(); ++it) summary[it.key()] = it.value();
+      st["reused_from"] = fs::absolute(src).lexically_normal().string();
+      summary["stages"][name] = st;
+      reused.push_back(name);
+    }
+    if (fs::exists(src / "metrics.jsonl")) {  // the reused stages' history, so reports and plots stay complete
+      std::ifstream in(src / "metrics.jsonl");
+      std::ofstream out(metrics_path, std::ios::app);
+      for (std::string line; std::getline(in, line);) {
+        json j = json::parse(line, nullptr, false);
+        if (!j.is_discarded() && std::find(reused.begin(), reused.end(), j.value("stage", std::string())) != reused.end())
+          out << line << "\n";
+      }
+    }
+    std::string list;
+    for (const auto& n : reused) list += " " + n;
+    std::fprintf(stderr, "reused from %s:%s\n", o.reuse_from.c_str(), reused.empty() ? " nothing (the first stage differs)" : list.c_str());
+    write_file_atomic(work + "/summary.json", summary.dump(2) + "\n");
   }
   write_file_atomic(work + "/recipe.resolved.json", resolved.dump(2) + "\n");
   write_file_atomic(state_path, state.dump(2) + "\n");
 
   g_interrupted.store(false);
   auto previous = std::signal(SIGINT, on_sigint);
-  json summary = read_json_or(work + "/summary.json", json::object());
-  if (!summary.contains("stages")) summary["stages"] = json::object();
-  const std::string metrics_path = work + "/metrics.jsonl";
   int code = 0;
   try {
-    for (auto& e : stages) {
+    for (std::size_t si = 0; si < stages.size(); ++si) {
+      auto& e = stages[si];
       RunContext rc;
       rc.run_dir = work;
       rc.stage_name = e.name;
@@ -202,6 +346,8 @@ int run_recipe(Registry& reg, const RunOptions& o) {
         e.stage->restore(rc);
         continue;
       }
+      state["fingerprints"][e.name] = fingerprints[si].second;  // before running: a partial stage is tracked too
+      write_file_atomic(state_path, state.dump(2) + "\n");
       double t0 = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
       e.stage->run(rc);
       double t1 = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -245,8 +391,7 @@ RestoredRun restore_run(Registry& reg, const std::string& work_dir) {
   const json& sj = r.doc["stages"];
   for (std::size_t i = 0; i < sj.size(); ++i) {
     Where w = r.where("/stages/" + std::to_string(i));
-    std::string name = BuildContext::ref_name(sj[i]);
-    if (name.empty()) name = sj[i].value("name", sj[i].value("type", std::string("stage")) + std::to_string(i));
+    std::string name = stage_name(sj[i], i);
     auto stage = out.ctx->get<Stage>(NodeRef{sj[i], w});
     bool done = false;
     for (const auto& c : state["completed"]) done = done || c == name;

@@ -19,7 +19,11 @@ struct RunOptions {
   std::vector<std::string> overrides;
   std::string work_dir;  // default: work_dirs/<recipe name>
   bool resume = false;
-  bool force = false;  // with resume: accept a changed recipe (finished stages are kept as they are)
+  // with resume: rerun the stages whose fingerprint changed (and those after them); their old folders are
+  // renamed to <stage>.replaced-N. Without it a changed recipe is an error.
+  bool force = false;
+  // a finished run folder: its stages are taken over (hard-linked) for as long as their fingerprints match
+  std::string reuse_from;
   bool validate_only = false;
 };
 
@@ -40,6 +44,9 @@ struct RestoredRun {
 ISP_API RestoredRun restore_run(Registry& reg, const std::string& work_dir);
 // The device apply_runtime() chose.
 ISP_API c10::Device current_device();
+
+// A stage's name: the node it references ({"$ref": "prune"} -> "prune"), else its "name", else type + index i.
+ISP_API std::string stage_name(const json& spec, std::size_t i);
 
 // Returns the process exit code; throws isp::Error on bad input.
 ISP_API int run_recipe(Registry& reg, const RunOptions& opt);

@@ -18,6 +18,7 @@
 #include "isp/interfaces/stage.h"
 #include "isp/plugin.h"
 #include "isp/recipe.h"
+#include "isp/runner.h"
 #include "isp/registry.h"
 #include "isp/selector.h"
 #include "isp/train.h"
@@ -61,10 +62,14 @@ class Export : public isp::Stage {
     isp::save_state_dict_for_python(*net, dir + "/weights.pt");
 
     isp::json stages = isp::json::parse(isp::read_text_file(ctx.run_dir + "/summary.json")).value("stages", isp::json::object());
+    std::vector<std::string> order;  // recipe order (json objects iterate alphabetically)
+    const isp::json stage_specs = ctx.resolved_recipe.value("stages", isp::json::array());
+    for (std::size_t i = 0; i < stage_specs.size(); ++i)
+      if (auto n = isp::stage_name(stage_specs[i], i); stages.contains(n)) order.push_back(n);
     auto find = [&](const char* key) -> isp::json {
       isp::json v;
-      for (auto it = stages.begin(); it != stages.end(); ++it)
-        if (it->contains(key)) v = (*it)[key];  // the last stage that reports it
+      for (const auto& n : order)
+        if (stages[n].contains(key)) v = stages[n][key];  // the last stage that reports it
       return v;
     };
     isp::CostModel before_m(baseline_->layer_shapes(), baseline_->gated_layers());
@@ -85,9 +90,15 @@ class Export : public isp::Stage {
     if (report["finetuned_top1"].is_null()) report["finetuned_top1"] = report["pruned_top1"];
     if (!report["baseline_top1"].is_null() && !report["finetuned_top1"].is_null())
       report["delta_top1"] = report["finetuned_top1"].get<double>() - report["baseline_top1"].get<double>();
-    isp::json wall = isp::json::object();
-    for (auto it = stages.begin(); it != stages.end(); ++it) wall[it.key()] = it->value("wall_seconds", 0.0);
+    isp::json wall = isp::json::object(), timeline = isp::json::array();
+    for (const auto& n : order) {
+      wall[n] = stages[n].value("wall_seconds", 0.0);
+      isp::json row = {{"stage", n}, {"wall_seconds", wall[n]}};
+      if (stages[n].contains("reused_from")) row["reused_from"] = stages[n]["reused_from"];
+      timeline.push_back(row);
+    }
     report["wall_seconds"] = wall;
+    report["stages"] = timeline;
     report["pruner"] = pruner_name(ctx);
     if (selector_) report["saliency"] = saliency_agreement(*net, ctx.device);
     isp::write_file_atomic(dir + "/summary.json", report.dump(2) + "\n");
@@ -154,6 +165,12 @@ class Export : public isp::Stage {
     os << std::fixed << 100.0 * v.get<double>();
     return os.str();
   }
+  static std::string signed_points(const isp::json& v) {
+    std::ostringstream os;
+    os.precision(2);
+    os << std::fixed << std::showpos << 100.0 * v.get<double>() << " pts";
+    return os.str();
+  }
   static std::string markdown(const isp::json& r) {
     std::ostringstream os;
     os.precision(3);
@@ -161,14 +178,28 @@ class Export : public isp::Stage {
     os << "| baseline top-1 | pruned top-1 | finetuned top-1 | Δ top-1 | FLOPs before | FLOPs after | FLOPs ↓ | params before | params after | params ↓ |\n";
     os << "|---|---|---|---|---|---|---|---|---|---|\n";
     os << "| " << pct(r["baseline_top1"]) << "% | " << pct(r["pruned_top1"]) << "% | " << pct(r["finetuned_top1"]) << "% | "
-       << (r.contains("delta_top1") ? pct(r["delta_top1"]) : std::string("n/a")) << " | " << r["flops_before"].get<double>() / 1e6
+       << (r.contains("delta_top1") ? signed_points(r["delta_top1"]) : std::string("n/a")) << " | " << r["flops_before"].get<double>() / 1e6
        << " M | " << r["flops_after"].get<double>() / 1e6 << " M | " << pct(r["flops_reduction"]) << "% | "
        << r["params_before"].get<double>() / 1e6 << " M | " << r["params_after"].get<double>() / 1e6 << " M | "
        << pct(r["params_reduction"]) << "% |\n\n";
-    if (r.contains("saliency")) os << "Saliency of the pruned vs the original network (same selector): " << r["saliency"].dump() << "\n\n";
+    if (r.contains("saliency")) {
+      const isp::json& sal = r["saliency"];
+      os << "Saliency of the pruned vs the original network (same selector, " << sal.value("images", 0)
+         << " test images): mask IoU at 0.5 = " << sal.value("mask_iou_at_0.5", 0.0);
+      if (sal.contains("mean_center_shift_px"))
+        os << ", mean RBF centre shift = " << sal["mean_center_shift_px"].get<double>()
+           << " px, mean |Δσ| = " << sal.value("mean_abs_sigma_change", 0.0);
+      os << "\n\n";
+    }
     os << "Kept widths per gated layer: " << r["kept_widths"].dump() << "\n\nof " << r["full_widths"].dump() << "\n\n";
-    os << "| stage | wall time (s) |\n|---|---|\n";
-    for (auto& [k, v] : r["wall_seconds"].items()) os << "| " << k << " | " << v.get<double>() << " |\n";
+    os << "| stage | wall time (s) | |\n|---|---|---|\n";
+    double total = 0;
+    for (const auto& row : r["stages"]) {
+      total += row["wall_seconds"].get<double>();
+      os << "| " << row["stage"].get<std::string>() << " | " << row["wall_seconds"].get<double>() << " | "
+         << (row.contains("reused_from") ? "reused from " + row["reused_from"].get<std::string>() : std::string()) << " |\n";
+    }
+    os << "| total | " << total << " | |\n";
     return os.str();
   }
 
