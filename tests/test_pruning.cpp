@@ -225,3 +225,40 @@ TEST_CASE("stage fingerprints: --reuse takes over matching stages, --resume --fo
   REQUIRE(isp::run_recipe(registry(), ra) == 0);
   CHECK_FALSE(fs::exists(dir / "a" / "finetune.replaced-2"));
 }
+
+TEST_CASE("gate learning interrupted mid-epoch and resumed learns exactly the gates of an uninterrupted run") {
+  auto dir = isp_test::temp_dir("prune_resume");
+  json recipe = tiny_pipeline_recipe();
+  recipe["stages"] = {{{"$ref", "classifier"}}, {{"$ref", "prune"}}};
+  std::ofstream(dir / "recipe.json") << recipe.dump(2);
+  isp::RunOptions straight;
+  straight.recipe_path = (dir / "recipe.json").string();
+  straight.work_dir = (dir / "straight").string();
+  ::unsetenv("ISP_INTERRUPT_AFTER_STEPS");
+  REQUIRE(isp::run_recipe(registry(), straight) == 0);
+
+  // Each stage stops after 7 of its own steps: the classifier (5 steps per epoch) in its 2nd epoch, then,
+  // after a resume, gate learning (2 steps per epoch: 80 images in batches of 36) in its 4th epoch.
+  isp::RunOptions broken = straight;
+  broken.work_dir = (dir / "broken").string();
+  ::setenv("ISP_INTERRUPT_AFTER_STEPS", "7", 1);
+  CHECK(isp::run_recipe(registry(), broken) == 130);
+  broken.resume = true;
+  CHECK(isp::run_recipe(registry(), broken) == 130);
+  ::unsetenv("ISP_INTERRUPT_AFTER_STEPS");
+  isp::CheckpointReader ck((dir / "broken" / "prune" / "checkpoint.pt").string());
+  CHECK(ck.meta()["epoch"] == 3);
+  CHECK(ck.meta()["step"] == 1);
+  REQUIRE(isp::run_recipe(registry(), broken) == 0);
+
+  at::Tensor a = isp::CheckpointReader((dir / "straight" / "prune" / "gates.pt").string()).tensor("gates");
+  at::Tensor b = isp::CheckpointReader((dir / "broken" / "prune" / "gates.pt").string()).tensor("gates");
+  at::Tensor la = isp::CheckpointReader((dir / "straight" / "prune" / "checkpoint.pt").string()).tensor("rng");
+  at::Tensor lb = isp::CheckpointReader((dir / "broken" / "prune" / "checkpoint.pt").string()).tensor("rng");
+  CHECK(a.equal(b));
+  CHECK(la.equal(lb));  // the same random stream was consumed
+  json sa = json::parse(isp::read_text_file((dir / "straight" / "summary.json").string()));
+  json sb = json::parse(isp::read_text_file((dir / "broken" / "summary.json").string()));
+  CHECK(sa["pruned_top1"] == sb["pruned_top1"]);
+  CHECK(sa["selected_epoch"] == sb["selected_epoch"]);
+}

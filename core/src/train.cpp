@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <limits>
 #include <sstream>
 
 #include "isp/checkpoint.h"
@@ -219,168 +220,227 @@ EvalResult evaluate_classifier(const Classifier& c, const ImageSplit& split, int
   return r;
 }
 
-json fit_classifier(const Classifier& c, const DataBundle& data, const SgdScheduleOptions& opt, RunContext& ctx) {
-  torch::nn::Module& model = *c.module;
-  model.to(ctx.device);
+at::Tensor kl_per_sample(const at::Tensor& target_logits, const at::Tensor& logits) {
+  at::Tensor lq = torch::log_softmax(target_logits, 1), lp = torch::log_softmax(logits, 1);
+  return (lq.exp() * (lq - lp)).sum(1);
+}
+
+Augmentation augmentation_by_name(const std::string& mode, const DataBundle& data) {
+  if (mode == "dataset") return data.augmentation;
+  Augmentation a;
+  a.pad_value = data.augmentation.pad_value;
+  a.horizontal_flip = mode == "flip";
+  return a;
+}
+
+namespace {
+// "loss 0.4321 top1 85.20%": accuracies and agreements as percentages, the rest with 4 decimals.
+std::string describe_metric(const std::string& name, double v) {
+  char b[64];
+  const bool pct = name.find("top1") != std::string::npos || name.find("agreement") != std::string::npos;
+  if (pct) std::snprintf(b, sizeof b, "%s %.2f%%", name.c_str(), 100.0 * v);
+  else std::snprintf(b, sizeof b, "%s %.4f", name.c_str(), v);
+  return b;
+}
+}  // namespace
+
+TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& h, BatchLoader& loader, RunContext& ctx) {
+  if (!h.step || !h.save || !h.load) throw Error("run_train_loop: step, save and load hooks are required");
+  if (h.score && !h.save_best) throw Error("run_train_loop: a score hook needs save_best");
   fs::create_directories(ctx.stage_dir);
   const std::string ckpt_path = ctx.stage_dir + "/checkpoint.pt";
-  const std::string best_path = ctx.stage_dir + "/best.pt";
-  const std::string final_path = ctx.stage_dir + "/final.pt";
-
-  torch::optim::SGD sgd(model.parameters(), torch::optim::SGDOptions(opt.lr)
-                                                .momentum(opt.momentum)
-                                                .weight_decay(opt.weight_decay)
-                                                .nesterov(opt.nesterov));
-  BatchLoader train(data.train, opt.batch_size, /*shuffle=*/true, data.augmentation, ctx.device);
-  const bool has_val = data.val.size() > 0;
-  int64_t start_epoch = 0, start_step = 0, best_epoch = -1, images_seen = 0;
-  double best_val = -1.0, loss_sum = 0.0, correct_sum = 0.0, train_seconds = 0.0;
-  int64_t seen_in_epoch = 0;
+  const double no_score = -std::numeric_limits<double>::infinity();
+  TrainLoopResult res;
+  res.best_path = ctx.stage_dir + "/best.pt";
+  res.best_score = no_score;
+  const std::size_t k = spec.metrics.size();
+  std::vector<double> sums(k, 0.0);  // host copies of this epoch's running sums (batch-size weighted)
+  int64_t start_epoch = 0, start_step = 0, seen_in_epoch = 0;
 
   if (ctx.resume && fs::exists(ckpt_path)) {
     CheckpointReader r(ckpt_path);
-    r.module("model", model);
-    r.optimizer("optimizer", sgd);
+    h.load(r);
     const json& m = r.meta();
     start_epoch = m.at("epoch");
     start_step = m.at("step");
-    best_val = m.value("best_val_top1", -1.0);
-    best_epoch = m.value("best_epoch", -1);
-    loss_sum = m.value("loss_sum", 0.0);
-    correct_sum = m.value("correct_sum", 0.0);
-    seen_in_epoch = m.value("seen_in_epoch", 0);
-    images_seen = m.value("images_seen", 0);
-    train_seconds = m.value("train_seconds", 0.0);
-    if (r.has("rng")) {
-      at::Generator g = at::detail::getDefaultCPUGenerator();
-      g.set_state(r.tensor("rng"));
-    }
+    res.best_epoch = m.value("best_epoch", int64_t{-1});
+    if (m.contains("best_score") && m["best_score"].is_number()) res.best_score = m["best_score"];
+    seen_in_epoch = m.value("seen_in_epoch", int64_t{0});
+    res.images_seen = m.value("images_seen", int64_t{0});
+    res.train_seconds = m.value("train_seconds", 0.0);
+    std::vector<double> saved = m.value("sums", std::vector<double>{});
+    if (saved.size() == k) sums = saved;
+    if (r.has("rng")) at::Generator(at::detail::getDefaultCPUGenerator()).set_state(r.tensor("rng"));
+    if (!ctx.device.is_cpu() && r.has("rng_device"))
+      at::Generator(at::globalContext().defaultGenerator(ctx.device)).set_state(r.tensor("rng_device"));
     std::fprintf(stderr, "[%s] resuming from %s at epoch %lld step %lld\n", ctx.stage_name.c_str(), ckpt_path.c_str(),
                  static_cast<long long>(start_epoch), static_cast<long long>(start_step));
   }
 
   auto save_checkpoint = [&](int64_t epoch, int64_t step) {
     CheckpointWriter w;
-    w.module("model", model);
-    w.optimizer("optimizer", sgd);
+    h.save(w);
     w.tensor("rng", at::detail::getDefaultCPUGenerator().get_state());
-    w.meta({{"epoch", epoch}, {"step", step}, {"best_val_top1", best_val}, {"best_epoch", best_epoch},
-            {"loss_sum", loss_sum}, {"correct_sum", correct_sum}, {"seen_in_epoch", seen_in_epoch},
-            {"images_seen", images_seen}, {"train_seconds", train_seconds},
-            {"scheduler", {{"type", opt.lr_schedule}, {"lr", lr_at_epoch(opt, epoch)}, {"last_epoch", epoch}}},
+    if (!ctx.device.is_cpu())
+      w.tensor("rng_device", at::Generator(at::globalContext().defaultGenerator(ctx.device)).get_state());
+    w.meta({{"epoch", epoch}, {"step", step}, {"best_epoch", res.best_epoch},
+            {"best_score", std::isfinite(res.best_score) ? json(res.best_score) : json(nullptr)}, {"sums", sums},
+            {"seen_in_epoch", seen_in_epoch}, {"images_seen", res.images_seen}, {"train_seconds", res.train_seconds},
             {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}});
     w.save_atomic(ckpt_path);
   };
 
   Progress progress(ctx.stage_name);
-  int64_t steps_per_epoch = train.num_batches();
-  if (opt.max_steps_per_epoch > 0) steps_per_epoch = std::min(steps_per_epoch, opt.max_steps_per_epoch);
-  const int64_t total_steps = steps_per_epoch * opt.epochs;
-  EvalResult last_val;
-  // Fault injection for tests and demos: behave as if Ctrl-C arrived after N steps of this process.
+  int64_t steps_per_epoch = loader.num_batches();
+  if (spec.max_steps_per_epoch > 0) steps_per_epoch = std::min(steps_per_epoch, spec.max_steps_per_epoch);
+  const int64_t total_steps = steps_per_epoch * spec.epochs;
   const char* inject = std::getenv("ISP_INTERRUPT_AFTER_STEPS");
   const int64_t interrupt_after = inject ? std::atoll(inject) : -1;
   int64_t steps_this_process = 0;
-  for (int64_t epoch = start_epoch; epoch < opt.epochs; ++epoch) {
-    const double lr = lr_at_epoch(opt, epoch);
-    for (auto& g : sgd.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
-    train.start_epoch(ctx.seed, epoch);
-    model.train();
-    double t_epoch = now_seconds();
-    at::Tensor dev_loss = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(ctx.device));
-    at::Tensor dev_correct = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(ctx.device));
+  const double t_process = now_seconds();
+  const auto dopt = torch::TensorOptions().dtype(torch::kDouble).device(ctx.device);
+  for (int64_t epoch = start_epoch; epoch < spec.epochs; ++epoch) {
+    json line = {{"epoch", epoch + 1}};
+    if (h.start_epoch) line.update(h.start_epoch(epoch));
+    loader.start_epoch(ctx.seed, epoch);
+    const double t_epoch = now_seconds();
+    at::Tensor dev_sums = torch::zeros({static_cast<int64_t>(k)}, dopt);
     for (int64_t step = (epoch == start_epoch ? start_step : 0); step < steps_per_epoch; ++step) {
-      Batch b = train.get(step);
-      at::Tensor x = b.x.to(ctx.device), y = b.y.to(ctx.device);
-      sgd.zero_grad();
-      at::Tensor logits = c.forward(x);
-      at::Tensor loss = torch::nn::functional::cross_entropy(logits, y);
-      loss.backward();
-      sgd.step();
-      // Accumulate on the device; read back only when the progress line is drawn.
-      dev_loss += loss.detach().to(torch::kDouble) * b.size();
-      dev_correct += logits.detach().argmax(1).eq(y).sum();
+      Batch b = loader.get(step);
+      dev_sums += h.step(b).detach().to(torch::kDouble).reshape({static_cast<int64_t>(k)}) * static_cast<double>(b.size());
       seen_in_epoch += b.size();
-      images_seen += b.size();
+      res.images_seen += b.size();
       if (++steps_this_process == interrupt_after && ctx.interrupted) ctx.interrupted->store(true);
-      bool last_step = step + 1 == steps_per_epoch;
-      if (last_step || step % 10 == 0 || ctx.stop_requested()) {
-        loss_sum += dev_loss.item<double>();
-        correct_sum += static_cast<double>(dev_correct.item<int64_t>());
-        dev_loss.zero_();
-        dev_correct.zero_();
-        double elapsed = train_seconds + (now_seconds() - t_epoch);
-        int64_t done = epoch * steps_per_epoch + step + 1;
-        double per_step = elapsed / std::max<int64_t>(1, done - start_epoch * steps_per_epoch - start_step);
-        char buf[256];
-        std::snprintf(buf, sizeof buf, "epoch %lld/%lld step %lld/%lld loss %.4f acc %.2f%% %.0f img/s ETA %s",
-                      static_cast<long long>(epoch + 1), static_cast<long long>(opt.epochs),
-                      static_cast<long long>(step + 1), static_cast<long long>(steps_per_epoch),
-                      loss_sum / std::max<int64_t>(1, seen_in_epoch), 100.0 * correct_sum / std::max<int64_t>(1, seen_in_epoch),
+      const bool last_step = step + 1 == steps_per_epoch;
+      if (last_step || step % spec.progress_every == 0 || ctx.stop_requested()) {
+        at::Tensor host = dev_sums.cpu();
+        for (std::size_t j = 0; j < k; ++j) sums[j] += host[static_cast<int64_t>(j)].item<double>();
+        dev_sums.zero_();
+        const int64_t done = epoch * steps_per_epoch + step + 1;
+        const double per_step = (now_seconds() - t_process) /
+                                static_cast<double>(std::max<int64_t>(1, done - start_epoch * steps_per_epoch - start_step));
+        std::string text = "epoch " + std::to_string(epoch + 1) + "/" + std::to_string(spec.epochs) + " step " +
+                           std::to_string(step + 1) + "/" + std::to_string(steps_per_epoch);
+        for (std::size_t j = 0; j < k; ++j)
+          text += " " + describe_metric(spec.metrics[j], sums[j] / static_cast<double>(std::max<int64_t>(1, seen_in_epoch)));
+        char buf[96];
+        std::snprintf(buf, sizeof buf, " %.0f img/s ETA %s",
                       static_cast<double>(seen_in_epoch) / std::max(1e-9, now_seconds() - t_epoch),
                       fmt_duration(per_step * static_cast<double>(total_steps - done)).c_str());
-        progress.update(buf);
+        progress.update(text + buf);
       }
       if (ctx.stop_requested()) {
-        train_seconds += now_seconds() - t_epoch;
+        res.train_seconds += now_seconds() - t_epoch;
         save_checkpoint(epoch, step + 1);
         progress.finish("interrupted: checkpoint written to " + ckpt_path);
         throw Interrupted("interrupted at epoch " + std::to_string(epoch + 1) + " step " + std::to_string(step + 1) +
                           "; continue with --resume");
       }
     }
-    double epoch_seconds = now_seconds() - t_epoch;
-    train_seconds += epoch_seconds;
-    json line = {{"epoch", epoch + 1}, {"lr", lr}, {"train_loss", loss_sum / std::max<int64_t>(1, seen_in_epoch)},
-                 {"train_top1", correct_sum / std::max<int64_t>(1, seen_in_epoch)},
-                 {"images_per_s", seen_in_epoch / std::max(1e-9, epoch_seconds)}};
-    bool eval_now = (epoch + 1) % opt.eval_every == 0 || epoch + 1 == opt.epochs;
-    if (eval_now && has_val) {
-      last_val = evaluate_classifier(c, data.val, opt.eval_batch_size, ctx.device);
-      line["val_top1"] = last_val.top1;
-      line["val_loss"] = last_val.loss;
-      if (last_val.top1 > best_val) {
-        best_val = last_val.top1;
-        best_epoch = epoch + 1;
+    const double epoch_seconds = now_seconds() - t_epoch;
+    res.train_seconds += epoch_seconds;
+    const double denom = static_cast<double>(std::max<int64_t>(1, seen_in_epoch));
+    std::string text = "epoch " + std::to_string(epoch + 1) + "/" + std::to_string(spec.epochs);
+    for (std::size_t j = 0; j < k; ++j) {
+      line["train_" + spec.metrics[j]] = sums[j] / denom;
+      text += " " + describe_metric(spec.metrics[j], sums[j] / denom);
+    }
+    line["images_per_s"] = static_cast<double>(seen_in_epoch) / std::max(1e-9, epoch_seconds);
+    const bool eval_now = (epoch + 1) % spec.eval_every == 0 || epoch + 1 == spec.epochs;
+    if (eval_now && h.evaluate) {
+      json val = h.evaluate(epoch);
+      for (auto it = val.begin(); it != val.end(); ++it) {
+        line[it.key()] = it.value();
+        if (it.value().is_number()) text += " " + describe_metric(it.key(), it.value().get<double>());
+      }
+      const double score = h.score ? h.score(line, epoch) : no_score;
+      if (score > res.best_score) {
+        res.best_score = score;
+        res.best_epoch = epoch + 1;
         CheckpointWriter w;
-        w.module("model", model);
-        w.meta({{"epoch", epoch + 1}, {"val_top1", best_val}, {"recipe", ctx.resolved_recipe}});
-        w.save_atomic(best_path);
+        h.save_best(w);
+        w.meta({{"epoch", epoch + 1}, {"score", score}, {"metrics", line}, {"recipe", ctx.resolved_recipe}});
+        w.save_atomic(res.best_path);
       }
     }
-    char buf[256];
-    std::snprintf(buf, sizeof buf, "epoch %lld/%lld loss %.4f train %.2f%%%s %.0f img/s (%.1fs)",
-                  static_cast<long long>(epoch + 1), static_cast<long long>(opt.epochs),
-                  line["train_loss"].get<double>(), 100.0 * line["train_top1"].get<double>(),
-                  line.contains("val_top1") ? (" val " + std::to_string(100.0 * last_val.top1).substr(0, 5) + "%").c_str() : "",
-                  line["images_per_s"].get<double>(), epoch_seconds);
-    progress.finish(buf);
+    char buf[64];
+    std::snprintf(buf, sizeof buf, " %.0f img/s (%.1fs)", line["images_per_s"].get<double>(), epoch_seconds);
+    progress.finish(text + buf);
     if (ctx.log_metrics) ctx.log_metrics(line);
-    loss_sum = correct_sum = 0.0;
+    res.last_line = line;
+    std::fill(sums.begin(), sums.end(), 0.0);
     seen_in_epoch = 0;
     save_checkpoint(epoch + 1, 0);
   }
+  return res;
+}
+
+json fit_classifier(const Classifier& c, const DataBundle& data, const SgdScheduleOptions& opt, RunContext& ctx) {
+  torch::nn::Module& model = *c.module;
+  model.to(ctx.device);
+  torch::optim::SGD sgd(model.parameters(), torch::optim::SGDOptions(opt.lr)
+                                                .momentum(opt.momentum)
+                                                .weight_decay(opt.weight_decay)
+                                                .nesterov(opt.nesterov));
+  BatchLoader train(data.train, opt.batch_size, /*shuffle=*/true, data.augmentation, ctx.device);
+  const bool has_val = data.val.size() > 0;
+
+  TrainLoopSpec spec;
+  spec.epochs = opt.epochs;
+  spec.eval_every = opt.eval_every;
+  spec.max_steps_per_epoch = opt.max_steps_per_epoch;
+  spec.metrics = {"loss", "top1"};
+  TrainLoopHooks hooks;
+  hooks.start_epoch = [&](int64_t epoch) {
+    const double lr = lr_at_epoch(opt, epoch);
+    for (auto& g : sgd.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
+    model.train();
+    return json{{"lr", lr}};
+  };
+  hooks.step = [&](const Batch& b) {
+    at::Tensor x = b.x.to(ctx.device), y = b.y.to(ctx.device);
+    sgd.zero_grad();
+    at::Tensor logits = c.forward(x);
+    at::Tensor loss = torch::nn::functional::cross_entropy(logits, y);
+    loss.backward();
+    sgd.step();
+    return torch::stack({loss.detach().to(torch::kDouble), logits.detach().argmax(1).eq(y).to(torch::kDouble).mean()});
+  };
+  hooks.save = [&](CheckpointWriter& w) {
+    w.module("model", model);
+    w.optimizer("optimizer", sgd);
+  };
+  hooks.load = [&](CheckpointReader& r) {
+    r.module("model", model);
+    r.optimizer("optimizer", sgd);
+  };
+  if (has_val) {
+    hooks.evaluate = [&](int64_t) {
+      EvalResult v = evaluate_classifier(c, data.val, opt.eval_batch_size, ctx.device);
+      return json{{"val_top1", v.top1}, {"val_loss", v.loss}};
+    };
+    hooks.score = [](const json& line, int64_t) { return line["val_top1"].get<double>(); };
+    hooks.save_best = [&](CheckpointWriter& w) { w.module("model", model); };
+  }
+  TrainLoopResult res = run_train_loop(spec, hooks, train, ctx);
 
   // Model selection on the validation split, never on the test split.
-  if (has_val && fs::exists(best_path)) {
-    CheckpointReader r(best_path);
-    r.module("model", model);
-  }
+  if (has_val && res.best_epoch > 0) CheckpointReader(res.best_path).module("model", model);
   EvalResult val = has_val ? evaluate_classifier(c, data.val, opt.eval_batch_size, ctx.device) : EvalResult{};
   EvalResult test = evaluate_classifier(c, data.test, opt.eval_batch_size, ctx.device);
   {
     CheckpointWriter w;
     w.module("model", model);
     w.meta({{"val_top1", val.top1}, {"test_top1", test.top1}, {"recipe", ctx.resolved_recipe}});
-    w.save_atomic(final_path);
+    w.save_atomic(ctx.stage_dir + "/final.pt");
   }
   json summary = {{"test_top1", test.top1},         {"test_loss", test.loss},
                   {"val_top1", has_val ? json(val.top1) : json(nullptr)},
-                  {"best_epoch", has_val ? json(best_epoch) : json(opt.epochs)},
+                  {"best_epoch", has_val ? json(res.best_epoch) : json(opt.epochs)},
                   {"selected_on", has_val ? "val_top1" : "last_epoch"},
                   {"epochs", opt.epochs},
-                  {"train_seconds", train_seconds},
-                  {"train_images_per_s", static_cast<double>(images_seen) / std::max(1e-9, train_seconds)},
+                  {"train_seconds", res.train_seconds},
+                  {"train_images_per_s", static_cast<double>(res.images_seen) / std::max(1e-9, res.train_seconds)},
                   {"n_train", data.train.size()}, {"n_val", data.val.size()}, {"n_test", data.test.size()}};
   std::fprintf(stderr, "[%s] selected epoch %s: val %.2f%%, test %.2f%%\n", ctx.stage_name.c_str(),
                summary["best_epoch"].dump().c_str(), 100.0 * val.top1, 100.0 * test.top1);

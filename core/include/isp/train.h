@@ -15,6 +15,44 @@ namespace torch { namespace nn { class Module; } }
 
 namespace isp {
 
+class CheckpointWriter;
+class CheckpointReader;
+class BatchLoader;
+struct Batch;
+
+// The epoch/step loop every training stage shares (classifier, finetuning, predictor, selector, gate
+// learning): exact resume from <stage_dir>/checkpoint.pt at the step it stopped (what `save` writes, the RNG
+// streams, the running sums), Ctrl-C checkpointing, fault injection (ISP_INTERRUPT_AFTER_STEPS=N behaves as
+// if Ctrl-C arrived after N steps), step metrics accumulated on the device and read back only when the
+// progress line is drawn, evaluation every N epochs with model selection into <stage_dir>/best.pt, and one
+// JSON line per epoch in metrics.jsonl.
+struct TrainLoopSpec {
+  int64_t epochs = 1;
+  int64_t eval_every = 1;           // and after the last epoch
+  int64_t max_steps_per_epoch = 0;  // 0 = the whole loader
+  int64_t progress_every = 10;      // steps between progress reads; each read is one host synchronisation
+  std::vector<std::string> metrics{"loss"};  // what step() returns, in order; logged as train_<name>
+};
+struct TrainLoopHooks {
+  std::function<json(int64_t epoch)> start_epoch;     // optional: LR, train mode...; returns fields for the line
+  std::function<at::Tensor(const Batch&)> step;       // one optimisation step -> detached [metrics.size()] batch means
+  std::function<json(int64_t epoch)> evaluate;        // optional: validation metrics, merged into the line
+  std::function<double(const json& line, int64_t epoch)> score;  // optional: higher is better, -inf = no candidate
+  std::function<void(CheckpointWriter&)> save;        // everything step() changes: model, optimiser, ...
+  std::function<void(CheckpointReader&)> load;
+  std::function<void(CheckpointWriter&)> save_best;   // what best.pt holds (required with score)
+};
+struct TrainLoopResult {
+  int64_t best_epoch = -1;  // -1: no evaluated epoch was a candidate (best.pt absent)
+  double best_score = 0;
+  double train_seconds = 0;
+  int64_t images_seen = 0;
+  std::string best_path;
+  json last_line;  // the last epoch's metrics line (empty when resumed after the last epoch)
+};
+ISP_API TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& hooks, BatchLoader& loader,
+                                       RunContext& ctx);
+
 struct SgdScheduleOptions {
   int64_t epochs = 200;
   int64_t batch_size = 128;
@@ -75,5 +113,10 @@ class ISP_API Progress {
 };
 
 ISP_API double now_seconds();
+
+// KL(softmax(target) || softmax(logits)) per sample, summed over classes: [n].
+ISP_API at::Tensor kl_per_sample(const at::Tensor& target_logits, const at::Tensor& logits);
+// Training augmentation by name: "dataset" = the data set's own, "flip" = horizontal flips only, "none".
+ISP_API Augmentation augmentation_by_name(const std::string& mode, const DataBundle& data);
 
 }  // namespace isp

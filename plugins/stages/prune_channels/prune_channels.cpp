@@ -7,6 +7,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <limits>
 
 #include "isp/checkpoint.h"
 #include "isp/cost.h"
@@ -110,118 +111,90 @@ class PruneChannels : public isp::Stage {
     for (auto& p : classifier_->named_parameters()) frozen.emplace_back(p.key(), p.value().requires_grad()), p.value().set_requires_grad(false);
     if (selector_) for (auto& p : selector_->parameters()) p.set_requires_grad(false);
 
-    const std::string ckpt = ctx.stage_dir + "/checkpoint.pt";
     at::Tensor best_gates;
-    double best_val = -1, best_ratio = 2.0;
-    bool best_fits = false;
-    int64_t best_epoch = 0, start_epoch = 0;
-    isp::json history = isp::json::array();
     if (pruner_->learns_gates()) {
       torch::optim::AdamW opt(pruner_->parameters(), torch::optim::AdamWOptions(o_.lr).weight_decay(o_.weight_decay));
-      if (ctx.resume && fs::exists(ckpt)) {
-        isp::CheckpointReader r(ckpt);
-        r.module("pruner", *pruner_);
-        r.optimizer("optimizer", opt);
-        start_epoch = r.meta().at("epoch");
-        best_val = r.meta().value("best_val_top1", -1.0);
-        best_epoch = r.meta().value("best_epoch", 0);
-        best_fits = r.meta().value("best_fits", false);
-        best_ratio = r.meta().value("best_ratio", 2.0);
-        if (r.has("best_gates")) best_gates = r.tensor("best_gates").to(dev);
-      }
       isp::BatchLoader loader(subset, o_.batch_size, true, isp::Augmentation{}, dev);
-      int64_t steps = loader.num_batches();
-      if (o_.max_steps_per_epoch > 0) steps = std::min(steps, o_.max_steps_per_epoch);
-      isp::Progress progress(ctx.stage_name);
-      double train_seconds = 0;
-      int64_t images = 0;
-      for (int64_t epoch = start_epoch; epoch < o_.epochs; ++epoch) {
+      isp::TrainLoopSpec spec;
+      spec.epochs = o_.epochs;
+      spec.eval_every = o_.eval_every;
+      spec.max_steps_per_epoch = o_.max_steps_per_epoch;
+      spec.metrics = {"loss"};
+      for (const auto& r : regs_) spec.metrics.push_back(r->term());
+      spec.metrics.push_back("flops_ratio");
+      isp::TrainLoopHooks hooks;
+      hooks.start_epoch = [&](int64_t) {
         set_bn_mode();
-        loader.start_epoch(ctx.seed, epoch);
-        double t0 = isp::now_seconds();
-        std::map<std::string, at::Tensor> sums;
-        for (int64_t s = 0; s < steps; ++s) {
-          isp::Batch b = loader.get(s);
-          at::Tensor x = b.x.to(dev), y = b.y.to(dev), bi = b.index.to(dev);
-          isp::LossInputs in;
-          at::Tensor soft = pruner_->soft_gates();
-          classifier_->set_gates(soft);
-          isp::BackboneFeatures f = classifier_->forward_features(x);
-          in.logits = f.logits;
-          in.labels = y;
-          if (selector_) {
-            auto scales = f.scales;
-            scales.back() = selector_->filter->forward(scales.back(), y);
-            isp::MaskDistribution d = selector_->head->forward(selector_->decoder->forward(scales));
-            in.params = d.params;
-            in.readable = d.readable;
-            in.probs = d.probs;
-            in.params_ref = ref_params.index_select(0, bi);
-            in.readable_ref = ref_readable.index_select(0, bi);
-            in.maps_ref = ref_maps.index_select(0, bi);
-          }
-          // A separate hard straight-through sample drives the FLOPs term (isp-spec §3.3).
-          at::Tensor kept = cost_->kept_per_layer(pruner_->hard_gates());
-          in.flops_ratio = cost_->flops(kept) / cost_->full_flops();
-          in.flops_ratio_official = cost_->official_flops_ratio(kept);
-          at::Tensor loss = torch::zeros({}, x.options());
-          for (auto& r : regs_) {
-            at::Tensor term = r->compute(in);
-            loss = loss + r->weight() * term;
-            auto& acc = sums[r->term()];
-            acc = acc.defined() ? acc + term.detach() : term.detach();
-          }
-          auto& ratio_acc = sums["flops_ratio"];
-          ratio_acc = ratio_acc.defined() ? ratio_acc + in.flops_ratio.detach() : in.flops_ratio.detach();
-          auto& loss_acc = sums["loss"];
-          loss_acc = loss_acc.defined() ? loss_acc + loss.detach() : loss.detach();
-          opt.zero_grad();
-          loss.backward();
-          opt.step();
-          images += b.size();
-          if (s % 10 == 0) progress.update("epoch " + std::to_string(epoch + 1) + "/" + std::to_string(o_.epochs) +
-                                           " step " + std::to_string(s + 1) + "/" + std::to_string(steps) +
-                                           " loss " + std::to_string(loss.item<double>()));
+        return isp::json{{"lr", o_.lr}};
+      };
+      // Everything stays on the device: gate noise, the FLOPs term and the interpretation term are batched
+      // tensor ops, and nothing is read back inside a step.
+      hooks.step = [&](const isp::Batch& b) {
+        at::Tensor x = b.x.to(dev), y = b.y.to(dev), bi = b.index.to(dev);
+        isp::LossInputs in;
+        classifier_->set_gates(pruner_->soft_gates());
+        isp::BackboneFeatures f = classifier_->forward_features(x);
+        in.logits = f.logits;
+        in.labels = y;
+        if (selector_) {
+          auto scales = f.scales;
+          scales.back() = selector_->filter->forward(scales.back(), y);
+          isp::MaskDistribution d = selector_->head->forward(selector_->decoder->forward(scales));
+          in.params = d.params;
+          in.readable = d.readable;
+          in.probs = d.probs;
+          in.params_ref = ref_params.index_select(0, bi);
+          in.readable_ref = ref_readable.index_select(0, bi);
+          in.maps_ref = ref_maps.index_select(0, bi);
         }
-        train_seconds += isp::now_seconds() - t0;
-        isp::json line = {{"epoch", epoch + 1}};
-        for (auto& [k, v] : sums) line[k] = v.item<double>() / static_cast<double>(steps);
-        bool eval_now = (epoch + 1) % o_.eval_every == 0 || epoch + 1 == o_.epochs;
-        if (eval_now) {
-          at::Tensor g = pruner_->final_gates().to(dev);
-          double ratio = cost_->count(widths_of(g)).flops / cost_->full_flops();
-          double val = evaluate_gated(g, data.val.size() ? data.val : subset, dev);
-          line["val_top1_gated"] = val;
-          line["final_flops_ratio"] = ratio;
-          // Model selection on the validation split among architectures that meet the budget; until one
-          // does, the cheapest architecture seen so far is kept.
-          bool fits = ratio <= o_.max_flops_ratio;
-          if (epoch + 1 > o_.select_after_epoch) {
-            bool better = fits ? (!best_fits || val > best_val) : (!best_fits && ratio < best_ratio);
-            if (better) {
-              best_val = val;
-              best_epoch = epoch + 1;
-              best_gates = g;
-              best_fits = fits;
-              best_ratio = ratio;
-            }
-          }
+        // A separate hard straight-through sample drives the FLOPs term (isp-spec §3.3).
+        at::Tensor kept = cost_->kept_per_layer(pruner_->hard_gates());
+        in.flops_ratio = cost_->flops(kept) / cost_->full_flops();
+        in.flops_ratio_official = cost_->official_flops_ratio(kept);
+        at::Tensor loss = torch::zeros({}, x.options());
+        std::vector<at::Tensor> parts{at::Tensor()};
+        for (auto& r : regs_) {
+          at::Tensor term = r->compute(in);
+          loss = loss + r->weight() * term;
+          parts.push_back(term.detach().reshape({}));
         }
-        if (ctx.log_metrics) ctx.log_metrics(line);
-        progress.finish("epoch " + std::to_string(epoch + 1) + " " + line.dump());
-        isp::CheckpointWriter w;
+        parts.push_back(in.flops_ratio.detach().reshape({}).to(loss.dtype()));
+        parts[0] = loss.detach();
+        opt.zero_grad();
+        loss.backward();
+        opt.step();
+        return torch::stack(parts);
+      };
+      hooks.save = [&](isp::CheckpointWriter& w) {
         w.module("pruner", *pruner_);
         w.optimizer("optimizer", opt);
-        if (best_gates.defined()) w.tensor("best_gates", best_gates);
-        w.meta({{"epoch", epoch + 1}, {"best_val_top1", best_val}, {"best_epoch", best_epoch}, {"best_fits", best_fits},
-                {"best_ratio", best_ratio}, {"recipe", ctx.resolved_recipe}});
-        w.save_atomic(ckpt);
-        if (ctx.stop_requested()) throw isp::Interrupted("pruning interrupted after epoch " + std::to_string(epoch + 1) + "; continue with --resume");
-      }
-      if (!best_gates.defined()) best_gates = pruner_->final_gates().to(dev);
-      ctx.summary["pruning_images_per_s"] = static_cast<double>(images) / std::max(1e-9, train_seconds);
-      ctx.summary["selected_epoch"] = best_epoch;
-      ctx.summary["selected_meets_budget"] = best_fits;
+      };
+      hooks.load = [&](isp::CheckpointReader& r) {
+        r.module("pruner", *pruner_);
+        r.optimizer("optimizer", opt);
+      };
+      at::Tensor evaluated_gates;
+      hooks.evaluate = [&](int64_t) {
+        evaluated_gates = pruner_->final_gates().to(dev);  // deterministic: thresholded without noise
+        const double ratio = cost_->count(widths_of(evaluated_gates)).flops / cost_->full_flops();
+        const double val = evaluate_gated(evaluated_gates, data.val.size() ? data.val : subset, dev);
+        return isp::json{{"val_top1_gated", val}, {"final_flops_ratio", ratio}};
+      };
+      // Model selection on the validation split among the architectures within max_flops_ratio; until one
+      // is, the cheapest architecture seen so far is kept. As a score: any architecture within the budget
+      // (2 + accuracy) beats every one outside it (-ratio).
+      hooks.score = [&](const isp::json& line, int64_t epoch) {
+        if (epoch + 1 <= o_.select_after_epoch) return -std::numeric_limits<double>::infinity();
+        const double ratio = line["final_flops_ratio"].get<double>();
+        return ratio <= o_.max_flops_ratio ? 2.0 + line["val_top1_gated"].get<double>() : -ratio;
+      };
+      hooks.save_best = [&](isp::CheckpointWriter& w) { w.tensor("gates", evaluated_gates); };
+      const isp::TrainLoopResult res = isp::run_train_loop(spec, hooks, loader, ctx);
+      best_gates = res.best_epoch > 0 ? isp::CheckpointReader(res.best_path).tensor("gates").to(dev)
+                                      : pruner_->final_gates().to(dev);
+      ctx.summary["pruning_images_per_s"] = static_cast<double>(res.images_seen) / std::max(1e-9, res.train_seconds);
+      ctx.summary["selected_epoch"] = res.best_epoch;
+      ctx.summary["selected_meets_budget"] = res.best_epoch > 0 && res.best_score >= 2.0;
     } else {
       best_gates = pruner_->final_gates().to(dev);
     }

@@ -88,26 +88,6 @@ class ScopedSeed {
   std::vector<at::Tensor> states_;
 };
 
-isp::Augmentation pick_augmentation(const std::string& mode, const isp::DataBundle& d) {
-  if (mode == "dataset") return d.augmentation;
-  isp::Augmentation a;
-  a.pad_value = d.augmentation.pad_value;
-  a.horizontal_flip = mode == "flip";
-  return a;
-}
-
-// KL(q || p) per sample from logits, summed over classes: [n].
-at::Tensor kl_per_sample(const at::Tensor& target_logits, const at::Tensor& logits) {
-  at::Tensor lq = torch::log_softmax(target_logits, 1), lp = torch::log_softmax(logits, 1);
-  return (lq.exp() * (lq - lp)).sum(1);
-}
-
-std::string fmt_duration(double s) {
-  char buf[32];
-  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s / 3600), static_cast<int>(s / 60) % 60);
-  else std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s / 60), static_cast<int>(s) % 60);
-  return buf;
-}
 
 struct PredEval { double kl = 0, agreement = 0; int64_t n = 0; };
 
@@ -137,146 +117,61 @@ class TrainPredictor : public isp::Stage {
     classifier_->to(ctx.device);
     classifier_->eval();
     predictor_->to(ctx.device);
-    fs::create_directories(ctx.stage_dir);
-    const std::string ckpt_path = ctx.stage_dir + "/checkpoint.pt";
-    const std::string best_path = ctx.stage_dir + "/best.pt";
-    const std::string final_path = ctx.stage_dir + "/final.pt";
-
     torch::optim::Adam adam(predictor_->parameters(), torch::optim::AdamOptions(opt_.lr)
                                                           .betas({opt_.beta1, opt_.beta2})
                                                           .weight_decay(opt_.weight_decay));
-    isp::BatchLoader train(data.train, opt_.batch_size, /*shuffle=*/true, pick_augmentation(opt_.augmentation, data),
+    isp::BatchLoader train(data.train, opt_.batch_size, /*shuffle=*/true, isp::augmentation_by_name(opt_.augmentation, data),
                            ctx.device);
     const bool has_val = data.val.size() > 0;
-    int64_t start_epoch = 0, start_step = 0, best_epoch = -1, images_seen = 0, seen_in_epoch = 0;
-    double best_val = std::numeric_limits<double>::infinity(), loss_sum = 0.0, train_seconds = 0.0;
+    if (opt_.init_from_classifier) copy_classifier_weights();  // a resumed run then loads its checkpoint over it
 
-    if (opt_.init_from_classifier) copy_classifier_weights();
-    if (ctx.resume && fs::exists(ckpt_path)) {
-      isp::CheckpointReader r(ckpt_path);
-      r.module("model", *predictor_);
-      r.optimizer("optimizer", adam);
-      const isp::json& m = r.meta();
-      start_epoch = m.at("epoch");
-      start_step = m.at("step");
-      best_val = m.value("best_val_kl", std::numeric_limits<double>::infinity());
-      if (m.contains("best_val_kl") && m["best_val_kl"].is_null()) best_val = std::numeric_limits<double>::infinity();
-      best_epoch = m.value("best_epoch", -1);
-      loss_sum = m.value("loss_sum", 0.0);
-      seen_in_epoch = m.value("seen_in_epoch", 0);
-      images_seen = m.value("images_seen", 0);
-      train_seconds = m.value("train_seconds", 0.0);
-      if (r.has("rng")) at::Generator(at::detail::getDefaultCPUGenerator()).set_state(r.tensor("rng"));
-      if (!ctx.device.is_cpu() && r.has("rng_device"))
-        at::Generator(at::globalContext().defaultGenerator(ctx.device)).set_state(r.tensor("rng_device"));
-      std::fprintf(stderr, "[%s] resuming from %s at epoch %lld step %lld\n", ctx.stage_name.c_str(),
-                   ckpt_path.c_str(), static_cast<long long>(start_epoch), static_cast<long long>(start_step));
-    }
-
-    auto save_checkpoint = [&](int64_t epoch, int64_t step) {
-      isp::CheckpointWriter w;
+    isp::TrainLoopSpec spec;
+    spec.epochs = opt_.epochs;
+    spec.eval_every = opt_.eval_every;
+    spec.max_steps_per_epoch = opt_.max_steps_per_epoch;
+    spec.metrics = {"kl"};
+    isp::TrainLoopHooks hooks;
+    hooks.start_epoch = [&](int64_t) {
+      predictor_->train();
+      return isp::json{{"lr", opt_.lr}};
+    };
+    hooks.step = [&](const isp::Batch& b) {
+      at::Tensor x = b.x.to(ctx.device);
+      at::Tensor target;
+      {
+        torch::NoGradGuard ng;
+        target = classifier_->forward(x);
+      }
+      at::Tensor m = masks_->sample(x.size(0), x.size(2), x.size(3), x.options());
+      adam.zero_grad();
+      at::Tensor loss = isp::kl_per_sample(target, predictor_->forward(x * m)).mean();
+      loss.backward();
+      adam.step();
+      return loss.detach().reshape({1});
+    };
+    hooks.save = [&](isp::CheckpointWriter& w) {
       w.module("model", *predictor_);
       w.optimizer("optimizer", adam);
-      w.tensor("rng", at::detail::getDefaultCPUGenerator().get_state());
-      if (!ctx.device.is_cpu()) w.tensor("rng_device", at::Generator(at::globalContext().defaultGenerator(ctx.device)).get_state());
-      w.meta({{"epoch", epoch}, {"step", step},
-              {"best_val_kl", std::isfinite(best_val) ? isp::json(best_val) : isp::json(nullptr)},
-              {"best_epoch", best_epoch}, {"loss_sum", loss_sum}, {"seen_in_epoch", seen_in_epoch},
-              {"images_seen", images_seen}, {"train_seconds", train_seconds},
-              {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}});
-      w.save_atomic(ckpt_path);
     };
-
-    isp::Progress progress(ctx.stage_name);
-    int64_t steps_per_epoch = train.num_batches();
-    if (opt_.max_steps_per_epoch > 0) steps_per_epoch = std::min(steps_per_epoch, opt_.max_steps_per_epoch);
-    const int64_t total_steps = steps_per_epoch * opt_.epochs;
-    const char* inject = std::getenv("ISP_INTERRUPT_AFTER_STEPS");
-    const int64_t interrupt_after = inject ? std::atoll(inject) : -1;
-    int64_t steps_this_process = 0;
-    PredEval last_val;
-    const double t_process = isp::now_seconds();
-    for (int64_t epoch = start_epoch; epoch < opt_.epochs; ++epoch) {
-      train.start_epoch(ctx.seed, epoch);
-      predictor_->train();
-      const double t_epoch = isp::now_seconds();
-      at::Tensor dev_loss = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(ctx.device));
-      for (int64_t step = (epoch == start_epoch ? start_step : 0); step < steps_per_epoch; ++step) {
-        isp::Batch b = train.get(step);
-        at::Tensor x = b.x.to(ctx.device);
-        at::Tensor target;
-        {
-          torch::NoGradGuard ng;
-          target = classifier_->forward(x);
-        }
-        at::Tensor m = masks_->sample(x.size(0), x.size(2), x.size(3), x.options());
-        adam.zero_grad();
-        at::Tensor loss = kl_per_sample(target, predictor_->forward(x * m)).mean();
-        loss.backward();
-        adam.step();
-        dev_loss += loss.detach().to(torch::kDouble) * b.size();
-        seen_in_epoch += b.size();
-        images_seen += b.size();
-        if (++steps_this_process == interrupt_after && ctx.interrupted) ctx.interrupted->store(true);
-        const bool last_step = step + 1 == steps_per_epoch;
-        if (last_step || step % 10 == 0 || ctx.stop_requested()) {
-          loss_sum += dev_loss.item<double>();
-          dev_loss.zero_();
-          const int64_t done = epoch * steps_per_epoch + step + 1;
-          const double per_step = (isp::now_seconds() - t_process) /
-                                  std::max<int64_t>(1, done - start_epoch * steps_per_epoch - start_step);
-          char buf[256];
-          std::snprintf(buf, sizeof buf, "epoch %lld/%lld step %lld/%lld KL %.4f %.0f img/s ETA %s",
-                        static_cast<long long>(epoch + 1), static_cast<long long>(opt_.epochs),
-                        static_cast<long long>(step + 1), static_cast<long long>(steps_per_epoch),
-                        loss_sum / std::max<int64_t>(1, seen_in_epoch),
-                        static_cast<double>(seen_in_epoch) / std::max(1e-9, isp::now_seconds() - t_epoch),
-                        fmt_duration(per_step * static_cast<double>(total_steps - done)).c_str());
-          progress.update(buf);
-        }
-        if (ctx.stop_requested()) {
-          train_seconds += isp::now_seconds() - t_epoch;
-          save_checkpoint(epoch, step + 1);
-          progress.finish("interrupted: checkpoint written to " + ckpt_path);
-          throw isp::Interrupted("interrupted at epoch " + std::to_string(epoch + 1) + " step " +
-                                 std::to_string(step + 1) + "; continue with --resume");
-        }
-      }
-      const double epoch_seconds = isp::now_seconds() - t_epoch;
-      train_seconds += epoch_seconds;
-      isp::json line = {{"epoch", epoch + 1}, {"lr", opt_.lr},
-                        {"train_kl", loss_sum / std::max<int64_t>(1, seen_in_epoch)},
-                        {"train_loss", loss_sum / std::max<int64_t>(1, seen_in_epoch)},
-                        {"images_per_s", seen_in_epoch / std::max(1e-9, epoch_seconds)}};
-      const bool eval_now = (epoch + 1) % opt_.eval_every == 0 || epoch + 1 == opt_.epochs;
-      if (eval_now && has_val) {
-        last_val = evaluate(data.val, ctx.device);
-        line["val_kl"] = last_val.kl;
-        line["val_agreement"] = last_val.agreement;
-        if (last_val.kl < best_val) {
-          best_val = last_val.kl;
-          best_epoch = epoch + 1;
-          isp::CheckpointWriter w;
-          w.module("model", *predictor_);
-          w.meta({{"epoch", epoch + 1}, {"val_kl", best_val}, {"recipe", ctx.resolved_recipe}});
-          w.save_atomic(best_path);
-        }
-      }
-      char buf[256];
-      std::snprintf(buf, sizeof buf, "epoch %lld/%lld KL %.4f%s %.0f img/s (%.1fs)", static_cast<long long>(epoch + 1),
-                    static_cast<long long>(opt_.epochs), line["train_kl"].get<double>(),
-                    line.contains("val_kl") ? (" val KL " + std::to_string(last_val.kl).substr(0, 6) + " agree " +
-                                               std::to_string(100.0 * last_val.agreement).substr(0, 5) + "%").c_str()
-                                            : "",
-                    line["images_per_s"].get<double>(), epoch_seconds);
-      progress.finish(buf);
-      if (ctx.log_metrics) ctx.log_metrics(line);
-      loss_sum = 0.0;
-      seen_in_epoch = 0;
-      save_checkpoint(epoch + 1, 0);
+    hooks.load = [&](isp::CheckpointReader& r) {
+      r.module("model", *predictor_);
+      r.optimizer("optimizer", adam);
+    };
+    if (has_val) {
+      hooks.evaluate = [&](int64_t) {
+        PredEval v = evaluate(data.val, ctx.device);
+        return isp::json{{"val_kl", v.kl}, {"val_agreement", v.agreement}};
+      };
+      hooks.score = [](const isp::json& line, int64_t) { return -line["val_kl"].get<double>(); };
+      hooks.save_best = [&](isp::CheckpointWriter& w) { w.module("model", *predictor_); };
     }
+    const isp::TrainLoopResult res = isp::run_train_loop(spec, hooks, train, ctx);
+    const int64_t best_epoch = res.best_epoch;
+    const double train_seconds = res.train_seconds;
+    const int64_t images_seen = res.images_seen;
+    const std::string best_path = res.best_path, final_path = ctx.stage_dir + "/final.pt";
 
-    if (has_val && fs::exists(best_path)) isp::CheckpointReader(best_path).module("model", *predictor_);
+    if (has_val && best_epoch > 0) isp::CheckpointReader(best_path).module("model", *predictor_);
     const PredEval val = has_val ? evaluate(data.val, ctx.device) : PredEval{};
     const PredEval test = evaluate(data.test, ctx.device);
     {
@@ -343,7 +238,7 @@ class TrainPredictor : public isp::Stage {
       at::Tensor z = classifier_->forward(x);
       at::Tensor m = masks_->sample(x.size(0), x.size(2), x.size(3), x.options());
       at::Tensor p = predictor_->forward(x * m);
-      kl += kl_per_sample(z, p).sum().to(torch::kDouble);
+      kl += isp::kl_per_sample(z, p).sum().to(torch::kDouble);
       agree += p.argmax(1).eq(z.argmax(1)).sum();
     }
     r.n = split.size();

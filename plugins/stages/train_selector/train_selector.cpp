@@ -71,25 +71,6 @@ struct TrainSelectorOptions {
   }
 };
 
-isp::Augmentation pick_augmentation(const std::string& mode, const isp::DataBundle& d) {
-  if (mode == "dataset") return d.augmentation;
-  isp::Augmentation a;
-  a.pad_value = d.augmentation.pad_value;
-  a.horizontal_flip = mode == "flip";
-  return a;
-}
-
-at::Tensor kl_per_sample(const at::Tensor& target_logits, const at::Tensor& logits) {
-  at::Tensor lq = torch::log_softmax(target_logits, 1), lp = torch::log_softmax(logits, 1);
-  return (lq.exp() * (lq - lp)).sum(1);
-}
-
-std::string fmt_duration(double s) {
-  char buf[32];
-  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s / 3600), static_cast<int>(s / 60) % 60);
-  else std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s / 60), static_cast<int>(s) % 60);
-  return buf;
-}
 
 // Turns off requires_grad of a frozen network's parameters for a scope (gradients still flow through it to
 // its input), and restores the previous flags afterwards.
@@ -144,172 +125,79 @@ class TrainSelector : public isp::Stage {
     classifier_->eval();
     predictor_->eval();
     FrozenParameters frozen_pred(*predictor_), frozen_cls(*classifier_);
-    fs::create_directories(ctx.stage_dir);
-    const std::string ckpt_path = ctx.stage_dir + "/checkpoint.pt";
-    const std::string best_path = ctx.stage_dir + "/best.pt";
-    const std::string final_path = ctx.stage_dir + "/final.pt";
-
     // selector_->parameters(): filter + decoder + head; the encoder is not a registered submodule.
     torch::optim::Adam adam(selector_->parameters(), torch::optim::AdamOptions(opt_.lr)
                                                          .betas({opt_.beta1, opt_.beta2})
                                                          .weight_decay(opt_.weight_decay));
-    isp::BatchLoader train(data.train, opt_.batch_size, /*shuffle=*/true, pick_augmentation(opt_.augmentation, data),
+    isp::BatchLoader train(data.train, opt_.batch_size, /*shuffle=*/true, isp::augmentation_by_name(opt_.augmentation, data),
                            ctx.device);
     const bool has_val = data.val.size() > 0;
-    const std::size_t n_terms = regularizers_.size();
-    int64_t start_epoch = 0, start_step = 0, best_epoch = -1, images_seen = 0, seen_in_epoch = 0;
-    double best_val = -1.0, train_seconds = 0.0;
-    // Running sums of the epoch (host side, updated when the progress line is drawn): loss, KL, each term.
-    std::vector<double> sums(2 + n_terms, 0.0);
 
-    if (ctx.resume && fs::exists(ckpt_path)) {
-      isp::CheckpointReader r(ckpt_path);
-      r.module("model", *selector_);
-      r.optimizer("optimizer", adam);
-      const isp::json& m = r.meta();
-      start_epoch = m.at("epoch");
-      start_step = m.at("step");
-      best_val = m.value("best_val_agreement", -1.0);
-      best_epoch = m.value("best_epoch", -1);
-      seen_in_epoch = m.value("seen_in_epoch", 0);
-      images_seen = m.value("images_seen", 0);
-      train_seconds = m.value("train_seconds", 0.0);
-      std::vector<double> s = m.value("sums", std::vector<double>{});
-      if (s.size() == sums.size()) sums = s;
-      if (r.has("rng")) at::Generator(at::detail::getDefaultCPUGenerator()).set_state(r.tensor("rng"));
-      if (!ctx.device.is_cpu() && r.has("rng_device"))
-        at::Generator(at::globalContext().defaultGenerator(ctx.device)).set_state(r.tensor("rng_device"));
-      std::fprintf(stderr, "[%s] resuming from %s at epoch %lld step %lld\n", ctx.stage_name.c_str(),
-                   ckpt_path.c_str(), static_cast<long long>(start_epoch), static_cast<long long>(start_step));
-    }
-
-    auto save_checkpoint = [&](int64_t epoch, int64_t step) {
-      isp::CheckpointWriter w;
+    isp::TrainLoopSpec spec;
+    spec.epochs = opt_.epochs;
+    spec.eval_every = opt_.eval_every;
+    spec.max_steps_per_epoch = opt_.max_steps_per_epoch;
+    spec.metrics = {"loss", "kl"};
+    for (const auto& r : regularizers_) spec.metrics.push_back(r->term());
+    isp::TrainLoopHooks hooks;
+    hooks.start_epoch = [&](int64_t) {
+      selector_->train();
+      return isp::json{{"lr", opt_.lr}};
+    };
+    hooks.step = [&](const isp::Batch& b) {
+      at::Tensor x = b.x.to(ctx.device), y = b.y.to(ctx.device);
+      at::Tensor z;
+      {
+        torch::NoGradGuard ng;
+        z = classifier_->forward(x);
+      }
+      // Ground-truth labels condition the filter in training (isp-spec §1c); the encoder runs without grad.
+      isp::MaskDistribution dist = selector_->forward(x, y, /*encoder_grad=*/false);
+      at::Tensor s = selector_->sampler->sample(dist.probs);
+      at::Tensor kl = isp::kl_per_sample(z, predictor_->forward(x * s)).mean();
+      isp::LossInputs in;
+      in.mask = s;
+      in.probs = dist.probs;
+      in.params = dist.params;
+      in.readable = dist.readable;
+      in.logits = z;
+      in.labels = y;
+      at::Tensor loss = kl;
+      std::vector<at::Tensor> parts{at::Tensor(), kl.detach()};
+      for (const auto& r : regularizers_) {
+        at::Tensor t = r->compute(in);
+        loss = loss + r->weight() * t;
+        parts.push_back(t.detach());
+      }
+      parts[0] = loss.detach();
+      adam.zero_grad();
+      loss.backward();
+      adam.step();
+      return torch::stack(parts);
+    };
+    hooks.save = [&](isp::CheckpointWriter& w) {
       w.module("model", *selector_);
       w.optimizer("optimizer", adam);
-      w.tensor("rng", at::detail::getDefaultCPUGenerator().get_state());
-      if (!ctx.device.is_cpu()) w.tensor("rng_device", at::Generator(at::globalContext().defaultGenerator(ctx.device)).get_state());
-      w.meta({{"epoch", epoch}, {"step", step}, {"best_val_agreement", best_val}, {"best_epoch", best_epoch},
-              {"sums", sums}, {"seen_in_epoch", seen_in_epoch}, {"images_seen", images_seen},
-              {"train_seconds", train_seconds}, {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}});
-      w.save_atomic(ckpt_path);
     };
-
-    isp::Progress progress(ctx.stage_name);
-    int64_t steps_per_epoch = train.num_batches();
-    if (opt_.max_steps_per_epoch > 0) steps_per_epoch = std::min(steps_per_epoch, opt_.max_steps_per_epoch);
-    const int64_t total_steps = steps_per_epoch * opt_.epochs;
-    const char* inject = std::getenv("ISP_INTERRUPT_AFTER_STEPS");
-    const int64_t interrupt_after = inject ? std::atoll(inject) : -1;
-    int64_t steps_this_process = 0;
-    SelEval last_val;
-    const double t_process = isp::now_seconds();
-    const auto dopt = torch::TensorOptions().dtype(torch::kDouble).device(ctx.device);
-    for (int64_t epoch = start_epoch; epoch < opt_.epochs; ++epoch) {
-      train.start_epoch(ctx.seed, epoch);
-      selector_->train();
-      const double t_epoch = isp::now_seconds();
-      // Device-side accumulators [loss, kl, term...], read back only when the progress line is drawn.
-      at::Tensor dev_sums = torch::zeros({static_cast<int64_t>(2 + n_terms)}, dopt);
-      for (int64_t step = (epoch == start_epoch ? start_step : 0); step < steps_per_epoch; ++step) {
-        isp::Batch b = train.get(step);
-        at::Tensor x = b.x.to(ctx.device), y = b.y.to(ctx.device);
-        at::Tensor z;
-        {
-          torch::NoGradGuard ng;
-          z = classifier_->forward(x);
-        }
-        // Ground-truth labels condition the filter in training (isp-spec §1c); the encoder runs without grad.
-        isp::MaskDistribution dist = selector_->forward(x, y, /*encoder_grad=*/false);
-        at::Tensor s = selector_->sampler->sample(dist.probs);
-        at::Tensor kl = kl_per_sample(z, predictor_->forward(x * s)).mean();
-        isp::LossInputs in;
-        in.mask = s;
-        in.probs = dist.probs;
-        in.params = dist.params;
-        in.readable = dist.readable;
-        in.logits = z;
-        in.labels = y;
-        at::Tensor loss = kl;
-        std::vector<at::Tensor> parts{at::Tensor(), kl.detach()};
-        for (const auto& r : regularizers_) {
-          at::Tensor t = r->compute(in);
-          loss = loss + r->weight() * t;
-          parts.push_back(t.detach());
-        }
-        parts[0] = loss.detach();
-        adam.zero_grad();
-        loss.backward();
-        adam.step();
-        dev_sums += torch::stack(parts).to(torch::kDouble) * static_cast<double>(b.size());
-        seen_in_epoch += b.size();
-        images_seen += b.size();
-        if (++steps_this_process == interrupt_after && ctx.interrupted) ctx.interrupted->store(true);
-        const bool last_step = step + 1 == steps_per_epoch;
-        if (last_step || step % 10 == 0 || ctx.stop_requested()) {
-          at::Tensor host = dev_sums.cpu();
-          for (std::size_t k = 0; k < sums.size(); ++k) sums[k] += host[static_cast<int64_t>(k)].item<double>();
-          dev_sums.zero_();
-          const int64_t done = epoch * steps_per_epoch + step + 1;
-          const double per_step = (isp::now_seconds() - t_process) /
-                                  std::max<int64_t>(1, done - start_epoch * steps_per_epoch - start_step);
-          const double denom = static_cast<double>(std::max<int64_t>(1, seen_in_epoch));
-          char buf[256];
-          std::snprintf(buf, sizeof buf, "epoch %lld/%lld step %lld/%lld loss %.4f KL %.4f %.0f img/s ETA %s",
-                        static_cast<long long>(epoch + 1), static_cast<long long>(opt_.epochs),
-                        static_cast<long long>(step + 1), static_cast<long long>(steps_per_epoch), sums[0] / denom,
-                        sums[1] / denom,
-                        static_cast<double>(seen_in_epoch) / std::max(1e-9, isp::now_seconds() - t_epoch),
-                        fmt_duration(per_step * static_cast<double>(total_steps - done)).c_str());
-          progress.update(buf);
-        }
-        if (ctx.stop_requested()) {
-          train_seconds += isp::now_seconds() - t_epoch;
-          save_checkpoint(epoch, step + 1);
-          progress.finish("interrupted: checkpoint written to " + ckpt_path);
-          throw isp::Interrupted("interrupted at epoch " + std::to_string(epoch + 1) + " step " +
-                                 std::to_string(step + 1) + "; continue with --resume");
-        }
-      }
-      const double epoch_seconds = isp::now_seconds() - t_epoch;
-      train_seconds += epoch_seconds;
-      const double denom = static_cast<double>(std::max<int64_t>(1, seen_in_epoch));
-      isp::json line = {{"epoch", epoch + 1}, {"lr", opt_.lr}, {"train_loss", sums[0] / denom},
-                        {"train_kl", sums[1] / denom}, {"images_per_s", seen_in_epoch / std::max(1e-9, epoch_seconds)}};
-      for (std::size_t k = 0; k < n_terms; ++k) line["train_" + regularizers_[k]->term()] = sums[2 + k] / denom;
-      const bool eval_now = (epoch + 1) % opt_.eval_every == 0 || epoch + 1 == opt_.epochs;
-      if (eval_now && has_val) {
-        last_val = evaluate(data.val, ctx.device);
-        line["val_agreement"] = last_val.agreement;
-        line["val_kl"] = last_val.kl;
-        line["val_mask_area"] = last_val.area;
-        if (last_val.agreement > best_val) {
-          best_val = last_val.agreement;
-          best_epoch = epoch + 1;
-          isp::CheckpointWriter w;
-          w.module("model", *selector_);
-          w.meta({{"epoch", epoch + 1}, {"val_agreement", best_val}, {"recipe", ctx.resolved_recipe}});
-          w.save_atomic(best_path);
-        }
-      }
-      char buf[320];
-      std::snprintf(buf, sizeof buf, "epoch %lld/%lld loss %.4f KL %.4f%s %.0f img/s (%.1fs)",
-                    static_cast<long long>(epoch + 1), static_cast<long long>(opt_.epochs),
-                    line["train_loss"].get<double>(), line["train_kl"].get<double>(),
-                    line.contains("val_agreement")
-                        ? (" val agree " + std::to_string(100.0 * last_val.agreement).substr(0, 5) + "% KL " +
-                           std::to_string(last_val.kl).substr(0, 6) + " area " + std::to_string(last_val.area).substr(0, 5))
-                              .c_str()
-                        : "",
-                    line["images_per_s"].get<double>(), epoch_seconds);
-      progress.finish(buf);
-      if (ctx.log_metrics) ctx.log_metrics(line);
-      std::fill(sums.begin(), sums.end(), 0.0);
-      seen_in_epoch = 0;
-      save_checkpoint(epoch + 1, 0);
+    hooks.load = [&](isp::CheckpointReader& r) {
+      r.module("model", *selector_);
+      r.optimizer("optimizer", adam);
+    };
+    if (has_val) {
+      hooks.evaluate = [&](int64_t) {
+        SelEval v = evaluate(data.val, ctx.device);
+        return isp::json{{"val_agreement", v.agreement}, {"val_kl", v.kl}, {"val_mask_area", v.area}};
+      };
+      hooks.score = [](const isp::json& line, int64_t) { return line["val_agreement"].get<double>(); };
+      hooks.save_best = [&](isp::CheckpointWriter& w) { w.module("model", *selector_); };
     }
+    const isp::TrainLoopResult res = isp::run_train_loop(spec, hooks, train, ctx);
+    const int64_t best_epoch = res.best_epoch;
+    const double train_seconds = res.train_seconds;
+    const int64_t images_seen = res.images_seen;
+    const std::string best_path = res.best_path, final_path = ctx.stage_dir + "/final.pt";
 
-    if (has_val && fs::exists(best_path)) isp::CheckpointReader(best_path).module("model", *selector_);
+    if (has_val && best_epoch > 0) isp::CheckpointReader(best_path).module("model", *selector_);
     const SelEval val = has_val ? evaluate(data.val, ctx.device) : SelEval{};
     const SelEval test = evaluate(data.test, ctx.device);
     {
@@ -372,7 +260,7 @@ class TrainSelector : public isp::Stage {
       at::Tensor labels = opt_.label_source == "predicted" ? z.argmax(1) : y;
       at::Tensor P = selector_->forward(x, labels, false).probs;
       at::Tensor p = predictor_->forward(x * P);
-      kl += kl_per_sample(z, p).sum().to(torch::kDouble);
+      kl += isp::kl_per_sample(z, p).sum().to(torch::kDouble);
       agree += p.argmax(1).eq(z.argmax(1)).sum();
       area += P.flatten(1).mean(1).sum().to(torch::kDouble);
     }
