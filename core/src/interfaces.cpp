@@ -55,4 +55,29 @@ MaskDistribution SelectorNet::forward(const at::Tensor& x, const at::Tensor& lab
   return head->forward(decoder->forward(scales));
 }
 
+void add_layer(std::vector<LayerShape>& layers, std::string name, std::string op, int64_t in_channels,
+               int64_t out_channels, int64_t kernel, int64_t in_hw, int64_t out_hw, int in_gate, int out_gate,
+               int64_t groups) {
+  LayerShape l;
+  l.name = std::move(name);
+  l.op = std::move(op);
+  l.in_channels = in_channels;
+  l.out_channels = out_channels;
+  l.kernel = kernel;
+  l.groups = groups;
+  l.in_h = l.in_w = in_hw;
+  l.out_h = l.out_w = out_hw;
+  l.in_gate = in_gate;
+  l.out_gate = out_gate;
+  layers.push_back(std::move(l));
+}
+
+void check_gate_shape(const at::Tensor& gates, const std::vector<int64_t>& widths, const std::string& who) {
+  int64_t total = 0;
+  for (int64_t w : widths) total += w;
+  if ((gates.dim() == 1 && gates.size(0) == total) || (gates.dim() == 2 && gates.size(1) == total)) return;
+  throw Error(who + "::set_gates: expected a gate tensor of shape [" + std::to_string(total) + "] or [N, " +
+              std::to_string(total) + "], got " + c10::str(gates.sizes()));
+}
+
 }  // namespace isp

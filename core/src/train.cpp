@@ -244,6 +244,18 @@ std::string describe_metric(const std::string& name, double v) {
 }
 }  // namespace
 
+void TrainLoopHooks::checkpoint(torch::nn::Module& module, torch::optim::Optimizer& optimizer, const std::string& name) {
+  save = [&module, &optimizer, name](CheckpointWriter& w) {
+    w.module(name, module);
+    w.optimizer("optimizer", optimizer);
+  };
+  load = [&module, &optimizer, name](CheckpointReader& r) {
+    r.module(name, module);
+    r.optimizer("optimizer", optimizer);
+  };
+  save_best = [&module, name](CheckpointWriter& w) { w.module(name, module); };
+}
+
 TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& h, BatchLoader& loader, RunContext& ctx) {
   if (!h.step || !h.save || !h.load) throw Error("run_train_loop: step, save and load hooks are required");
   if (h.score && !h.save_best) throw Error("run_train_loop: a score hook needs save_best");
@@ -406,21 +418,13 @@ json fit_classifier(const Classifier& c, const DataBundle& data, const SgdSchedu
     sgd.step();
     return torch::stack({loss.detach().to(torch::kDouble), logits.detach().argmax(1).eq(y).to(torch::kDouble).mean()});
   };
-  hooks.save = [&](CheckpointWriter& w) {
-    w.module("model", model);
-    w.optimizer("optimizer", sgd);
-  };
-  hooks.load = [&](CheckpointReader& r) {
-    r.module("model", model);
-    r.optimizer("optimizer", sgd);
-  };
+  hooks.checkpoint(model, sgd);
   if (has_val) {
     hooks.evaluate = [&](int64_t) {
       EvalResult v = evaluate_classifier(c, data.val, opt.eval_batch_size, ctx.device);
       return json{{"val_top1", v.top1}, {"val_loss", v.loss}};
     };
     hooks.score = [](const json& line, int64_t) { return line["val_top1"].get<double>(); };
-    hooks.save_best = [&](CheckpointWriter& w) { w.module("model", model); };
   }
   TrainLoopResult res = run_train_loop(spec, hooks, train, ctx);
 

@@ -11,7 +11,10 @@
 #include "isp/interfaces/dataset.h"
 #include "isp/interfaces/stage.h"
 
-namespace torch { namespace nn { class Module; } }
+namespace torch {
+namespace nn { class Module; }
+namespace optim { class Optimizer; }
+}  // namespace torch
 
 namespace isp {
 
@@ -41,6 +44,8 @@ struct TrainLoopHooks {
   std::function<void(CheckpointWriter&)> save;        // everything step() changes: model, optimiser, ...
   std::function<void(CheckpointReader&)> load;
   std::function<void(CheckpointWriter&)> save_best;   // what best.pt holds (required with score)
+  // The common case: save/load = the module (as `name`) and its optimiser, save_best = the module.
+  ISP_API void checkpoint(torch::nn::Module& module, torch::optim::Optimizer& optimizer, const std::string& name = "model");
 };
 struct TrainLoopResult {
   int64_t best_epoch = -1;  // -1: no evaluated epoch was a candidate (best.pt absent)

@@ -164,15 +164,7 @@ class MobileNetV2Cifar : public isp::Backbone {
       gates_ = at::Tensor();
       return;
     }
-    int64_t total = 0;
-    for (int64_t w : widths_) total += w;
-    const bool ok = (gates.dim() == 1 && gates.size(0) == total) || (gates.dim() == 2 && gates.size(1) == total);
-    if (!ok) {
-      std::string shape = "[";
-      for (int64_t d = 0; d < gates.dim(); ++d) shape += (d ? ", " : "") + std::to_string(gates.size(d));
-      throw isp::Error("MobileNetV2Cifar::set_gates: expected a gate tensor of shape [" + std::to_string(total) +
-                       "] or [N, " + std::to_string(total) + "], got " + shape + "]");
-    }
+    isp::check_gate_shape(gates, widths_, "MobileNetV2Cifar");
     gates_ = gates;
   }
 
@@ -192,21 +184,7 @@ class MobileNetV2Cifar : public isp::Backbone {
   // 0.31288 G). The depthwise conv has groups = in = out = hidden width and follows the gate on both sides.
   std::vector<isp::LayerShape> layer_shapes() const override {
     std::vector<isp::LayerShape> v;
-    auto add = [&v](std::string name, std::string op, int64_t cin, int64_t cout, int64_t k, int64_t in_hw,
-                    int64_t out_hw, int in_gate = -1, int out_gate = -1, int64_t groups = 1) {
-      isp::LayerShape l;
-      l.name = std::move(name);
-      l.op = std::move(op);
-      l.in_channels = cin;
-      l.out_channels = cout;
-      l.kernel = k;
-      l.groups = groups;
-      l.in_h = l.in_w = in_hw;
-      l.out_h = l.out_w = out_hw;
-      l.in_gate = in_gate;
-      l.out_gate = out_gate;
-      v.push_back(l);
-    };
+    auto add = [&v](auto&&... args) { isp::add_layer(v, std::forward<decltype(args)>(args)...); };
     int64_t hw = opt_.input_size;
     add("conv1", "conv", opt_.in_channels, 32, 3, hw, hw);
     add("bn1", "bn", 32, 32, 1, hw, hw);

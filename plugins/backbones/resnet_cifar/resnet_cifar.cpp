@@ -158,13 +158,7 @@ class ResNetCifar : public isp::Backbone {
       gates_ = at::Tensor();
       return;
     }
-    int64_t total = 0;
-    for (int64_t w : widths_) total += w;
-    const bool ok = (gates.dim() == 1 && gates.size(0) == total) || (gates.dim() == 2 && gates.size(1) == total);
-    if (!ok) {
-      throw isp::Error("ResNetCifar::set_gates: expected a gate tensor of shape [" + std::to_string(total) +
-                       "] or [N, " + std::to_string(total) + "], got " + shape_str(gates));
-    }
+    isp::check_gate_shape(gates, widths_, "ResNetCifar");
     gates_ = gates;
   }
 
@@ -185,20 +179,7 @@ class ResNetCifar : public isp::Backbone {
   // ResNet-56 counts 127 087 242 FLOPs (the reference 0.12709 G) and 853 018 parameters.
   std::vector<isp::LayerShape> layer_shapes() const override {
     std::vector<isp::LayerShape> v;
-    auto add = [&v](std::string name, std::string op, int64_t cin, int64_t cout, int64_t k, int64_t in_hw,
-                    int64_t out_hw, int in_gate = -1, int out_gate = -1) {
-      isp::LayerShape l;
-      l.name = std::move(name);
-      l.op = std::move(op);
-      l.in_channels = cin;
-      l.out_channels = cout;
-      l.kernel = k;
-      l.in_h = l.in_w = in_hw;
-      l.out_h = l.out_w = out_hw;
-      l.in_gate = in_gate;
-      l.out_gate = out_gate;
-      v.push_back(l);
-    };
+    auto add = [&v](auto&&... args) { isp::add_layer(v, std::forward<decltype(args)>(args)...); };
     int64_t hw = opt_.input_size;
     add("conv1", "conv", opt_.in_channels, 16, 3, hw, hw);
     add("bn1", "bn", 16, 16, 1, hw, hw);
@@ -248,12 +229,6 @@ class ResNetCifar : public isp::Backbone {
   }
 
  private:
-  static std::string shape_str(const at::Tensor& t) {
-    std::string s = "[";
-    for (int64_t d = 0; d < t.dim(); ++d) s += (d ? ", " : "") + std::to_string(t.size(d));
-    return s + "]";
-  }
-
   void init_weights() {
     torch::NoGradGuard no_grad;
     for (auto& m : modules(/*include_self=*/false)) {

@@ -165,14 +165,7 @@ class PruneChannels : public isp::Stage {
         opt.step();
         return torch::stack(parts);
       };
-      hooks.save = [&](isp::CheckpointWriter& w) {
-        w.module("pruner", *pruner_);
-        w.optimizer("optimizer", opt);
-      };
-      hooks.load = [&](isp::CheckpointReader& r) {
-        r.module("pruner", *pruner_);
-        r.optimizer("optimizer", opt);
-      };
+      hooks.checkpoint(*pruner_, opt, "pruner");
       at::Tensor evaluated_gates;
       hooks.evaluate = [&](int64_t) {
         evaluated_gates = pruner_->final_gates().to(dev);  // deterministic: thresholded without noise

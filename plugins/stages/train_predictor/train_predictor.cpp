@@ -149,36 +149,25 @@ class TrainPredictor : public isp::Stage {
       adam.step();
       return loss.detach().reshape({1});
     };
-    hooks.save = [&](isp::CheckpointWriter& w) {
-      w.module("model", *predictor_);
-      w.optimizer("optimizer", adam);
-    };
-    hooks.load = [&](isp::CheckpointReader& r) {
-      r.module("model", *predictor_);
-      r.optimizer("optimizer", adam);
-    };
+    hooks.checkpoint(*predictor_, adam);
     if (has_val) {
       hooks.evaluate = [&](int64_t) {
         PredEval v = evaluate(data.val, ctx.device);
         return isp::json{{"val_kl", v.kl}, {"val_agreement", v.agreement}};
       };
       hooks.score = [](const isp::json& line, int64_t) { return -line["val_kl"].get<double>(); };
-      hooks.save_best = [&](isp::CheckpointWriter& w) { w.module("model", *predictor_); };
     }
     const isp::TrainLoopResult res = isp::run_train_loop(spec, hooks, train, ctx);
     const int64_t best_epoch = res.best_epoch;
-    const double train_seconds = res.train_seconds;
-    const int64_t images_seen = res.images_seen;
-    const std::string best_path = res.best_path, final_path = ctx.stage_dir + "/final.pt";
 
-    if (has_val && best_epoch > 0) isp::CheckpointReader(best_path).module("model", *predictor_);
+    if (has_val && best_epoch > 0) isp::CheckpointReader(res.best_path).module("model", *predictor_);
     const PredEval val = has_val ? evaluate(data.val, ctx.device) : PredEval{};
     const PredEval test = evaluate(data.test, ctx.device);
     {
       isp::CheckpointWriter w;
       w.module("model", *predictor_);
       w.meta({{"val_kl", val.kl}, {"test_kl", test.kl}, {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}});
-      w.save_atomic(final_path);
+      w.save_atomic(ctx.stage_dir + "/final.pt");
     }
     predictor_->eval();
     ctx.summary = {{"predictor_kl", test.kl},
@@ -189,8 +178,8 @@ class TrainPredictor : public isp::Stage {
                    {"predictor_selected_on", has_val ? "val_kl" : "last_epoch"},
                    {"predictor_eval_masks", "random, fixed seed " + std::to_string(opt_.eval_seed)},
                    {"epochs", opt_.epochs},
-                   {"train_seconds", train_seconds},
-                   {"images_per_s", static_cast<double>(images_seen) / std::max(1e-9, train_seconds)}};
+                   {"train_seconds", res.train_seconds},
+                   {"images_per_s", static_cast<double>(res.images_seen) / std::max(1e-9, res.train_seconds)}};
     std::fprintf(stderr, "[%s] selected epoch %s: val KL %.4f, test KL %.4f, test agreement %.2f%%\n",
                  ctx.stage_name.c_str(), ctx.summary["predictor_best_epoch"].dump().c_str(), val.kl, test.kl,
                  100.0 * test.agreement);

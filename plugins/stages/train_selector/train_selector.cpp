@@ -175,29 +175,18 @@ class TrainSelector : public isp::Stage {
       adam.step();
       return torch::stack(parts);
     };
-    hooks.save = [&](isp::CheckpointWriter& w) {
-      w.module("model", *selector_);
-      w.optimizer("optimizer", adam);
-    };
-    hooks.load = [&](isp::CheckpointReader& r) {
-      r.module("model", *selector_);
-      r.optimizer("optimizer", adam);
-    };
+    hooks.checkpoint(*selector_, adam);
     if (has_val) {
       hooks.evaluate = [&](int64_t) {
         SelEval v = evaluate(data.val, ctx.device);
         return isp::json{{"val_agreement", v.agreement}, {"val_kl", v.kl}, {"val_mask_area", v.area}};
       };
       hooks.score = [](const isp::json& line, int64_t) { return line["val_agreement"].get<double>(); };
-      hooks.save_best = [&](isp::CheckpointWriter& w) { w.module("model", *selector_); };
     }
     const isp::TrainLoopResult res = isp::run_train_loop(spec, hooks, train, ctx);
     const int64_t best_epoch = res.best_epoch;
-    const double train_seconds = res.train_seconds;
-    const int64_t images_seen = res.images_seen;
-    const std::string best_path = res.best_path, final_path = ctx.stage_dir + "/final.pt";
 
-    if (has_val && best_epoch > 0) isp::CheckpointReader(best_path).module("model", *selector_);
+    if (has_val && best_epoch > 0) isp::CheckpointReader(res.best_path).module("model", *selector_);
     const SelEval val = has_val ? evaluate(data.val, ctx.device) : SelEval{};
     const SelEval test = evaluate(data.test, ctx.device);
     {
@@ -205,7 +194,7 @@ class TrainSelector : public isp::Stage {
       w.module("model", *selector_);
       w.meta({{"val_agreement", val.agreement}, {"test_agreement", test.agreement}, {"recipe", ctx.resolved_recipe},
               {"stage", ctx.stage_name}});
-      w.save_atomic(final_path);
+      w.save_atomic(ctx.stage_dir + "/final.pt");
     }
     selector_->eval();
     ctx.summary = {{"selector_agreement", test.agreement},
@@ -219,8 +208,8 @@ class TrainSelector : public isp::Stage {
                    {"selector_label_source", opt_.label_source},
                    {"selector_parameters", count_parameters()},
                    {"epochs", opt_.epochs},
-                   {"train_seconds", train_seconds},
-                   {"images_per_s", static_cast<double>(images_seen) / std::max(1e-9, train_seconds)}};
+                   {"train_seconds", res.train_seconds},
+                   {"images_per_s", static_cast<double>(res.images_seen) / std::max(1e-9, res.train_seconds)}};
     std::fprintf(stderr, "[%s] selected epoch %s: val agreement %.2f%%, test agreement %.2f%%, KL %.4f, mask area %.3f\n",
                  ctx.stage_name.c_str(), ctx.summary["selector_best_epoch"].dump().c_str(), 100.0 * val.agreement,
                  100.0 * test.agreement, test.kl, test.area);

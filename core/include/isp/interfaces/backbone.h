@@ -29,6 +29,13 @@ struct LayerShape {
   int in_gate = -1, out_gate = -1;
 };
 
+// Appends one layer with a square feature map: what backbones' layer_shapes() lists are made of.
+ISP_API void add_layer(std::vector<LayerShape>& layers, std::string name, std::string op, int64_t in_channels,
+                       int64_t out_channels, int64_t kernel, int64_t in_hw, int64_t out_hw, int in_gate = -1,
+                       int out_gate = -1, int64_t groups = 1);
+// The check behind every set_gates(): gates are [sum(widths)] or [N, sum(widths)]; throws naming `who`.
+ISP_API void check_gate_shape(const at::Tensor& gates, const std::vector<int64_t>& widths, const std::string& who);
+
 // A tensor that must be sliced when channels of a gated layer are removed: dimension `dim` of `param`.
 struct ChannelSlice {
   std::string param;  // name as in named_parameters()/named_buffers(), e.g. "layer1.0.conv1.weight"
