@@ -18,6 +18,17 @@ endforeach()
 if(count EQUAL 0)
   message(FATAL_ERROR "no recipes validated")
 endif()
+# The schedule fragment bench/compare_pruners.sh layers over the pruning recipes.
+if(EXISTS /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz)
+  foreach(base resnet56_fmnist resnet56_fmnist_l1norm)
+    set(tmp ${CMAKE_CURRENT_BINARY_DIR}/bench_${base}.json)
+    file(WRITE ${tmp} "{\"_base_\": [\"${CONFIGS}/isp/${base}.json\", \"${CONFIGS}/_base_/schedules/isp_cpu_short.json\"]}")
+    execute_process(COMMAND ${ISP} validate ${tmp} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+    if(NOT rc EQUAL 0)
+      message(FATAL_ERROR "isp validate ${tmp} failed (${rc}): ${out}${err}")
+    endif()
+  endforeach()
+endif()
 # A bad value is an error naming the recipe file and the JSON path.
 execute_process(COMMAND ${ISP} validate ${CONFIGS}/classifier/quick_fmnist.json --set nodes.backbone.depth=57
   RESULT_VARIABLE rc ERROR_VARIABLE err OUTPUT_VARIABLE out)
