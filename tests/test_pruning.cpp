@@ -262,3 +262,36 @@ TEST_CASE("gate learning interrupted mid-epoch and resumed learns exactly the ga
   CHECK(sa["pruned_top1"] == sb["pruned_top1"]);
   CHECK(sa["selected_epoch"] == sb["selected_epoch"]);
 }
+
+TEST_CASE("export weights.pt follows torch.load's zip + pickle protocol (read back without this project)") {
+  if (std::system("command -v python3 >/dev/null 2>&1") != 0) {
+    MESSAGE("python3 is not installed; skipping");
+    return;
+  }
+  struct Net : torch::nn::Module {
+    Net() {
+      fc = register_module("fc", torch::nn::Linear(3, 2));
+      steps = register_buffer("steps", torch::tensor({7, -3}, torch::kLong));
+    }
+    torch::nn::Linear fc{nullptr};
+    at::Tensor steps;
+  } net;
+  {
+    torch::NoGradGuard ng;
+    net.fc->weight.copy_(torch::arange(6, torch::kFloat).reshape({2, 3}) * 0.25 - 0.5);
+    net.fc->bias.copy_(torch::tensor({1.5f, -2.0f}));
+  }
+  auto dir = isp_test::temp_dir("python_weights");
+  const std::string path = (dir / "weights.pt").string(), out = (dir / "read.json").string();
+  isp::save_state_dict_for_python(net, path);
+  const std::string cmd = "python3 " + std::string(ISP_SOURCE_DIR) + "/scripts/read_torch_weights.py " + path + " > " + out;
+  REQUIRE(std::system(cmd.c_str()) == 0);
+  json r = json::parse(isp::read_text_file(out));
+  REQUIRE(r.size() == 3);
+  CHECK(r["fc.weight"]["dtype"] == "float32");
+  CHECK(r["fc.weight"]["shape"] == json({2, 3}));
+  CHECK(r["fc.weight"]["values"] == json({-0.5, -0.25, 0.0, 0.25, 0.5, 0.75}));
+  CHECK(r["fc.bias"]["values"] == json({1.5, -2.0}));
+  CHECK(r["steps"]["dtype"] == "int64");
+  CHECK(r["steps"]["values"] == json({7, -3}));
+}
