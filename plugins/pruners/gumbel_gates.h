@@ -7,8 +7,19 @@
 #include <vector>
 
 #include "isp/interfaces/backbone.h"
+#include "isp/options.h"
 
 namespace isp_pruners {
+
+// The options every Gumbel-sigmoid gate generator has; generators derive their options from it.
+struct GumbelGateOptions {
+  double temperature = 0.4;
+  double offset = 3.0;
+  template <class V> void visit_gumbel(V& v) {
+    v("temperature", temperature, "Gumbel-sigmoid temperature T", isp::greater_than(0));
+    v("offset", offset, "logit offset b (gates start mostly on)");
+  }
+};
 
 inline at::Tensor gumbel_like(const at::Tensor& t) {
   at::Tensor u = at::rand_like(t);

@@ -9,13 +9,10 @@
 
 namespace {
 
-struct FreeLogitOptions {
-  double temperature = 0.4;
-  double offset = 3.0;
+struct FreeLogitOptions : isp_pruners::GumbelGateOptions {
   double init_std = 1.0;
   template <class V> void visit(V& v) {
-    v("temperature", temperature, "Gumbel-sigmoid temperature T", isp::greater_than(0));
-    v("offset", offset, "logit offset b (gates start mostly on)");
+    visit_gumbel(v);
     v("init_std", init_std, "theta ~ N(0, init_std)", isp::at_least(0));
   }
 };

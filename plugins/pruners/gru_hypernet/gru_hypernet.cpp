@@ -10,14 +10,11 @@
 
 namespace {
 
-struct GruOptions {
-  double temperature = 0.4;
-  double offset = 3.0;
+struct GruOptions : isp_pruners::GumbelGateOptions {
   int64_t input_size = 64;
   int64_t hidden_size = 128;
   template <class V> void visit(V& v) {
-    v("temperature", temperature, "Gumbel-sigmoid temperature T", isp::greater_than(0));
-    v("offset", offset, "logit offset b");
+    visit_gumbel(v);
     v("input_size", input_size, "GRU input features per layer token", isp::at_least(1));
     v("hidden_size", hidden_size, "GRU hidden size per direction", isp::at_least(1));
   }
