@@ -33,7 +33,7 @@ std::string mega(const json& v) {
 
 int compare_runs(const std::vector<std::string>& runs, bool md) {
   std::vector<std::vector<std::string>> rows;
-  rows.push_back({"run", "pruner", "baseline %", "pruned %", "finetuned %", "Δ", "MFLOPs", "FLOPs ↓ %", "Mparams",
+  rows.push_back({"run", "pruner", "baseline %", "pruned %", "finetuned %", "Δ", "MFLOPs", "FLOPs ratio", "budget met", "FLOPs ↓ %", "Mparams",
                   "params ↓ %", "mask IoU", "centre shift px"});
   for (const auto& r : runs) {
     fs::path p = fs::path(r) / "report.json";
@@ -44,6 +44,8 @@ int compare_runs(const std::vector<std::string>& runs, bool md) {
     rows.push_back({fs::path(r).filename().string(), j.value("pruner", std::string("-")), pct(j.value("baseline_top1", j.value("test_top1", json()))),
                     pct(j.value("pruned_top1", json())), pct(j.value("finetuned_top1", json())),
                     pct(j.value("delta_top1", json())), mega(j.value("flops_after", json())),
+                    j.contains("flops_ratio") ? fixed3(j["flops_ratio"]) : "-",
+                    j.contains("budget_met") ? (j["budget_met"].get<bool>() ? "yes" : "NO") : "-",
                     pct(j.value("flops_reduction", json())), mega(j.value("params_after", json())),
                     pct(j.value("params_reduction", json())), fixed3(sal.value("mask_iou_at_0.5", json())),
                     fixed3(sal.value("mean_center_shift_px", json()))});

@@ -366,6 +366,14 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   }
   std::signal(SIGINT, previous);
   if (code == 0) std::fprintf(stderr, "run finished: %s/summary.json\n", work.c_str());
+  // A stage that finished but did not keep its promise (e.g. a missed FLOPs budget) says so with "run_failure"
+  // in its summary: every stage still runs and writes its outputs, then the run exits with status 4.
+  if (code == 0)
+    for (auto it = summary["stages"].begin(); it != summary["stages"].end(); ++it)
+      if (it.value().is_object() && it.value().contains("run_failure")) {
+        std::fprintf(stderr, "error: [%s] %s\n", it.key().c_str(), it.value()["run_failure"].dump().c_str());
+        code = 4;
+      }
   return code;
 }
 

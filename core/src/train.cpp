@@ -387,6 +387,32 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
   return res;
 }
 
+void recalibrate_batchnorm(const Classifier& c, const ImageSplit& split, int64_t images, int64_t batch_size,
+                           c10::Device device) {
+  torch::nn::Module& model = *c.module;
+  std::vector<std::pair<torch::nn::BatchNorm2dImpl*, c10::optional<double>>> bns;
+  for (const auto& m : model.modules(/*include_self=*/true))
+    if (auto* bn = m->as<torch::nn::BatchNorm2d>(); bn && bn->options.track_running_stats()) {
+      bns.emplace_back(bn, bn->options.momentum());
+      bn->reset_running_stats();
+      bn->options.momentum(c10::nullopt);  // cumulative average over the batches seen
+    }
+  const int64_t n = std::min<int64_t>(images, split.size());
+  if (!bns.empty() && n > 0) {
+    torch::NoGradGuard ng;
+    model.train();
+    ImageSplit sub{split.images.narrow(0, 0, n), split.labels.narrow(0, 0, n)};
+    BatchLoader loader(sub, batch_size, /*shuffle=*/false, Augmentation{}, device);
+    loader.start_epoch(0, 0);
+    for (int64_t i = 0; i < loader.num_batches(); ++i) c.forward(loader.get(i).x.to(device));
+  }
+  for (auto& [bn, momentum] : bns) bn->options.momentum(momentum);
+  model.eval();
+}
+
+CpuRngGuard::CpuRngGuard() : state_(at::detail::getDefaultCPUGenerator().get_state()) {}
+CpuRngGuard::~CpuRngGuard() { at::Generator(at::detail::getDefaultCPUGenerator()).set_state(state_); }
+
 json fit_classifier(const Classifier& c, const DataBundle& data, const SgdScheduleOptions& opt, RunContext& ctx) {
   torch::nn::Module& model = *c.module;
   model.to(ctx.device);

@@ -12,7 +12,7 @@
 #include "isp/registry.h"
 
 // Bump on any change of a core interface's layout or vtable, of ComponentInfo, or of the registrar.
-#define ISP_PLUGIN_ABI_VERSION 1
+#define ISP_PLUGIN_ABI_VERSION 2  // 2: Pruner keep_scores/keep_probabilities/flops_target, Regularizer budget/state, MaskHead, MaskSampler queries
 
 #ifdef ISP_TORCH_WITH_CUDA
 #define ISP_DESCRIPTOR_CUDA ISP_TORCH_WITH_CUDA

@@ -101,6 +101,25 @@ struct EvalResult { double top1 = 0, loss = 0; int64_t n = 0; };
 ISP_API EvalResult evaluate_classifier(const Classifier& c, const ImageSplit& split, int64_t batch_size,
                                        c10::Device device);
 
+// Adaptive BatchNorm: re-estimates the running mean/variance of every BatchNorm layer of `c` from the first
+// `images` images of `split` (in order, no augmentation, no grad), as an exact average over those images
+// (cumulative moving average), and leaves the module in eval mode. Weights are untouched. Used to score
+// pruned candidates fairly: the unpruned statistics do not fit a network with channels removed.
+ISP_API void recalibrate_batchnorm(const Classifier& c, const ImageSplit& split, int64_t images, int64_t batch_size,
+                                   c10::Device device);
+
+// Keeps the default CPU generator's state across a scope (evaluation that builds modules must not shift the
+// training noise of the caller).
+class ISP_API CpuRngGuard {
+ public:
+  CpuRngGuard();
+  ~CpuRngGuard();
+  CpuRngGuard(const CpuRngGuard&) = delete;
+  CpuRngGuard& operator=(const CpuRngGuard&) = delete;
+ private:
+  at::Tensor state_;
+};
+
 // Trains in ctx.stage_dir (checkpoint.pt, best.pt, final.pt). Returns the summary (val/test top-1, timings).
 ISP_API json fit_classifier(const Classifier& c, const DataBundle& data, const SgdScheduleOptions& opt,
                             RunContext& ctx);

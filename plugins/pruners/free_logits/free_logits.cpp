@@ -27,7 +27,9 @@ class FreeLogitGates : public isp::Pruner {
   bool learns_gates() const override { return true; }
   at::Tensor soft_gates() override { return isp_pruners::soft_gates(theta_, o_.offset, o_.temperature); }
   at::Tensor hard_gates() override { return isp_pruners::straight_through(soft_gates()); }
-  at::Tensor final_gates() override { return isp_pruners::final_gates(theta_, o_.offset, layers_); }
+  at::Tensor keep_scores() override { return isp_pruners::keep_scores(theta_.detach(), o_); }
+  at::Tensor keep_probabilities() override { return isp_pruners::keep_probabilities(theta_.detach(), o_.offset); }
+  at::Tensor final_gates() override { return isp_pruners::final_gates(keep_scores(), layers_); }
 
  private:
   FreeLogitOptions o_;

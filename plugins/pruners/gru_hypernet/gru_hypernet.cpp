@@ -34,9 +34,12 @@ class GruHypernetGates : public isp::Pruner {
     for (int64_t l = 0; l < L; ++l) {
       // weight norm: w = g * v / ||v|| per output row
       auto lin = torch::nn::Linear(torch::nn::LinearOptions(2 * o_.hidden_size, layers_[l].width).bias(false));
+      // g and v are both leaf parameters: g starts at ||v|| but is not computed from the parameter v (a g
+      // with a grad_fn is a non-leaf tensor, which AdamW refuses to optimise).
       at::Tensor v = lin->weight.detach().clone();
+      at::Tensor g = v.norm(2, {1}, true).detach();
       v_.push_back(register_parameter("head" + std::to_string(l) + "_v", v));
-      g_.push_back(register_parameter("head" + std::to_string(l) + "_g", v.norm(2, {1}, true)));
+      g_.push_back(register_parameter("head" + std::to_string(l) + "_g", g));
     }
   }
   bool learns_gates() const override { return true; }
@@ -52,10 +55,15 @@ class GruHypernetGates : public isp::Pruner {
   }
   at::Tensor soft_gates() override { return isp_pruners::soft_gates(logits(), o_.offset, o_.temperature); }
   at::Tensor hard_gates() override { return isp_pruners::straight_through(soft_gates()); }
-  at::Tensor final_gates() override {
+  at::Tensor keep_scores() override {
     torch::NoGradGuard ng;
-    return isp_pruners::final_gates(logits(), o_.offset, layers_);
+    return isp_pruners::keep_scores(logits(), o_);
   }
+  at::Tensor keep_probabilities() override {
+    torch::NoGradGuard ng;
+    return isp_pruners::keep_probabilities(logits(), o_.offset);
+  }
+  at::Tensor final_gates() override { return isp_pruners::final_gates(keep_scores(), layers_); }
 
  private:
   GruOptions o_;

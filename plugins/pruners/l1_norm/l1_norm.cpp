@@ -48,6 +48,7 @@ class OneShotPruner : public isp::Pruner {
  public:
   OneShotPruner(OneShotOptions o, bool random) : o_(std::move(o)), random_(random) {}
   bool learns_gates() const override { return false; }
+  std::optional<double> flops_target() const override { return o_.target_flops_ratio; }
   at::Tensor final_gates() override {
     if (!gates_.defined()) throw isp::Error("pruner used before attach()");
     return gates_;

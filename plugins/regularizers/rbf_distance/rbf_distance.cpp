@@ -31,6 +31,9 @@ class RbfParamDistance : public isp::Regularizer {
   }
   double weight() const override { return o_.weight; }
   std::string term() const override { return "interp"; }
+  // raw and readable compare RBF parameters, which only an RBF head predicts; map works with any head.
+  bool needs_rbf_parameters() const override { return o_.mode != "map"; }
+  bool needs_selector() const override { return true; }
  private:
   RbfDistanceOptions o_;
 };

@@ -87,6 +87,12 @@ class Export : public isp::Stage {
                         {"params_reduction", 1.0 - after.params / before.params},
                         {"kept_widths", arch.value("widths", isp::json::array())},
                         {"full_widths", arch.value("full_widths", isp::json::array())}};
+    // The budget the pruning stage promised, and whether the exported network keeps it.
+    for (const char* k : {"budget_target", "budget_counting", "budget_achieved", "budget_met", "budget_tolerance",
+                          "bn_recalibration_images", "pruned_top1_unpruned_bn_stats", "selected_expected_flops_ratio",
+                          "selected_deterministic_flops_ratio", "selected_projection_threshold"})
+      if (isp::json v = find(k); !v.is_null()) report[k] = v;
+    report["flops_ratio"] = after.flops / before.flops;
     if (report["finetuned_top1"].is_null()) report["finetuned_top1"] = report["pruned_top1"];
     if (!report["baseline_top1"].is_null() && !report["finetuned_top1"].is_null())
       report["delta_top1"] = report["finetuned_top1"].get<double>() - report["baseline_top1"].get<double>();
@@ -174,6 +180,10 @@ class Export : public isp::Stage {
   static std::string markdown(const isp::json& r) {
     std::ostringstream os;
     os.precision(3);
+    if (r.contains("budget_met") && !r["budget_met"].get<bool>())
+      os << "**WARNING: FLOPs budget missed** — the pruned network keeps " << r["budget_achieved"].get<double>()
+         << " of the " << r.value("budget_counting", std::string()) << " FLOPs; the target was "
+         << r["budget_target"].get<double>() << ".\n\n";
     os << "# Pruning report\n\n" << r.value("recipe", std::string()) << "\n\n";
     os << "| baseline top-1 | pruned top-1 | finetuned top-1 | Δ top-1 | FLOPs before | FLOPs after | FLOPs ↓ | params before | params after | params ↓ |\n";
     os << "|---|---|---|---|---|---|---|---|---|---|\n";
@@ -191,6 +201,19 @@ class Export : public isp::Stage {
            << " px, mean |Δσ| = " << sal.value("mean_abs_sigma_change", 0.0);
       os << "\n\n";
     }
+    if (r.contains("budget_met")) {
+      os << "FLOPs budget: target " << r["budget_target"].get<double>() << " (" << r.value("budget_counting", std::string())
+         << "), achieved " << r["budget_achieved"].get<double>() << " — " << (r["budget_met"].get<bool>() ? "met" : "MISSED");
+      if (r.contains("selected_deterministic_flops_ratio"))
+        os << "; the final rule alone gave " << r["selected_deterministic_flops_ratio"].get<double>();
+      if (r.contains("selected_expected_flops_ratio"))
+        os << ", the noisy gates " << r["selected_expected_flops_ratio"].get<double>() << " in expectation";
+      os << ".\n\n";
+    }
+    if (r.contains("bn_recalibration_images") && r["bn_recalibration_images"].get<int64_t>() > 0)
+      os << "Pruned top-1 is measured after re-estimating BatchNorm statistics on " << r["bn_recalibration_images"].get<int64_t>()
+         << " training images (adaptive BN); with the unpruned statistics it was " << pct(r.value("pruned_top1_unpruned_bn_stats", isp::json()))
+         << "%.\n\n";
     os << "Kept widths per gated layer: " << r["kept_widths"].dump() << "\n\nof " << r["full_widths"].dump() << "\n\n";
     os << "| stage | wall time (s) | |\n|---|---|---|\n";
     double total = 0;

@@ -1,7 +1,10 @@
 #pragma once
 // kind "regularizer": one weighted loss term. A stage fills the inputs it has; a term that needs an input the
 // stage does not provide throws isp::Error naming it.
+#include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -18,6 +21,16 @@ struct LossInputs {
   at::Tensor logits, labels;        // classifier logits and targets
   at::Tensor flops_ratio;           // differentiable FLOPs(kept)/FLOPs(full network), scalar
   at::Tensor flops_ratio_official;  // the official code's ratio (isp-spec §3.3), scalar
+  // The same two ratios for the deterministic architecture the stage would extract now (no gradient): what a
+  // constrained budget formulation steers (dual ascent on r_final - p).
+  at::Tensor final_flops_ratio, final_flops_ratio_official;
+};
+
+// What a FLOPs-budget term promises: the stage projects the extracted architecture onto it and reports
+// whether it was met.
+struct FlopsBudgetSpec {
+  double target = 1.0;        // kept fraction of FLOPs
+  bool official_counting = false;  // the official numerator (isp-spec §3.3) instead of the whole network
 };
 
 class ISP_API Regularizer {
@@ -28,6 +41,17 @@ class ISP_API Regularizer {
   virtual at::Tensor compute(const LossInputs& in) = 0;
   virtual double weight() const = 0;
   virtual std::string term() const = 0;  // short name for logs: "area", "smoothness", "flops", ...
+  // What the term needs from the stage, checked when the stage is built (a recipe error, not a run-time one):
+  // a selector at all, and a mask head that predicts RBF parameters.
+  virtual bool needs_selector() const { return false; }
+  virtual bool needs_rbf_parameters() const { return false; }
+  // A FLOPs-budget term says so (the stage then meets and checks the budget); others return nothing.
+  virtual std::optional<FlopsBudgetSpec> flops_budget() const { return std::nullopt; }
+  // Tensors the term updates itself while training (e.g. a Lagrange multiplier): saved in checkpoints and
+  // restored in place (copy_) on resume, so an interrupted run continues exactly. Names are local to the term.
+  virtual std::vector<std::pair<std::string, at::Tensor>> state() { return {}; }
+  // Extra values for the progress line and metrics (read on the host only when a line is drawn).
+  virtual std::vector<std::pair<std::string, at::Tensor>> diagnostics() const { return {}; }
 };
 
 // Throws isp::Error("<term> needs <what>") when a required input is missing.
