@@ -1,8 +1,9 @@
 // The AEM stages through the runner (TrainClassifier -> TrainPredictor -> TrainSelector on synthetic blobs):
-// the selector's training loss falls, the summary holds sane AEM metrics, and `isp explain` writes a figure
-// of the documented size plus one RBF parameter record per image.
+// every epoch's selector loss is the weighted sum of its terms, each within its range, the summary holds sane AEM
+// metrics, and `isp explain` writes a figure of the documented size plus one RBF parameter record per image.
 #include "test_support.h"
 
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 
@@ -68,9 +69,30 @@ TEST_CASE("AEM stages: predictor and selector train, summary and explain figure"
   }
   REQUIRE(sel.size() == 3);
   MESSAGE("selector train_loss " << sel.front()["train_loss"] << " -> " << sel.back()["train_loss"]);
-  CHECK(sel.back()["train_loss"].get<double>() < sel.front()["train_loss"].get<double>());
-  CHECK(sel.front().contains("train_area"));
-  CHECK(sel.front().contains("val_agreement"));
+  // Three tiny epochs guarantee no descent (on an AMD EPYC the loss once went 0.67967 -> 0.68005); what holds
+  // on every CPU is the loss's make-up and the range of each term, epoch by epoch.
+  for (const json& e : sel) {
+    CAPTURE(e.dump());
+    for (const char* k : {"train_loss", "train_kl", "train_area", "train_smoothness", "val_agreement", "val_kl",
+                          "val_mask_area"}) {
+      REQUIRE(e.contains(k));
+      CHECK(std::isfinite(e[k].get<double>()));
+    }
+    const double loss = e["train_loss"].get<double>(), kl = e["train_kl"].get<double>();
+    const double area = e["train_area"].get<double>(), smooth = e["train_smoothness"].get<double>();
+    // The logged loss is KL + 0.2 area + 0.001 smoothness (the recipe's weights), averaged over the same steps.
+    CHECK(loss == doctest::Approx(kl + 0.2 * area + 0.001 * smooth).epsilon(1e-5));
+    CHECK(kl >= -1e-6);  // a KL divergence, up to rounding
+    // MaskArea = mean over pixels of (s + 5e-4)^0.3 with s in [0, 1].
+    CHECK(area >= std::pow(5e-4, 0.3) - 1e-6);
+    CHECK(area <= std::pow(1 + 5e-4, 0.3) + 1e-6);
+    CHECK(smooth >= 0.0);
+    CHECK(e["val_agreement"].get<double>() >= 0.0);
+    CHECK(e["val_agreement"].get<double>() <= 1.0);
+    CHECK(e["val_kl"].get<double>() >= -1e-6);
+    CHECK(e["val_mask_area"].get<double>() >= 0.0);
+    CHECK(e["val_mask_area"].get<double>() <= 1.0);
+  }
 
   json s = json::parse(isp::read_text_file((dir / "run" / "summary.json").string()));
   MESSAGE("summary: " << s.dump());

@@ -1,7 +1,9 @@
-// The TrainClassifier stage through the runner: a short Fashion-MNIST run lowers the loss, and a run
+// The TrainClassifier stage through the runner: a short Fashion-MNIST run lowers the loss by a clear margin and
+// beats chance (the data set is required: scripts/setup.sh installs it), and a run
 // interrupted mid-epoch then resumed ends with exactly the weights of an uninterrupted run.
 #include "test_support.h"
 
+#include <cmath>
 #include <fstream>
 
 #include "isp/checkpoint.h"
@@ -47,22 +49,29 @@ std::shared_ptr<isp::Backbone> load_final(const fs::path& run, const std::string
 }  // namespace
 
 TEST_CASE("train classifier on a Fashion-MNIST subset: the loss falls and accuracy beats chance") {
-  if (!fs::exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")) {
-    MESSAGE("dataset-fashion-mnist is not installed; skipping");
-    return;
-  }
+  // A hard requirement, not a silent pass: scripts/setup.sh installs Debian's dataset-fashion-mnist.
+  REQUIRE_MESSAGE(fs::exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                  "dataset-fashion-mnist is not installed (/usr/share/datasets/fashion-mnist is missing); "
+                  "run scripts/setup.sh or apt-get install dataset-fashion-mnist");
   auto dir = isp_test::temp_dir("train_fmnist");
   json data = {{"type", "FashionMNIST"}, {"train_subset", 512}, {"val_subset", 128}, {"test_subset", 256}};
-  std::string recipe = write_recipe(dir, data, 3, 32);
+  // 96 SGD steps (batch 16), the last 32 at lr/10: enough that the claims below hold with clear margins on
+  // every CPU, not just on the rounding of one (measured over seeds 3, 4, 5 with the AVX2 and the portable
+  // kernels: last/first epoch loss 0.54-0.66, test top-1 0.46-0.55).
+  std::string recipe = write_recipe(dir, data, 3, 16);
   isp::RunOptions o;
   o.recipe_path = recipe;
   o.work_dir = (dir / "run").string();
   REQUIRE(isp::run_recipe(registry(), o) == 0);
   auto m = metrics(dir / "run");
   REQUIRE(m.size() == 3);
-  CHECK(m[2]["train_loss"].get<double>() < m[0]["train_loss"].get<double>());
+  const double first = m[0]["train_loss"].get<double>(), last = m[2]["train_loss"].get<double>();
+  MESSAGE("train_loss " << first << " -> " << last);
+  CHECK(std::isfinite(last));
+  CHECK(last < 0.8 * first);
   json summary = json::parse(isp::read_text_file((dir / "run" / "summary.json").string()));
-  CHECK(summary["test_top1"].get<double>() > 0.3);  // 10 classes: chance is 0.1
+  MESSAGE("test_top1 " << summary["test_top1"]);
+  CHECK(summary["test_top1"].get<double>() > 0.3);  // 10 classes: chance is 0.1 (+-0.02 on 256 test images)
   CHECK(summary["selected_on"] == "val_top1");
   CHECK(fs::exists(dir / "run" / "recipe.resolved.json"));
   CHECK(fs::exists(dir / "run" / "classifier" / "weights_state_dict.pt"));

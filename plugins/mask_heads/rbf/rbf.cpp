@@ -91,6 +91,8 @@ class RbfMaskHead : public isp::MaskHead {
     return out;
   }
 
+  bool predicts_rbf_parameters() const override { return true; }
+
   torch::nn::Conv2d conv{nullptr};
 
  private:

@@ -31,6 +31,8 @@ class Bernoulli : public isp::MaskSampler {
     return b + (probs - probs.detach());
   }
 
+  bool differentiable() const override { return opt_.straight_through; }
+
  private:
   BernoulliOptions opt_;
 };

@@ -104,10 +104,21 @@ class TrainSelector : public isp::Stage {
                              "this stage produces no backbone network; expected a TrainPredictor stage node");
     if (predictor_.get() == classifier_.get())
       throw isp::RecipeError(opt_.predictor.where, "the predictor must be a separate network from the classifier");
+    auto sampler = ctx.get<isp::MaskSampler>(opt_.sampler);
+    // The selector learns only through the predictor's KL on x * s: a sample without a gradient (hard
+    // Bernoulli without straight-through) leaves nothing to learn, which would otherwise surface mid-run as
+    // autograd's "element 0 of tensors does not require grad".
+    if (!sampler->differentiable()) {
+      const std::string node = isp::BuildContext::ref_name(opt_.sampler.spec);
+      throw isp::RecipeError(opt_.sampler.where,
+                             "the sampler" + (node.empty() ? std::string() : " '" + node + "'") +
+                                 " draws masks that carry no gradient, so the selector cannot learn from the "
+                                 "predictor's KL term; use a relaxed sampler (RelaxedBernoulli, GumbelSigmoid) or "
+                                 "Bernoulli with \"straight_through\": true");
+    }
     selector_ = std::make_shared<isp::SelectorNet>(classifier_, ctx.get<isp::FeatureFilter>(opt_.filter),
                                                    ctx.get<isp::Decoder>(opt_.decoder),
-                                                   ctx.get<isp::MaskHead>(opt_.head),
-                                                   ctx.get<isp::MaskSampler>(opt_.sampler));
+                                                   ctx.get<isp::MaskHead>(opt_.head), sampler);
     for (const auto& r : opt_.regularizers) regularizers_.push_back(ctx.get<isp::Regularizer>(r));
     if (data_->data().num_classes() != classifier_->num_classes())
       throw isp::RecipeError(opt_.classifier.where, "the classifier has " + std::to_string(classifier_->num_classes()) +

@@ -22,6 +22,10 @@ class ISP_API MaskSampler {
   virtual at::Tensor sample(const at::Tensor& probs);
   // Noise-free decision (evaluation, final architectures): 1[logits >= 0] by default.
   virtual at::Tensor deterministic_logits(const at::Tensor& logits);
+  // Whether a sample carries a gradient back to its logits/probabilities (relaxed or straight-through
+  // samples). A stage that learns through the samples (TrainSelector) refuses a sampler that returns false,
+  // when it is built.
+  virtual bool differentiable() const { return true; }
 };
 
 // kind "mask_source": random masks that hide parts of the input while the predictor trains.
@@ -62,6 +66,9 @@ class ISP_API MaskHead : public torch::nn::Module {
   static constexpr const char* kKind = "mask_head";
   ~MaskHead() override;
   virtual MaskDistribution forward(const at::Tensor& features) = 0;
+  // Whether forward() fills MaskDistribution::params and ::readable with RBF parameters (u; c_row, c_col,
+  // sigma). Pixel heads only give probs.
+  virtual bool predicts_rbf_parameters() const { return false; }
 };
 
 }  // namespace isp
