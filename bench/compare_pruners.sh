@@ -71,7 +71,7 @@ methods = ["isp", "flops_only", "l1norm", "random", "unpruned"]
 def rep(m, s): return json.load(open(os.path.join(work, f"{m}_s{s}", "report.json")))
 def ms(xs, scale=100.0, fmt="%.2f"):
     xs = [scale * x for x in xs]
-    return (fmt % st.mean(xs)) + (" ± " + fmt % st.stdev(xs) if len(xs) > 1 else "")
+    return (fmt % st.mean(xs)) + (" ± " + fmt.replace("+", "") % st.stdev(xs) if len(xs) > 1 else "")
 print(f"ResNet-56 / Fashion-MNIST, full 10,000-image test set, {len(seeds)} seeds ({' '.join(seeds)}); mean ± std over seeds.\n")
 print("| method | baseline % | pruned % (BN recal.) | finetuned % | FLOPs ratio | params ↓ % | mask IoU | centre shift px | ISP − method, finetuned (pts, paired) |")
 print("|---|---|---|---|---|---|---|---|---|")
