@@ -1,10 +1,12 @@
-# isp_add_plugin(<kind> <name> SOURCES a.cpp ... [LIBS ...])
+# isp_add_plugin(<kind> <name> SOURCES a.cpp ... [LIBS ...] [SCOPE <scope>] [OUTPUT_DIR <dir>])
 # Builds plugins/<kind>/<name> as MODULE library libisp_<kind>_<name>.so: hidden visibility, one exported
-# symbol (isp_plugin_descriptor, see isp/plugin.h), linked to the host's shared LibTorch and isp core.
+# symbol (isp_plugin_descriptor, see isp/registry/plugin.h), linked to the host's shared LibTorch and isp core.
+# Components register in SCOPE: "isp" for the built-ins, by default the project's name outside the isp tree, so
+# recipes can tell "mylab::RbfMaskHead" from the built-in "isp::RbfMaskHead".
 set(ISP_PLUGIN_MAP_FILE ${CMAKE_CURRENT_LIST_DIR}/isp_plugin.map)
 
 function(isp_add_plugin kind name)
-  cmake_parse_arguments(P "" "OUTPUT_DIR" "SOURCES;LIBS" ${ARGN})
+  cmake_parse_arguments(P "" "OUTPUT_DIR;SCOPE" "SOURCES;LIBS" ${ARGN})
   set(target isp_${kind}_${name})
   add_library(${target} MODULE ${P_SOURCES})
   if(TARGET isp_core)
@@ -23,9 +25,17 @@ function(isp_add_plugin kind name)
     PREFIX "lib" OUTPUT_NAME "isp_${kind}_${name}"
     CXX_VISIBILITY_PRESET hidden VISIBILITY_INLINES_HIDDEN ON
     LIBRARY_OUTPUT_DIRECTORY ${P_OUTPUT_DIR})
-  target_compile_definitions(${target} PRIVATE ISP_PLUGIN_LIBRARY_NAME="isp_${kind}_${name}")
+  if(NOT P_SCOPE)
+    if(TARGET isp_core)
+      set(P_SCOPE isp)
+    else()
+      string(MAKE_C_IDENTIFIER "${PROJECT_NAME}" P_SCOPE)
+    endif()
+  endif()
+  target_compile_definitions(${target} PRIVATE ISP_PLUGIN_LIBRARY_NAME="isp_${kind}_${name}" ISP_PLUGIN_SCOPE="${P_SCOPE}")
   target_link_options(${target} PRIVATE "-Wl,--version-script=${ISP_PLUGIN_MAP_FILE}" "-Wl,--no-undefined")
   if(DEFINED ISP_INSTALL_PLUGIN_DIR AND TARGET isp_core)
+    set_target_properties(${target} PROPERTIES INSTALL_RPATH "$ORIGIN/../..")  # <libdir>/isp/plugins -> <libdir>
     install(TARGETS ${target} LIBRARY DESTINATION ${ISP_INSTALL_PLUGIN_DIR})
   endif()
   if(NOT kind STREQUAL "fixture")

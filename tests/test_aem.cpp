@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "isp/error.h"
+#include "isp/registry/error.h"
 #include "isp/interfaces/aem.h"
 #include "isp/interfaces/backbone.h"
 #include "isp/interfaces/regularizer.h"

@@ -11,7 +11,7 @@
 #include <stb/stb_image.h>
 
 #include "../apps/isp/explain.h"
-#include "isp/recipe.h"
+#include "isp/registry/recipe.h"
 #include "isp/runner.h"
 
 namespace fs = std::filesystem;
@@ -29,7 +29,7 @@ std::string write_aem_recipe(const fs::path& dir) {
       {"classifier", {{"type", "TrainClassifier"}, {"model", ref("backbone")}, {"data", ref("data")}, {"epochs", 4},
                       {"batch_size", 16}, {"lr", 0.05}, {"milestones", json::array()}, {"eval_batch_size", 64}}},
       {"mask_source", {{"type", "RandomRbfMasks"}}},
-      {"predictor", {{"type", "TrainPredictor"}, {"classifier", ref("backbone")}, {"data", ref("data")},
+      {"predictor", {{"type", "TrainPredictor"}, {"classifier", ref("classifier")}, {"data", ref("data")},
                      {"mask_source", ref("mask_source")}, {"epochs", 3}, {"batch_size", 16}, {"lr", 2e-3},
                      {"eval_every", 1}, {"eval_batch_size", 64}}},
       {"filter", {{"type", "ClassEmbeddingFilter"}, {"encoder", ref("backbone")}}},
@@ -38,7 +38,7 @@ std::string write_aem_recipe(const fs::path& dir) {
       {"mask_sampler", {{"type", "RelaxedBernoulli"}, {"temperature", 1.0}}},
       {"area", {{"type", "MaskArea"}, {"weight", 0.2}, {"power", 0.3}}},
       {"smoothness", {{"type", "MaskSmoothness"}, {"weight", 0.001}}},
-      {"selector", {{"type", "TrainSelector"}, {"classifier", ref("backbone")}, {"predictor", ref("predictor")},
+      {"selector", {{"type", "TrainSelector"}, {"predictor", ref("predictor")},
                     {"filter", ref("filter")}, {"decoder", ref("decoder")}, {"head", ref("head")},
                     {"sampler", ref("mask_sampler")}, {"regularizers", {ref("area"), ref("smoothness")}},
                     {"data", ref("data")}, {"epochs", 3}, {"batch_size", 16}, {"lr", 1e-3}, {"eval_batch_size", 64}}}};

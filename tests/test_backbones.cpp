@@ -1,13 +1,15 @@
 // Backbone plugins ResNetCifar and MobileNetV2Cifar (isp-spec §2.1, §2.2, §3.4), built through the registry.
 #include "test_support.h"  // torch first, glog's CHECK macros dropped, then doctest
 
+#include <algorithm>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
-#include "isp/error.h"
+#include "isp/registry/error.h"
 #include "isp/interfaces/backbone.h"
-#include "isp/registry.h"
+#include "isp/registry/registry.h"
 
 using isp::json;
 
@@ -41,6 +43,128 @@ int64_t sum_widths(const std::vector<isp::GatedLayer>& g) {
   int64_t n = 0;
   for (const auto& l : g) n += l.width;
   return n;
+}
+
+// The layer tables the backbones wrote by hand before they declared their topology: the reference that the
+// derived tables must reproduce field by field (FLOPs counts depend on every one of them).
+struct RefTable {
+  std::vector<isp::LayerShape> v;
+  void operator()(std::string name, isp::LayerOp op, int64_t in, int64_t out, int64_t k, int64_t in_hw,
+                  int64_t out_hw, int ig = -1, int og = -1, int64_t groups = 1) {
+    v.push_back({std::move(name), op, in, out, k, groups, out_hw, out_hw, in_hw, in_hw, false, ig, og});
+  }
+};
+
+std::vector<isp::LayerShape> resnet_reference(int64_t n, const std::vector<int64_t>& w) {
+  using isp::LayerOp;
+  RefTable add;
+  int64_t hw = 32, in = 16;
+  add("conv1", LayerOp::Conv, 3, 16, 3, hw, hw);
+  add("bn1", LayerOp::BatchNorm, 16, 16, 1, hw, hw);
+  add("relu", LayerOp::Relu, 16, 16, 1, hw, hw);
+  for (int64_t i = 0; i < 3 * n; ++i) {
+    const int64_t planes = 16 << (i / n), stride = (i > 0 && i % n == 0) ? 2 : 1, o = hw / stride, m = w[i];
+    const int g = static_cast<int>(i);
+    const std::string p = "layer" + std::to_string(i / n + 1) + "." + std::to_string(i % n) + ".";
+    add(p + "conv1", LayerOp::Conv, in, m, 3, hw, o, -1, g);
+    add(p + "bn1", LayerOp::BatchNorm, m, m, 1, o, o, g, g);
+    add(p + "relu1", LayerOp::Relu, m, m, 1, o, o, g, g);
+    add(p + "conv2", LayerOp::Conv, m, planes, 3, o, o, g, -1);
+    add(p + "bn2", LayerOp::BatchNorm, planes, planes, 1, o, o);
+    if (stride != 1) add(p + "shortcut", LayerOp::FunctionalAvgPool, in, in, stride, hw, o);
+    add(p + "add", LayerOp::Add, planes, planes, 1, o, o);
+    add(p + "relu2", LayerOp::Relu, planes, planes, 1, o, o);
+    in = planes;
+    hw = o;
+  }
+  add("avgpool", LayerOp::AvgPool, 64, 64, hw, hw, 1);
+  add.v.push_back({"fc", isp::LayerOp::Linear, 64, 10, 1, 1, 1, 1, 1, 1, /*bias=*/true, -1, -1});
+  return add.v;
+}
+
+std::vector<isp::LayerShape> mobilenet_reference(const std::vector<int64_t>& w) {
+  using isp::LayerOp;
+  const int64_t stages[7][4] = {{1, 16, 1, 1}, {6, 24, 2, 1}, {6, 32, 3, 1}, {6, 64, 4, 2},
+                                {6, 96, 3, 1}, {6, 160, 3, 2}, {6, 320, 1, 1}};
+  RefTable add;
+  int64_t hw = 32, in = 32;
+  std::size_t k = 0;
+  add("conv1", LayerOp::Conv, 3, 32, 3, hw, hw);
+  add("bn1", LayerOp::BatchNorm, 32, 32, 1, hw, hw);
+  add("relu", LayerOp::FunctionalRelu, 32, 32, 1, hw, hw);
+  for (const auto& s : stages) {
+    for (int64_t b = 0; b < s[2]; ++b, ++k) {
+      const int64_t stride = b == 0 ? s[3] : 1, o = (hw + stride - 1) / stride, h = w[k], out = s[1];
+      const int g = static_cast<int>(k);
+      const std::string p = "layers." + std::to_string(k) + ".";
+      add(p + "conv1", LayerOp::Conv, in, h, 1, hw, hw, -1, g);
+      add(p + "bn1", LayerOp::BatchNorm, h, h, 1, hw, hw, g, g);
+      add(p + "relu1", LayerOp::FunctionalRelu, h, h, 1, hw, hw, g, g);
+      add(p + "conv2", LayerOp::Conv, h, h, 3, hw, o, g, g, h);
+      add(p + "bn2", LayerOp::BatchNorm, h, h, 1, o, o, g, g);
+      add(p + "relu2", LayerOp::FunctionalRelu, h, h, 1, o, o, g, g);
+      add(p + "conv3", LayerOp::Conv, h, out, 1, o, o, g, -1);
+      add(p + "bn3", LayerOp::BatchNorm, out, out, 1, o, o);
+      if (stride == 1) {
+        if (in != out) {
+          add(p + "shortcut.0", LayerOp::Conv, in, out, 1, hw, hw);
+          add(p + "shortcut.1", LayerOp::BatchNorm, out, out, 1, hw, hw);
+        }
+        add(p + "add", LayerOp::Add, out, out, 1, o, o);
+      }
+      in = out;
+      hw = o;
+    }
+  }
+  add("conv2", LayerOp::Conv, 320, 1280, 1, hw, hw);
+  add("bn2", LayerOp::BatchNorm, 1280, 1280, 1, hw, hw);
+  add("relu", LayerOp::FunctionalRelu, 1280, 1280, 1, hw, hw);
+  add("avgpool", LayerOp::FunctionalAvgPool, 1280, 1280, hw, hw, 1);
+  add.v.push_back({"linear", isp::LayerOp::Linear, 1280, 10, 1, 1, 1, 1, 1, 1, /*bias=*/true, -1, -1});
+  return add.v;
+}
+
+void check_same_layers(const std::vector<isp::LayerShape>& got, const std::vector<isp::LayerShape>& want) {
+  REQUIRE(got.size() == want.size());
+  auto fields = [](const isp::LayerShape& l) {
+    return std::vector<int64_t>{static_cast<int64_t>(l.op), l.in_channels, l.out_channels, l.kernel, l.groups, l.in_h,
+                                l.in_w, l.out_h, l.out_w, l.bias, l.in_gate, l.out_gate};
+  };
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    CAPTURE(want[i].name);
+    CHECK(got[i].name == want[i].name);
+    CHECK(fields(got[i]) == fields(want[i]));
+  }
+}
+
+using SliceList = std::vector<std::pair<std::string, int64_t>>;
+SliceList sorted_slices(const isp::ChannelGroup& g) {
+  SliceList v;
+  for (const auto& s : g.slices) v.emplace_back(s.param, s.dim);
+  std::sort(v.begin(), v.end());
+  return v;
+}
+SliceList bn_rows(const std::string& bn) {
+  SliceList v;
+  for (const char* t : {"weight", "bias", "running_mean", "running_var"}) v.emplace_back(bn + "." + t, 0);
+  return v;
+}
+
+// Every slice names a real tensor whose sliced dimension has the gated layer's width.
+void check_groups_match_tensors(isp::Backbone& bb) {
+  auto named = bb.named_parameters();
+  for (const auto& b : bb.named_buffers()) named.insert(b.key(), b.value());
+  const auto groups = bb.channel_groups();
+  REQUIRE(groups.size() == bb.gated_layers().size());
+  for (std::size_t i = 0; i < groups.size(); ++i) {
+    CHECK(groups[i].gate == static_cast<int>(i));
+    for (const auto& s : groups[i].slices) {
+      CAPTURE(s.param);
+      const at::Tensor* t = named.find(s.param);
+      REQUIRE(t);
+      CHECK(t->size(s.dim) == bb.gated_layers()[i].width);
+    }
+  }
 }
 
 }  // namespace
@@ -97,7 +221,7 @@ TEST_CASE_FIXTURE(BackboneFixture, "ResNetCifar: ResNet-56 parameters, shapes, f
   CHECK_FALSE(torch::equal(bb->forward(x), y));
   bb->set_gates(at::Tensor());
   CHECK(torch::allclose(bb->forward(x), y));
-  CHECK_THROWS_AS(bb->set_gates(torch::ones({1007})), isp::Error);
+  CHECK_THROWS_WITH_AS(bb->set_gates(torch::ones({1007})), doctest::Contains("ResNetCifar"), isp::Error);
 }
 
 TEST_CASE_FIXTURE(BackboneFixture, "ResNetCifar: gates carry gradients and per-sample gates apply per sample") {
@@ -121,7 +245,7 @@ TEST_CASE_FIXTURE(BackboneFixture, "ResNetCifar: gates carry gradients and per-s
   CHECK_FALSE(torch::equal(y2[1], y[1]));
 }
 
-TEST_CASE_FIXTURE(BackboneFixture, "ResNetCifar: depths, options and rejected depth") {
+TEST_CASE_FIXTURE(BackboneFixture, "ResNetCifar: depths, options, with_widths and rejected depth") {
   CHECK(count_params(*build(json{{"type", "ResNetCifar"}, {"depth", 20}})) == 269722);
   CHECK(build(json{{"type", "ResNetCifar"}, {"depth", 110}})->gated_layers().size() == 54);
   CHECK_THROWS_AS(build(json{{"type", "ResNetCifar"}, {"depth", 57}}), isp::RecipeError);
@@ -131,6 +255,20 @@ TEST_CASE_FIXTURE(BackboneFixture, "ResNetCifar: depths, options and rejected de
   torch::NoGradGuard ng;
   CHECK(bb->forward(torch::randn({3, 1, 32, 32})).sizes() == torch::IntArrayRef({3, 100}));
   CHECK(bb->num_classes() == 100);
+
+  // with_widths keeps every other option.
+  const std::vector<int64_t> w = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+  auto small = bb->with_widths(w);
+  auto p = small->named_parameters();
+  CHECK(p["conv1.weight"].sizes() == torch::IntArrayRef({16, 1, 3, 3}));
+  CHECK(p["layer1.0.conv1.weight"].sizes() == torch::IntArrayRef({1, 16, 3, 3}));
+  CHECK(p["fc.weight"].sizes() == torch::IntArrayRef({100, 64}));
+  CHECK(small->widths() == w);
+  CHECK(small->structure().at("widths").get<std::vector<int64_t>>() == w);
+  CHECK(small->with_widths({})->widths() == w);
+  CHECK(bb->with_widths({})->widths() == std::vector<int64_t>{16, 16, 16, 32, 32, 32, 64, 64, 64});
+  CHECK_THROWS_AS(bb->with_widths({1, 2, 3}), isp::Error);
+  CHECK_THROWS_WITH_AS(small->set_gates(torch::ones({46})), doctest::Contains("ResNetCifar"), isp::Error);
 }
 
 TEST_CASE_FIXTURE(BackboneFixture, "ResNetCifar: reduced widths rebuild a pruned network") {
@@ -214,7 +352,7 @@ TEST_CASE_FIXTURE(BackboneFixture, "MobileNetV2Cifar: parameters, shapes, featur
   CHECK_FALSE(torch::equal(bb->forward(x), y));
   bb->set_gates(at::Tensor());
   CHECK(torch::allclose(bb->forward(x), y));
-  CHECK_THROWS_AS(bb->set_gates(torch::ones({3, 100})), isp::Error);
+  CHECK_THROWS_WITH_AS(bb->set_gates(torch::ones({3, 100})), doctest::Contains("MobileNetV2Cifar"), isp::Error);
 }
 
 TEST_CASE_FIXTURE(BackboneFixture, "MobileNetV2Cifar: reduced widths") {
@@ -232,4 +370,30 @@ TEST_CASE_FIXTURE(BackboneFixture, "MobileNetV2Cifar: reduced widths") {
     CHECK(bb->forward(torch::randn({2, 3, 32, 32})).sizes() == torch::IntArrayRef({2, 10}));
   }
   CHECK_THROWS_AS(build(json{{"type", "MobileNetV2Cifar"}, {"widths", std::vector<int64_t>(16, 8)}}), isp::Error);
+}
+
+TEST_CASE_FIXTURE(BackboneFixture, "backbone topology: derived layers and channel groups equal the hand-written ones") {
+  const std::vector<int64_t> w20 = {1, 2, 3, 4, 5, 6, 7, 8, 9}, w_mb(17, 8);
+  auto r20 = build(json{{"type", "ResNetCifar"}, {"depth", 20}});
+  check_same_layers(r20->layer_shapes(), resnet_reference(3, r20->widths()));
+  check_same_layers(r20->with_widths(w20)->layer_shapes(), resnet_reference(3, w20));
+  auto mb = build(json{{"type", "MobileNetV2Cifar"}});
+  check_same_layers(mb->layer_shapes(), mobilenet_reference(mb->widths()));
+  check_same_layers(mb->with_widths(w_mb)->layer_shapes(), mobilenet_reference(w_mb));
+
+  SliceList want = bn_rows("layer1.0.bn1");
+  want.insert(want.end(), {{"layer1.0.conv1.weight", 0}, {"layer1.0.conv2.weight", 1}});
+  std::sort(want.begin(), want.end());
+  CHECK(sorted_slices(r20->channel_groups()[0]) == want);
+  check_groups_match_tensors(*r20);
+  check_groups_match_tensors(*r20->with_widths(w20));
+
+  want = bn_rows("layers.0.bn1");
+  for (const auto& s : bn_rows("layers.0.bn2")) want.push_back(s);
+  want.insert(want.end(), {{"layers.0.conv1.weight", 0}, {"layers.0.conv2.weight", 0}, {"layers.0.conv3.weight", 1}});
+  std::sort(want.begin(), want.end());
+  CHECK(sorted_slices(mb->channel_groups()[0]) == want);
+  CHECK(mb->channel_groups()[3].slices.size() == want.size());  // the projection shortcut is not gated
+  check_groups_match_tensors(*mb);
+  check_groups_match_tensors(*mb->with_widths(w_mb));
 }

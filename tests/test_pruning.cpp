@@ -6,13 +6,14 @@
 #include <cmath>
 #include <fstream>
 
+#include "isp/artifacts.h"
 #include "isp/checkpoint.h"
 #include "isp/cost.h"
 #include "isp/interfaces/backbone.h"
 #include "isp/interfaces/pruner.h"
 #include "isp/interfaces/regularizer.h"
 #include "isp/interfaces/stage.h"
-#include "isp/recipe.h"
+#include "isp/registry/recipe.h"
 #include "isp/runner.h"
 
 namespace fs = std::filesystem;
@@ -49,12 +50,12 @@ json tiny_pipeline_recipe() {
         {"gates", {{"type", "FreeLogitGates"}}},
         {"flops", {{"type", "FlopsBudget"}, {"target", 0.5}, {"weight", 5.0}}},
         {"ce", {{"type", "CrossEntropyTerm"}, {"weight", 1.0}}},
-        {"prune", {{"type", "PruneChannels"}, {"classifier", {{"$ref", "backbone"}}}, {"pruner", {{"$ref", "gates"}}},
+        {"prune", {{"type", "PruneChannels"}, {"classifier", {{"$ref", "classifier"}}}, {"pruner", {{"$ref", "gates"}}},
                    {"data", {{"$ref", "data"}}}, {"regularizers", {{{"$ref", "flops"}}, {{"$ref", "ce"}}}},
                    {"subset_fraction", 0.5}, {"epochs", 6}, {"batch_size", 36}, {"lr", 0.2}, {"eval_every", 2}}},
         {"finetune", {{"type", "Finetune"}, {"pruned", {{"$ref", "prune"}}}, {"data", {{"$ref", "data"}}},
                       {"epochs", 1}, {"batch_size", 32}, {"lr", 0.01}, {"milestones", json::array()}}},
-        {"export", {{"type", "Export"}, {"model", {{"$ref", "finetune"}}}, {"baseline", {{"$ref", "backbone"}}},
+        {"export", {{"type", "Export"}, {"model", {{"$ref", "finetune"}}}, 
                     {"data", {{"$ref", "data"}}}}}}},
       {"stages", {{{"$ref", "classifier"}}, {{"$ref", "prune"}}, {{"$ref", "finetune"}}, {{"$ref", "export"}}}}};
 }
@@ -70,7 +71,7 @@ json selector_pipeline_recipe() {
       {"classifier", {{"type", "TrainClassifier"}, {"model", ref("backbone")}, {"data", ref("data")}, {"epochs", 2},
                       {"batch_size", 32}, {"lr", 0.05}, {"milestones", json::array()}}},
       {"mask_source", {{"type", "RandomRbfMasks"}}},
-      {"predictor", {{"type", "TrainPredictor"}, {"classifier", ref("backbone")}, {"data", ref("data")},
+      {"predictor", {{"type", "TrainPredictor"}, {"classifier", ref("classifier")}, {"data", ref("data")},
                      {"mask_source", ref("mask_source")}, {"epochs", 1}, {"batch_size", 32}, {"lr", 2e-3},
                      {"init_from_classifier", true}}},
       {"filter", {{"type", "ClassEmbeddingFilter"}, {"encoder", ref("backbone")}}},
@@ -78,17 +79,17 @@ json selector_pipeline_recipe() {
       {"head", {{"type", "RbfMaskHead"}, {"decoder", ref("decoder")}, {"encoder", ref("backbone")}}},
       {"mask_sampler", {{"type", "RelaxedBernoulli"}, {"temperature", 1.0}}},
       {"area", {{"type", "MaskArea"}}},
-      {"selector", {{"type", "TrainSelector"}, {"classifier", ref("backbone")}, {"predictor", ref("predictor")},
+      {"selector", {{"type", "TrainSelector"}, {"predictor", ref("predictor")},
                     {"filter", ref("filter")}, {"decoder", ref("decoder")}, {"head", ref("head")},
                     {"sampler", ref("mask_sampler")}, {"regularizers", {ref("area")}}, {"data", ref("data")},
                     {"epochs", 1}, {"batch_size", 16}, {"lr", 1e-3}, {"max_steps_per_epoch", 4}}},
       {"interp", {{"type", "RbfParamDistance"}, {"weight", 10.0}, {"mode", "raw"}}},
       {"gates", {{"type", "FreeLogitGates"}, {"offset", 0.0}, {"init_std", 0.0}}},
-      {"prune", {{"type", "PruneChannels"}, {"classifier", ref("backbone")}, {"selector", ref("selector")},
+      {"prune", {{"type", "PruneChannels"}, {"classifier", ref("classifier")}, {"selector", ref("selector")},
                  {"pruner", ref("gates")}, {"data", ref("data")}, {"regularizers", {ref("interp")}},
                  {"subset_fraction", 0.5}, {"epochs", 8}, {"batch_size", 16}, {"lr", 0.2}, {"eval_every", 4},
                  {"bn_policy", "frozen"}}},
-      {"export", {{"type", "Export"}, {"model", ref("prune")}, {"baseline", ref("backbone")}, {"selector", ref("selector")},
+      {"export", {{"type", "Export"}, {"model", ref("prune")}, {"selector", ref("selector")},
                   {"data", ref("data")}, {"agreement_images", 40}}}};
   return {{"seed", 3},
           {"runtime", {{"threads", 2}, {"device", "cpu"}}},
@@ -302,8 +303,11 @@ TEST_CASE("tiny pipeline on synthetic data: prune -> finetune -> export -> reloa
   // Reload the export without the run and compare with the finetuned network restored from the run folder.
   isp::LoadedExport ex = isp::load_export(registry(), (dir / "run" / "export").string());
   isp::RestoredRun run = isp::restore_run(registry(), (dir / "run").string());
-  auto finetuned = std::dynamic_pointer_cast<isp::Backbone>(run.stage("finetune")->model());
-  REQUIRE(finetuned);
+  std::string producer;
+  const auto pruned = run.latest<isp::PrunedNetwork>(&producer);
+  REQUIRE(pruned);
+  CHECK(producer == "finetune");
+  auto finetuned = pruned->network;
   finetuned->eval();
   torch::NoGradGuard ng;
   at::Tensor x = torch::randn({8, 3, 32, 32});

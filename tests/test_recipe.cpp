@@ -5,7 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "isp/recipe.h"
+#include "isp/registry/recipe.h"
 #undef CHECK
 #include <doctest/doctest.h>
 

@@ -4,8 +4,8 @@
 #include <cstdlib>
 
 #include "isp/interfaces/stage.h"
-#include "isp/plugin.h"
-#include "isp/registry.h"
+#include "isp/registry/plugin.h"
+#include "isp/registry/registry.h"
 #undef CHECK
 #include <doctest/doctest.h>
 
@@ -125,7 +125,7 @@ TEST_CASE("plugins: the same key from two different files is an error naming bot
   isp::Registry reg;
   reg.load_library(fixture("dup_a"));
   auto e = error_of([&] { reg.load_library(fixture("dup_b")); });
-  CHECK(e.find("duplicate component stage 'FixtureDuplicate' v1") != std::string::npos);
+  CHECK(e.find("duplicate component stage 'isp::FixtureDuplicate' v1") != std::string::npos);
   CHECK(e.find("libisp_fixture_dup_a.so") != std::string::npos);
   CHECK(e.find("libisp_fixture_dup_b.so") != std::string::npos);
   CHECK(reg.list().size() == 1);
@@ -177,4 +177,57 @@ TEST_CASE("build context: kinds are checked at references, schema errors carry t
   auto s2 = ctx2.node<isp::Stage>("s");
   CHECK(s1.get() == s2.get());  // nodes are built once and shared
   CHECK(ctx2.resolved_nodes().at("s")["marker"] == "ISP_FIXTURE_RAN");
+}
+
+TEST_CASE("registry: type names parse as [scope::]Name[@version]; malformed ones name the recipe path") {
+  auto t = isp::TypeName::parse("mylab::RbfMaskHead@2");
+  CHECK(t.scope == "mylab");
+  CHECK(t.name == "RbfMaskHead");
+  CHECK(t.version == 2);
+  CHECK(isp::TypeName::parse("RbfMaskHead").scope.empty());
+  CHECK(!isp::TypeName::parse("RbfMaskHead").version);
+  for (const char* bad : {"RbfMaskHead@", "RbfMaskHead@x", "RbfMaskHead@0", "::RbfMaskHead", "a::", "a::b::C", "my-lab::X"}) {
+    auto e = error_of([&] { isp::TypeName::parse(bad, w("/nodes/head/type")); });
+    CHECK_MESSAGE(e.find("configs/x.json: /nodes/head/type: '" + std::string(bad) + "'") != std::string::npos, bad, ": ", e);
+  }
+}
+
+TEST_CASE("registry: one name from two libraries is ambiguous unless a scope or a version picks one") {
+  isp::Registry reg;
+  reg.load_library(fixture("scoped_a"));  // lab_a::FixtureShared v1
+  reg.load_library(fixture("scoped_b"));  // lab_b::FixtureShared v2
+  auto e = error_of([&] { reg.get("stage", "FixtureShared", std::nullopt, w("/stages/0/type")); });
+  CHECK(e.find("configs/x.json: /stages/0/type: 'FixtureShared' is offered by several libraries") != std::string::npos);
+  CHECK(e.find("lab_a::FixtureShared@1") != std::string::npos);
+  CHECK(e.find("lab_b::FixtureShared@2") != std::string::npos);
+  CHECK(reg.find("stage", "lab_a::FixtureShared")->scope == "lab_a");
+  CHECK(reg.find("stage", "FixtureShared@2")->scope == "lab_b");
+  CHECK(reg.find("stage", "FixtureShared", 1)->scope == "lab_a");
+  CHECK(reg.find("stage", "lab_a::FixtureShared@2") == nullptr);
+  // In a recipe: the scope or the pin selects the component, and the record names what was built.
+  json recipe = {{"nodes", {{"a", {{"type", "lab_a::FixtureShared"}}}, {"b", {{"type", "FixtureShared@2"}}},
+                            {"c", {{"type", "FixtureShared"}}}}}};
+  isp::BuildContext ctx(reg, recipe, [](const std::string& p) { return isp::Where{"r.json", p}; });
+  auto a = ctx.node<isp::Stage>("a");
+  CHECK(ctx.record_of(a.get())->type == "lab_a::FixtureShared");
+  ctx.node<isp::Stage>("b");
+  CHECK(ctx.records().at("/nodes/b").type == "lab_b::FixtureShared");
+  CHECK(ctx.records().at("/nodes/b").version == 2);
+  CHECK(ctx.records().at("/nodes/b").library.find("libisp_fixture_scoped_b.so") != std::string::npos);
+  CHECK(ctx.records().at("/nodes/b").library_hash.size() == 16);
+  e = error_of([&] { ctx.node<isp::Stage>("c"); });
+  CHECK(e.find("r.json: /nodes/c/type: 'FixtureShared' is offered by several libraries") != std::string::npos);
+}
+
+TEST_CASE("registry: a frozen registry refuses new components and new libraries") {
+  isp::Registry reg;
+  reg.load_library(fixture("ok"));
+  reg.freeze();
+  CHECK_NOTHROW(reg.load_library(fixture("ok")));  // already loaded: still a no-op
+  CHECK_THROWS_AS(reg.load_library(fixture("dup_a")), isp::RegistryFrozen);
+  isp::ComponentInfo c;
+  c.kind = "stage";
+  c.name = "Late";
+  CHECK_THROWS_AS(reg.add(c), isp::RegistryFrozen);
+  CHECK(reg.find("stage", "FixtureDuplicate") == nullptr);
 }

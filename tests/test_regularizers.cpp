@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "isp/error.h"
+#include "isp/registry/error.h"
 #include "isp/interfaces/regularizer.h"
 
 using isp::json;

@@ -18,7 +18,8 @@
 #include <functional>
 #include <string>
 
-#include "isp/registry.h"
+#include "isp/registry/build_context.h"
+#include "isp/registry/registry.h"
 
 namespace isp_test {
 inline std::string plugin(const std::string& name) { return std::string(ISP_TEST_PLUGIN_DIR) + "/lib" + name + ".so"; }

@@ -24,7 +24,7 @@
 #include "isp/interfaces/aem.h"
 #include "isp/interfaces/backbone.h"
 #include "isp/interfaces/pruner.h"
-#include "isp/recipe.h"
+#include "isp/registry/recipe.h"
 #include "isp/runner.h"
 
 namespace fs = std::filesystem;
@@ -58,7 +58,7 @@ json tiny_recipe() {
                       {"batch_size", 24}, {"lr", 0.05}, {"milestones", json::array()}, {"eval_batch_size", 64}}},
       {"mask_source", {{"type", "RandomRbfMasks"}, {"center_low", 1.0}, {"center_high", 15.0}, {"sigma_low", 2.5},
                        {"sigma_high", 5.5}}},
-      {"predictor", {{"type", "TrainPredictor"}, {"classifier", ref("backbone")}, {"data", ref("data")},
+      {"predictor", {{"type", "TrainPredictor"}, {"classifier", ref("classifier")}, {"data", ref("data")},
                      {"mask_source", ref("mask_source")}, {"epochs", 1}, {"batch_size", 24}, {"lr", 1e-3},
                      {"max_steps_per_epoch", 2}, {"eval_every", 1}, {"eval_batch_size", 64},
                      {"init_from_classifier", true}}},
@@ -68,7 +68,7 @@ json tiny_recipe() {
       {"mask_sampler", {{"type", "RelaxedBernoulli"}, {"temperature", 1.0}}},
       {"area", {{"type", "MaskArea"}, {"weight", 0.2}, {"power", 0.3}}},
       {"smoothness", {{"type", "MaskSmoothness"}, {"weight", 0.001}}},
-      {"selector", {{"type", "TrainSelector"}, {"classifier", ref("backbone")}, {"predictor", ref("predictor")},
+      {"selector", {{"type", "TrainSelector"}, {"predictor", ref("predictor")},
                     {"filter", ref("filter")}, {"decoder", ref("decoder")}, {"head", ref("head")},
                     {"sampler", ref("mask_sampler")}, {"regularizers", {ref("area"), ref("smoothness")}},
                     {"data", ref("data")}, {"epochs", 1}, {"batch_size", 16}, {"lr", 1e-3},
@@ -76,14 +76,14 @@ json tiny_recipe() {
       {"gates", {{"type", "FreeLogitGates"}}},
       {"interp", {{"type", "RbfParamDistance"}, {"weight", 10.0}, {"mode", "raw"}}},
       {"flops", {{"type", "FlopsBudget"}, {"target", 0.5}, {"weight", 5.0}}},
-      {"prune", {{"type", "PruneChannels"}, {"classifier", ref("backbone")}, {"selector", ref("selector")},
+      {"prune", {{"type", "PruneChannels"}, {"classifier", ref("classifier")}, {"selector", ref("selector")},
                  {"pruner", ref("gates")}, {"data", ref("data")}, {"regularizers", {ref("interp"), ref("flops")}},
                  {"subset_fraction", 0.5}, {"epochs", 3}, {"batch_size", 18}, {"lr", 0.2}, {"eval_every", 1},
                  {"eval_batch_size", 64}}},
       {"finetune", {{"type", "Finetune"}, {"pruned", ref("prune")}, {"data", ref("data")}, {"epochs", 1},
                     {"batch_size", 24}, {"lr", 0.01}, {"milestones", json::array()}, {"max_steps_per_epoch", 2},
                     {"eval_batch_size", 64}}},
-      {"export", {{"type", "Export"}, {"model", ref("finetune")}, {"baseline", ref("backbone")},
+      {"export", {{"type", "Export"}, {"model", ref("finetune")}, 
                   {"selector", ref("selector")}, {"data", ref("data")}, {"agreement_images", 8}}}};
   json stages = json::array();
   for (const auto& s : kStages) stages.push_back(ref(s));

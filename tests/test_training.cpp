@@ -8,7 +8,7 @@
 
 #include "isp/checkpoint.h"
 #include "isp/interfaces/backbone.h"
-#include "isp/recipe.h"
+#include "isp/registry/recipe.h"
 #include "isp/runner.h"
 
 namespace fs = std::filesystem;
@@ -41,7 +41,7 @@ std::vector<json> metrics(const fs::path& run) {
 std::shared_ptr<isp::Backbone> load_final(const fs::path& run, const std::string& recipe) {
   isp::Recipe r = isp::load_recipe(recipe);
   isp::BuildContext ctx(registry(), r.doc, [&r](const std::string& p) { return r.where(p); });
-  auto m = ctx.fresh<isp::Backbone>("backbone");
+  auto m = ctx.node<isp::Backbone>("backbone");
   isp::CheckpointReader((run / "classifier" / "final.pt").string()).module("model", *m);
   return m;
 }

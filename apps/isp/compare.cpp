@@ -5,7 +5,7 @@
 #include <iostream>
 #include <sstream>
 
-#include "isp/recipe.h"
+#include "isp/registry/recipe.h"
 
 namespace fs = std::filesystem;
 using isp::json;

@@ -18,9 +18,9 @@
 #include <stb/stb_easy_font.h>
 
 #include "isp/interfaces/dataset.h"
-#include "isp/interfaces/stage.h"
-#include "isp/recipe.h"
-#include "isp/registry.h"
+#include "isp/artifacts.h"
+#include "isp/registry/recipe.h"
+#include "isp/registry/registry.h"
 #include "isp/runner.h"
 #include "isp/selector.h"
 
@@ -161,20 +161,17 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
     throw isp::Error("explain: --label must be ground_truth or predicted, got " + o.label);
   isp::RestoredRun run = isp::restore_run(reg, work);
 
-  std::shared_ptr<isp::SelectorNet> sel;
   std::string stage_name;
-  for (auto it = run.stages.rbegin(); it != run.stages.rend() && !sel; ++it) {
-    sel = std::dynamic_pointer_cast<isp::SelectorNet>(it->second->model());
-    if (sel) stage_name = it->first;
-  }
-  if (!sel) throw isp::Error(work + ": no finished stage of this run produced an AEM selector (TrainSelector)");
+  const auto aem = run.latest<isp::ExplanationModel>(&stage_name);
+  if (!aem) throw isp::Error(work + ": no finished stage of this run produced an explanation model (TrainSelector)");
+  const std::shared_ptr<isp::SelectorNet> sel = aem->selector;
   const std::string data_node = find_dataset_node(run, stage_name);
   const isp::DataBundle& data = run.ctx->node<isp::Dataset>(data_node)->data();
   if (data.test.size() == 0) throw isp::Error("explain: the dataset '" + data_node + "' has no test images");
   const int64_t n = std::min<int64_t>(o.images, data.test.size());
   if (n < 1) throw isp::Error("explain: --images must be at least 1");
 
-  const c10::Device dev = isp::current_device();
+  const c10::Device dev = run.runtime.device;
   torch::NoGradGuard ng;
   sel->to(dev);
   sel->eval();

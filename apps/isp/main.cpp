@@ -5,8 +5,8 @@
 
 #include <CLI/CLI.hpp>
 
-#include "isp/plugin.h"
-#include "isp/registry.h"
+#include "isp/registry/plugin.h"
+#include "isp/registry/registry.h"
 #include "isp/runner.h"
 
 #include "compare.h"

@@ -3,8 +3,8 @@
 // Counting convention = the official print_model_param_flops (multiply_adds=False), which hooks nn.Module layers
 // only: conv k²·(Cin/g)·Cout·Hout·Wout (+Cout·Hout·Wout with bias), linear in·out (+out), BN 2·numel(out),
 // ReLU numel(out), pooling numel(in) (k²·C·Hout·Wout with kernel = stride). Operations the reference models apply
-// functionally are invisible to that counter; backbones list them as "add", "functional_relu" and
-// "functional_avgpool" and they count 0 FLOPs here. This reproduces the references exactly: ResNet-56
+// functionally are invisible to that counter; backbones list them as LayerOp::Add, FunctionalRelu and
+// FunctionalAvgPool and they count 0 FLOPs here. This reproduces the references exactly: ResNet-56
 // 127 087 242 FLOPs (0.12709 G), MobileNetV2-CIFAR 312 877 578 FLOPs (0.31288 G).
 // Params: conv/linear weights + biases, BN affine 2·C (running statistics are buffers, not parameters).
 #include "isp/cost.h"
@@ -17,8 +17,7 @@
 #include <string>
 #include <utility>
 
-#include "isp/error.h"
-#include "isp/registry.h"
+#include "isp/registry/error.h"
 
 namespace isp {
 
@@ -32,37 +31,40 @@ std::string shape_str(const at::Tensor& t) {
 
 // A depthwise conv: its groups follow its (gated) channel count.
 bool is_depthwise(const LayerShape& l) {
-  return l.op == "conv" && l.groups > 1 && l.groups == l.in_channels && l.groups == l.out_channels;
-}
-
-bool counts_nothing(const std::string& op) {
-  return op == "add" || op == "functional_relu" || op == "functional_avgpool";
+  return l.op == LayerOp::Conv && l.groups > 1 && l.groups == l.in_channels && l.groups == l.out_channels;
 }
 
 // Cost of one layer with effective channel counts; `g` is the effective groups.
 LayerCostBreakdown layer_cost(const LayerShape& l, double cin, double cout, double g) {
-  LayerCostBreakdown c{l.name, l.op, 0.0, 0.0};
+  LayerCostBreakdown c{l.name, to_string(l.op), 0.0, 0.0};
   const double k2 = static_cast<double>(l.kernel) * static_cast<double>(l.kernel);
   const double ohw = static_cast<double>(l.out_h) * static_cast<double>(l.out_w);
   const double ihw = static_cast<double>(l.in_h) * static_cast<double>(l.in_w);
-  if (l.op == "conv") {
-    c.params = k2 * (cin / g) * cout + (l.bias ? cout : 0.0);
-    c.flops = k2 * (cin / g) * cout * ohw + (l.bias ? cout * ohw : 0.0);
-  } else if (l.op == "linear") {
-    c.params = cin * cout + (l.bias ? cout : 0.0);
-    c.flops = c.params;
-  } else if (l.op == "bn") {
-    c.params = 2.0 * cout;
-    c.flops = 2.0 * cout * ohw;
-  } else if (l.op == "relu") {
-    c.flops = cout * ohw;
-  } else if (l.op == "avgpool" || l.op == "maxpool") {
-    c.flops = cin * ihw;
-  } else if (!counts_nothing(l.op)) {
-    throw Error("CostModel: layer '" + l.name + "' has unknown op '" + l.op +
-                "' (expected conv, bn, relu, linear, avgpool, add, functional_relu or functional_avgpool)");
+  switch (l.op) {
+    case LayerOp::Conv:
+      c.params = k2 * (cin / g) * cout + (l.bias ? cout : 0.0);
+      c.flops = k2 * (cin / g) * cout * ohw + (l.bias ? cout * ohw : 0.0);
+      return c;
+    case LayerOp::Linear:
+      c.params = cin * cout + (l.bias ? cout : 0.0);
+      c.flops = c.params;
+      return c;
+    case LayerOp::BatchNorm:
+      c.params = 2.0 * cout;
+      c.flops = 2.0 * cout * ohw;
+      return c;
+    case LayerOp::Relu:
+      c.flops = cout * ohw;
+      return c;
+    case LayerOp::AvgPool:
+      c.flops = cin * ihw;
+      return c;
+    case LayerOp::FunctionalRelu:
+    case LayerOp::FunctionalAvgPool:
+    case LayerOp::Add:
+      return c;
   }
-  return c;
+  throw Error("CostModel: layer '" + l.name + "' has an unknown op (" + std::to_string(static_cast<int>(l.op)) + ")");
 }
 
 // Layer cost as a polynomial in the kept counts: c0 + a·c[in_gate] + b·c[out_gate] + q·c[in_gate]·c[out_gate].
@@ -95,7 +97,7 @@ LinearCost linear_flops(const LayerShape& l) {
   r.a = f21 - f11 - r.q;   // d/dcin at cout = 0
   r.b = f12 - f11 - r.q;   // d/dcout at cin = 0
   r.c0 = f11 - r.a - r.b - r.q;
-  if (is_depthwise(l) || (l.op != "conv" && l.op != "linear")) {
+  if (is_depthwise(l) || (l.op != LayerOp::Conv && l.op != LayerOp::Linear)) {
     // Single-gate layers: f depends on one count only (the same gate on both sides).
     if (r.in_gate >= 0 && r.in_gate == r.out_gate) {
       r.a += r.b;
@@ -195,7 +197,7 @@ at::Tensor CostModel::official_flops_ratio(const at::Tensor& kept) const {
   std::vector<at::Tensor> terms;
   at::Tensor k = kept.to(at::kDouble);
   for (const auto& l : layers_) {
-    if (l.op != "conv" || (l.in_gate < 0 && l.out_gate < 0)) continue;
+    if (l.op != LayerOp::Conv || (l.in_gate < 0 && l.out_gate < 0)) continue;
     const double k2 = static_cast<double>(l.kernel * l.kernel), hw = static_cast<double>(l.out_h * l.out_w);
     const double cin = static_cast<double>(l.in_channels), cout = static_cast<double>(l.out_channels);
     const double g = static_cast<double>(l.groups);
@@ -235,7 +237,7 @@ at::Tensor CostModel::kept_per_layer(const at::Tensor& gates) const {
 
 // ---------------------------------------------------------------------------------------------- surgery
 
-void copy_pruned_weights(Backbone& from, Backbone& to, const std::vector<std::vector<int64_t>>& kept) {
+void copy_pruned_weights(const Backbone& from, Backbone& to, const std::vector<std::vector<int64_t>>& kept) {
   const auto gated = from.gated_layers();
   if (kept.size() != gated.size()) {
     throw Error("copy_pruned_weights: expected kept indices for " + std::to_string(gated.size()) +
@@ -283,11 +285,9 @@ void copy_pruned_weights(Backbone& from, Backbone& to, const std::vector<std::ve
   for (const auto& b : to.named_buffers(/*recurse=*/true)) copy_one(b.key(), b.value());
 }
 
-ExtractedNetwork extract_pruned(Backbone& gated, const at::Tensor& gates, BuildContext& ctx,
-                                const std::string& backbone_node) {
-  const auto layers = gated.gated_layers();
-  int64_t total = 0;
-  for (const auto& g : layers) total += g.width;
+ExtractedNetwork extract_pruned(const Backbone& gated, const at::Tensor& gates) {
+  const auto& layers = gated.gated_layers();
+  const int64_t total = gated.total_gate_width();
   if (!gates.defined() || gates.dim() != 1 || gates.size(0) != total) {
     throw Error("extract_pruned: expected a gate vector of shape [" + std::to_string(total) + "], got " +
                 (gates.defined() ? shape_str(gates) : std::string("an undefined tensor")));
@@ -308,28 +308,19 @@ ExtractedNetwork extract_pruned(Backbone& gated, const at::Tensor& gates, BuildC
     offset += l.width;
   }
 
-  // The node's recipe spec (following $ref links) with the kept widths; an inline spec is built fresh.
-  const json nodes = ctx.recipe().value("nodes", json::object());
-  std::string node = backbone_node;
-  if (!nodes.contains(node)) throw Error("extract_pruned: the recipe has no node named '" + node + "'");
-  json spec = nodes[node];
-  for (int hops = 0; !BuildContext::ref_name(spec).empty(); ++hops) {
-    node = BuildContext::ref_name(spec);
-    if (hops > 64 || !nodes.contains(node))
-      throw Error("extract_pruned: cannot resolve the spec of node '" + backbone_node + "'");
-    spec = nodes[node];
-  }
-  spec["widths"] = widths;
-  out.model = std::static_pointer_cast<Backbone>(ctx.build(spec, ctx.where("/nodes/" + node), "backbone"));
-  if (!out.model) throw Error("extract_pruned: building the pruned backbone returned nothing");
-
+  out.model = gated.with_widths(widths);
+  if (!out.model) throw Error("extract_pruned: with_widths returned no network");
   // Same device / dtype and mode as the source.
   auto params = gated.parameters();
   if (!params.empty()) out.model->to(params.front().device(), params.front().scalar_type());
   out.model->train(gated.is_training());
   copy_pruned_weights(gated, *out.model, out.kept_indices);
-  out.spec = std::move(spec);
+  out.spec = out.model->structure();
   return out;
+}
+
+ExtractedNetwork extract_pruned(Backbone& gated, const at::Tensor& gates, BuildContext&, const std::string&) {
+  return extract_pruned(static_cast<const Backbone&>(gated), gates);
 }
 
 }  // namespace isp

@@ -21,8 +21,6 @@ namespace isp {
 Dataset::~Dataset() = default;
 BundleDataset::~BundleDataset() = default;
 Backbone::~Backbone() = default;
-Stage::~Stage() = default;
-Interrupted::~Interrupted() = default;
 int64_t Backbone::total_gate_width() const {
   int64_t s = 0;
   for (const auto& g : gated_layers()) s += g.width;

@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "isp/interfaces/backbone.h"
-#include "isp/options.h"
+#include "isp/registry/options.h"
 
 namespace isp_pruners {
 

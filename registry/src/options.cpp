@@ -3,7 +3,7 @@
 #include <cmath>
 #include <sstream>
 
-#include "isp/options.h"
+#include "isp/registry/options.h"
 
 namespace isp {
 
@@ -11,6 +11,8 @@ Error::~Error() = default;
 UnknownComponent::~UnknownComponent() = default;
 DuplicateComponent::~DuplicateComponent() = default;
 PluginLoadError::~PluginLoadError() = default;
+AmbiguousComponent::~AmbiguousComponent() = default;
+RegistryFrozen::~RegistryFrozen() = default;
 DataError::~DataError() = default;
 RecipeError::~RecipeError() = default;
 

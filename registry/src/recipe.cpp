@@ -1,5 +1,5 @@
 // Recipe loading: mmengine-style `_base_` inheritance in JSON, overrides, variables and $ref checks.
-#include "isp/recipe.h"
+#include "isp/registry/recipe.h"
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -126,6 +126,34 @@ void merge_into(json& base, const json& child, const std::string& file, const st
   }
 }
 
+// The folder of the recipes shipped with isp: `_base_: "isp://isp/quick_fmnist.json"` names a file in it.
+std::string shipped_config_dir() {
+  if (const char* env = std::getenv("ISP_CONFIG_DIR"); env && *env) return env;
+  std::error_code ec;
+  fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+#ifdef ISP_INSTALL_CONFIG_SUBDIR
+  if (!ec) {
+    fs::path installed = (exe.parent_path() / ".." / ISP_INSTALL_CONFIG_SUBDIR).lexically_normal();
+    if (fs::is_directory(installed)) return installed.string();
+  }
+#endif
+#ifdef ISP_SOURCE_CONFIG_DIR
+  if (fs::is_directory(ISP_SOURCE_CONFIG_DIR)) return ISP_SOURCE_CONFIG_DIR;  // running from the build tree
+#endif
+  return "";
+}
+
+static fs::path base_path(const fs::path& file, const std::string& entry, const Where& where) {
+  static const std::string kShipped = "isp://";
+  if (entry.rfind(kShipped, 0) == 0) {
+    const std::string dir = shipped_config_dir();
+    if (dir.empty())
+      throw RecipeError(where, "'" + entry + "' names a shipped recipe, but no isp configs folder was found (set ISP_CONFIG_DIR)");
+    return (fs::path(dir) / entry.substr(kShipped.size())).lexically_normal();
+  }
+  return (file.parent_path() / entry).lexically_normal();
+}
+
 static json load_with_bases(const fs::path& file, json doc, std::vector<std::string>& stack,
                             std::map<std::string, std::string>* origins) {
   const std::string fname = file.string();
@@ -145,8 +173,8 @@ static json load_with_bases(const fs::path& file, json doc, std::vector<std::str
       throw RecipeError({fname, "/_base_"}, "expected a path or a list of paths, got " + bases->dump());
     }
     for (std::size_t i = 0; i < list.size(); ++i) {
-      fs::path bp = (file.parent_path() / list[i]).lexically_normal();
       std::string where_ptr = bases->is_array() ? "/_base_/" + std::to_string(i) : "/_base_";
+      fs::path bp = base_path(file, list[i], {fname, where_ptr});
       if (!fs::exists(bp)) throw RecipeError({fname, where_ptr}, "base recipe not found: " + bp.string());
       std::string canon = fs::weakly_canonical(bp).string();
       for (const auto& s : stack)
@@ -178,7 +206,7 @@ static void track_origins(const fs::path& file, const json& raw, std::vector<std
     if (bases->is_string()) list.push_back(bases->get<std::string>());
     else for (const auto& b : *bases) list.push_back(b.get<std::string>());
     for (const auto& b : list) {
-      fs::path bp = (file.parent_path() / b).lexically_normal();
+      fs::path bp = base_path(file, b, {file.string(), "/_base_"});
       json bdoc = json::parse(read_text_file(bp.string()));
       stack.push_back(fs::weakly_canonical(bp).string());
       track_origins(bp, bdoc, stack, acc, origins);

@@ -7,7 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "isp/options.h"
+#include "isp/registry/options.h"
 
 namespace torch { namespace nn { class Module; } namespace optim { class Optimizer; } }
 

@@ -14,11 +14,11 @@ class BuildContext;
 
 // FLOPs convention (the official print_model_param_flops, multiply_adds=False, which only sees nn modules):
 // conv k*k*(Cin/g)*Cout*Hout*Wout (+Cout*Hout*Wout with bias), linear in*out (+out), BN 2*numel(out),
-// ReLU module numel(out), pooling module numel(in); ops the official models run inline ("functional_relu",
-// "functional_avgpool", residual "add") count 0. This reproduces 0.12709 GFLOPs (ResNet-56) and 0.31288
+// ReLU module numel(out), pooling module numel(in); ops the official models run inline (FunctionalRelu,
+// FunctionalAvgPool, residual Add) count 0. This reproduces 0.12709 GFLOPs (ResNet-56) and 0.31288
 // GFLOPs (MobileNetV2-CIFAR) exactly. Params: weights + biases (+ BN affine 2*C; running stats excluded).
 struct LayerCostBreakdown {
-  std::string name, op;
+  std::string name, op;  // op: to_string(LayerOp)
   double flops = 0, params = 0;
 };
 
@@ -51,17 +51,19 @@ class ISP_API CostModel {
   CostSummary full_;
 };
 
-// Builds the smaller network: a fresh backbone of the same node spec with `widths` = kept counts, every
-// declared channel group sliced to the kept indices, everything else copied. `gates` is a {0,1} vector
-// [sum widths]; a layer with no kept channel keeps its single strongest gate index (never zero channels).
+// Builds the smaller network: gated.with_widths(kept counts), every channel group sliced to the kept indices,
+// everything else copied; device, dtype and train mode follow `gated`. `gates` is a {0,1} vector [sum widths];
+// a layer with no kept channel keeps its single strongest gate index (never zero channels).
 struct ExtractedNetwork {
   std::shared_ptr<Backbone> model;
   std::vector<std::vector<int64_t>> kept_indices;  // per gated layer
-  json spec;                                       // node spec that rebuilds the architecture
+  json spec;                                       // model->structure(): the options (no "type") that rebuild it
 };
+ISP_API ExtractedNetwork extract_pruned(const Backbone& gated, const at::Tensor& gates);
+// Deprecated: ignores ctx and backbone_node. Kept only until the stage plugins call the overload above.
 ISP_API ExtractedNetwork extract_pruned(Backbone& gated, const at::Tensor& gates, BuildContext& ctx,
                                         const std::string& backbone_node);
 // Same, given explicit kept indices (used to reload an export).
-ISP_API void copy_pruned_weights(Backbone& from, Backbone& to, const std::vector<std::vector<int64_t>>& kept);
+ISP_API void copy_pruned_weights(const Backbone& from, Backbone& to, const std::vector<std::vector<int64_t>>& kept);
 
 }  // namespace isp

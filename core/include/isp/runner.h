@@ -1,16 +1,16 @@
 #pragma once
-// Runs a recipe: loads plugins, builds nodes and stages, executes stages in order with resume support.
-#include <string>
-#include <vector>
-
-#include "isp/recipe.h"
-#include "isp/registry.h"
-
+// Runs a recipe: loads plugins, freezes the registry, builds nodes and stages, executes the stages in order,
+// and keeps the run folder resumable (run_folder.cpp: fingerprints, reuse, restore).
 #include <memory>
+#include <string>
+#include <utility>
+#include <vector>
 
 #include <c10/core/Device.h>
 
-namespace isp { class Stage; }
+#include "isp/interfaces/stage.h"
+#include "isp/registry/build_context.h"
+#include "isp/registry/recipe.h"
 
 namespace isp {
 
@@ -19,31 +19,48 @@ struct RunOptions {
   std::vector<std::string> overrides;
   std::string work_dir;  // default: work_dirs/<recipe name>
   bool resume = false;
-  // with resume: rerun the stages whose fingerprint changed (and those after them); their old folders are
-  // renamed to <stage>.replaced-N. Without it a changed recipe is an error.
+  // with resume: rerun the stages whose fingerprint changed (and those that take their results); their old
+  // folders are renamed to <stage>.replaced-N. Without it a changed recipe is an error.
   bool force = false;
-  // a finished run folder: its stages are taken over (hard-linked) for as long as their fingerprints match
+  // a finished run folder: every stage whose fingerprint matches one of its finished stages is taken over
+  // (hard-linked) instead of run
   std::string reuse_from;
   bool validate_only = false;
+};
+
+// The recipe's "runtime" section, applied: torch threads set, device chosen.
+struct Runtime {
+  c10::Device device = c10::Device(c10::kCPU);
+  int threads = 1;
 };
 
 // Loads the recipe's `plugins` entries (files or folders, relative to the recipe) into `reg`.
 ISP_API void load_recipe_plugins(Registry& reg, const Recipe& r);
 // Sets torch threads and picks the device from the recipe's "runtime" section.
-ISP_API void apply_runtime(const Recipe& r);
+ISP_API Runtime apply_runtime(const Recipe& r);
+
 // A finished (or partly finished) run folder rebuilt for inspection: the resolved recipe, its nodes, and every
-// completed stage restored (weights loaded), in recipe order. Used by `isp explain`, `isp export`, reports.
-struct RestoredRun {
+// completed stage restored (its artifact rebuilt), in recipe order. Used by `isp explain` and tests.
+struct ISP_API RestoredRun {
   Recipe recipe;
   std::unique_ptr<BuildContext> ctx;
   std::vector<std::pair<std::string, std::shared_ptr<Stage>>> stages;  // completed stages only
   std::string work_dir;
   json summary;
+  Runtime runtime;
   std::shared_ptr<Stage> stage(const std::string& name) const;  // nullptr if absent
+  // The artifact of the last completed stage that produces an A (nullptr if none), and that stage's name.
+  template <class A>
+  std::shared_ptr<const A> latest(std::string* stage_name = nullptr) const {
+    for (auto it = stages.rbegin(); it != stages.rend(); ++it)
+      if (std::string(it->second->produces()) == A::kType) {
+        if (stage_name) *stage_name = it->first;
+        return std::static_pointer_cast<const A>(it->second->result());  // produces() checked by publish()
+      }
+    return nullptr;
+  }
 };
 ISP_API RestoredRun restore_run(Registry& reg, const std::string& work_dir);
-// The device apply_runtime() chose.
-ISP_API c10::Device current_device();
 
 // A stage's name: the node it references ({"$ref": "prune"} -> "prune"), else its "name", else type + index i.
 ISP_API std::string stage_name(const json& spec, std::size_t i);

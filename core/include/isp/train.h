@@ -91,6 +91,32 @@ struct SgdScheduleOptions {
 
 ISP_API double lr_at_epoch(const SgdScheduleOptions& o, int64_t epoch);
 
+// Adam with coupled L2 weight decay (torch.optim.Adam) and a constant LR: the AEM predictor and selector.
+struct AdamSettings {
+  double lr = 1e-4;
+  double weight_decay = 1e-4;
+  double beta1 = 0.9, beta2 = 0.999;
+  template <class V> void visit(V& v) {
+    v("lr", lr, "Adam learning rate (constant)", greater_than(0));
+    v("weight_decay", weight_decay, "L2 weight decay added to the gradient (coupled, as torch.optim.Adam)", at_least(0));
+    v("beta1", beta1, "Adam beta1", between(0, 1));
+    v("beta2", beta2, "Adam beta2", between(0, 1));
+  }
+};
+
+// Turns off requires_grad of a frozen network's parameters for a scope (gradients still flow through it to
+// its input), and restores the previous flags afterwards.
+class FrozenParameters {
+ public:
+  explicit FrozenParameters(torch::nn::Module& m);
+  ~FrozenParameters();
+  FrozenParameters(const FrozenParameters&) = delete;
+  FrozenParameters& operator=(const FrozenParameters&) = delete;
+ private:
+  std::vector<at::Tensor> params_;
+  std::vector<bool> flags_;
+};
+
 struct Classifier {
   torch::nn::Module* module = nullptr;
   std::function<at::Tensor(const at::Tensor&)> forward;  // logits

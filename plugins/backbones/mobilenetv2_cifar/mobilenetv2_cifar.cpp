@@ -9,12 +9,13 @@
 // layers.0.conv1.weight, layers.1.shortcut.0.weight, conv2.weight (head), bn2.*, linear.weight.
 #include <torch/torch.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "isp/interfaces/backbone.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace {
 
@@ -43,12 +44,8 @@ constexpr int64_t kNumBlocks = 17;
 // Encoder scales: outputs of these blocks (0-based), then the post-head-conv map (isp-spec §2.2).
 constexpr std::size_t kScaleBlocks[] = {5, 12};
 
-at::Tensor apply_gate(const at::Tensor& x, const at::Tensor& gate) {
-  if (!gate.defined()) return x;
-  at::Tensor g = gate.to(x.device(), x.scalar_type());
-  if (g.dim() == 1) return x * g.view({1, -1, 1, 1});
-  return x * g.view({g.size(0), g.size(1), 1, 1});
-}
+// The block applies its gate through the backbone (Backbone::apply_gate), which owns the gate vector.
+using GateFn = std::function<at::Tensor(const at::Tensor&)>;
 
 // Full hidden widths: expansion x block input channels.
 std::vector<int64_t> full_widths() {
@@ -65,8 +62,7 @@ std::vector<int64_t> full_widths() {
 
 class InvertedResidualImpl : public torch::nn::Module {
  public:
-  InvertedResidualImpl(int64_t in_planes, int64_t out_planes, int64_t hidden, int64_t stride)
-      : in_planes_(in_planes), out_planes_(out_planes), hidden_(hidden), stride_(stride) {
+  InvertedResidualImpl(int64_t in_planes, int64_t out_planes, int64_t hidden, int64_t stride) : stride_(stride) {
     using torch::nn::Conv2dOptions;
     conv1 = register_module("conv1", torch::nn::Conv2d(Conv2dOptions(in_planes, hidden, 1).bias(false)));
     bn1 = register_module("bn1", torch::nn::BatchNorm2d(hidden));
@@ -83,179 +79,24 @@ class InvertedResidualImpl : public torch::nn::Module {
     }
   }
 
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& gate) {
-    at::Tensor out = apply_gate(torch::relu(bn1->forward(conv1->forward(x))), gate);
-    out = apply_gate(torch::relu(bn2->forward(conv2->forward(out))), gate);
+  at::Tensor forward(const at::Tensor& x, const GateFn& gate) {
+    at::Tensor out = gate(torch::relu(bn1->forward(conv1->forward(x))));
+    out = gate(torch::relu(bn2->forward(conv2->forward(out))));
     out = bn3->forward(conv3->forward(out));
     if (stride_ == 1) out = out + (shortcut.is_empty() ? x : shortcut->forward(x));
     return out;
   }
-
-  int64_t hidden() const { return hidden_; }
-  int64_t in_planes() const { return in_planes_; }
-  int64_t out_planes() const { return out_planes_; }
-  int64_t stride() const { return stride_; }
 
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
   torch::nn::Sequential shortcut{nullptr};
 
  private:
-  int64_t in_planes_, out_planes_, hidden_, stride_;
+  int64_t stride_;
 };
 TORCH_MODULE(InvertedResidual);
 
-class MobileNetV2Cifar : public isp::Backbone {
- public:
-  explicit MobileNetV2Cifar(const MobileNetV2CifarOptions& o) : opt_(o) {
-    using torch::nn::Conv2dOptions;
-    widths_ = o.widths.empty() ? full_widths() : o.widths;
-    conv1 = register_module("conv1",
-                            torch::nn::Conv2d(Conv2dOptions(o.in_channels, 32, 3).stride(1).padding(1).bias(false)));
-    bn1 = register_module("bn1", torch::nn::BatchNorm2d(32));
-    torch::nn::ModuleList layers;
-    int64_t in_planes = 32;
-    std::size_t k = 0;
-    for (const auto& s : kStages) {
-      for (int64_t b = 0; b < s.num_blocks; ++b, ++k) {
-        const int64_t stride = b == 0 ? s.stride : 1;
-        InvertedResidual block(in_planes, s.out_planes, widths_[k], stride);
-        layers->push_back(block);
-        blocks_.push_back(block);
-        gated_.push_back({"layers." + std::to_string(k) + ".gate", widths_[k]});
-        in_planes = s.out_planes;
-      }
-    }
-    layers_ = register_module("layers", layers);
-    conv2 = register_module("conv2", torch::nn::Conv2d(Conv2dOptions(320, 1280, 1).bias(false)));
-    bn2 = register_module("bn2", torch::nn::BatchNorm2d(1280));
-    linear = register_module("linear", torch::nn::Linear(1280, o.num_classes));
-  }
-
-  at::Tensor forward(const at::Tensor& x) override { return forward_features(x).logits; }
-
-  isp::BackboneFeatures forward_features(const at::Tensor& x) override {
-    isp::BackboneFeatures f;
-    at::Tensor out = torch::relu(bn1->forward(conv1->forward(x)));
-    int64_t offset = 0;
-    std::size_t next_scale = 0;
-    for (std::size_t i = 0; i < blocks_.size(); ++i) {
-      at::Tensor g;
-      const int64_t w = blocks_[i]->hidden();
-      if (gates_.defined()) g = gates_.narrow(-1, offset, w);
-      offset += w;
-      out = blocks_[i]->forward(out, g);
-      if (next_scale < std::size(kScaleBlocks) && i == kScaleBlocks[next_scale]) {
-        f.scales.push_back(out);
-        ++next_scale;
-      }
-    }
-    out = torch::relu(bn2->forward(conv2->forward(out)));
-    f.scales.push_back(out);
-    f.logits = linear->forward(out.mean({2, 3}));
-    return f;
-  }
-
-  std::vector<int64_t> feature_channels() const override { return {32, 96, 1280}; }
-  std::vector<isp::GatedLayer> gated_layers() const override { return gated_; }
-
-  void set_gates(const at::Tensor& gates) override {
-    if (!gates.defined()) {
-      gates_ = at::Tensor();
-      return;
-    }
-    isp::check_gate_shape(gates, widths_, "MobileNetV2Cifar");
-    gates_ = gates;
-  }
-
-  int64_t num_classes() const override { return opt_.num_classes; }
-  int64_t input_size() const override { return opt_.input_size; }
-
-  isp::json structure() const override {
-    MobileNetV2CifarOptions o = opt_;
-    o.widths = widths_;
-    return isp::options_to_json(o);
-  }
-
-  // Every layer in forward order. The official counter (print_model_param_flops, isp-spec §1e) hooks nn.Module
-  // layers only; the kuangliu-style Python model applies ReLU (F.relu), the global pool (F.avg_pool2d) and the
-  // residual add functionally, so they are listed as "functional_relu", "functional_avgpool" and "add", which
-  // the cost model counts as 0 FLOPs. With this the unpruned network counts 312 877 578 FLOPs (the reference
-  // 0.31288 G). The depthwise conv has groups = in = out = hidden width and follows the gate on both sides.
-  std::vector<isp::LayerShape> layer_shapes() const override {
-    std::vector<isp::LayerShape> v;
-    auto add = [&v](auto&&... args) { isp::add_layer(v, std::forward<decltype(args)>(args)...); };
-    int64_t hw = opt_.input_size;
-    add("conv1", "conv", opt_.in_channels, 32, 3, hw, hw);
-    add("bn1", "bn", 32, 32, 1, hw, hw);
-    add("relu", "functional_relu", 32, 32, 1, hw, hw);
-    for (std::size_t i = 0; i < blocks_.size(); ++i) {
-      const auto& b = blocks_[i];
-      const int g = static_cast<int>(i);
-      const std::string p = "layers." + std::to_string(i) + ".";
-      const int64_t h = b->hidden(), out_hw = (hw + b->stride() - 1) / b->stride();
-      add(p + "conv1", "conv", b->in_planes(), h, 1, hw, hw, -1, g);
-      add(p + "bn1", "bn", h, h, 1, hw, hw, g, g);
-      add(p + "relu1", "functional_relu", h, h, 1, hw, hw, g, g);
-      add(p + "conv2", "conv", h, h, 3, hw, out_hw, g, g, h);
-      add(p + "bn2", "bn", h, h, 1, out_hw, out_hw, g, g);
-      add(p + "relu2", "functional_relu", h, h, 1, out_hw, out_hw, g, g);
-      add(p + "conv3", "conv", h, b->out_planes(), 1, out_hw, out_hw, g, -1);
-      add(p + "bn3", "bn", b->out_planes(), b->out_planes(), 1, out_hw, out_hw);
-      if (b->stride() == 1) {
-        if (b->in_planes() != b->out_planes()) {
-          add(p + "shortcut.0", "conv", b->in_planes(), b->out_planes(), 1, hw, hw);
-          add(p + "shortcut.1", "bn", b->out_planes(), b->out_planes(), 1, hw, hw);
-        }
-        add(p + "add", "add", b->out_planes(), b->out_planes(), 1, out_hw, out_hw);
-      }
-      hw = out_hw;
-    }
-    add("conv2", "conv", 320, 1280, 1, hw, hw);
-    add("bn2", "bn", 1280, 1280, 1, hw, hw);
-    add("relu", "functional_relu", 1280, 1280, 1, hw, hw);
-    add("avgpool", "functional_avgpool", 1280, 1280, hw, hw, 1);
-    isp::LayerShape fc;
-    fc.name = "linear";
-    fc.op = "linear";
-    fc.in_channels = 1280;
-    fc.out_channels = opt_.num_classes;
-    fc.bias = true;
-    v.push_back(fc);
-    return v;
-  }
-
-  // Block l: conv1 rows, bn1, depthwise conv2 rows (its weight is [C, 1, 3, 3]), bn2, conv3 columns (isp-spec §1e).
-  std::vector<isp::ChannelGroup> channel_groups() const override {
-    std::vector<isp::ChannelGroup> v;
-    for (std::size_t i = 0; i < blocks_.size(); ++i) {
-      const std::string p = "layers." + std::to_string(i) + ".";
-      isp::ChannelGroup g;
-      g.gate = static_cast<int>(i);
-      g.slices.push_back({p + "conv1.weight", 0});
-      for (const char* bn : {"bn1", "bn2"})
-        for (const char* t : {"weight", "bias", "running_mean", "running_var"})
-          g.slices.push_back({p + bn + "." + t, 0});
-      g.slices.push_back({p + "conv2.weight", 0});
-      g.slices.push_back({p + "conv3.weight", 1});
-      v.push_back(std::move(g));
-    }
-    return v;
-  }
-
- private:
-  MobileNetV2CifarOptions opt_;
-  std::vector<int64_t> widths_;
-  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
-  torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
-  torch::nn::ModuleList layers_{nullptr};
-  std::vector<InvertedResidual> blocks_;
-  torch::nn::Linear linear{nullptr};
-  std::vector<isp::GatedLayer> gated_;
-  at::Tensor gates_;  // plain member, not a parameter or buffer: state_dict is unaffected
-};
-
-std::shared_ptr<isp::Backbone> make_mobilenetv2_cifar(const MobileNetV2CifarOptions& o, isp::BuildContext&) {
+const MobileNetV2CifarOptions& checked(const MobileNetV2CifarOptions& o) {
   if (!o.widths.empty()) {
     if (static_cast<int64_t>(o.widths.size()) != kNumBlocks) {
       throw isp::Error("MobileNetV2Cifar: widths must list one hidden width per block, expected " +
@@ -268,6 +109,115 @@ std::shared_ptr<isp::Backbone> make_mobilenetv2_cifar(const MobileNetV2CifarOpti
       }
     }
   }
+  return o;
+}
+
+// The official counter (print_model_param_flops, isp-spec §1e) hooks nn.Module layers only; the kuangliu-style
+// Python model applies ReLU (F.relu), the global pool (F.avg_pool2d) and the residual add functionally, so the
+// layer table declares them as FunctionalRelu, FunctionalAvgPool and Add, which count 0 FLOPs. With this the
+// unpruned network counts 312 877 578 FLOPs (the reference 0.31288 G).
+class MobileNetV2Cifar : public isp::Backbone {
+ public:
+  explicit MobileNetV2Cifar(const MobileNetV2CifarOptions& o) : opt_(checked(o)) {
+    using isp::LayerOp;
+    using torch::nn::Conv2dOptions;
+    const std::vector<int64_t> widths = o.widths.empty() ? full_widths() : o.widths;
+    int64_t hw = o.input_size;
+    conv1 = register_module("conv1",
+                            torch::nn::Conv2d(Conv2dOptions(o.in_channels, 32, 3).stride(1).padding(1).bias(false)));
+    bn1 = register_module("bn1", torch::nn::BatchNorm2d(32));
+    declare_conv("conv1", o.in_channels, 32, 3, hw, hw);
+    declare_bn("bn1", 32, hw);
+    declare_op("relu", LayerOp::FunctionalRelu, 32, hw, hw);
+    torch::nn::ModuleList layers;
+    int64_t in_planes = 32;
+    std::size_t k = 0;
+    for (const auto& s : kStages) {
+      for (int64_t b = 0; b < s.num_blocks; ++b, ++k) {
+        const int64_t stride = b == 0 ? s.stride : 1, h = widths[k], out = s.out_planes;
+        const int64_t out_hw = (hw + stride - 1) / stride;
+        InvertedResidual block(in_planes, out, h, stride);
+        layers->push_back(block);
+        blocks_.push_back(block);
+        // One gate per block on the hidden channels; the depthwise conv (groups = hidden) follows it on both sides.
+        const std::string p = "layers." + std::to_string(k) + ".";
+        const int g = declare_gate(p + "gate", h);
+        declare_conv(p + "conv1", in_planes, h, 1, hw, hw, -1, g);
+        declare_bn(p + "bn1", h, hw, g);
+        declare_op(p + "relu1", LayerOp::FunctionalRelu, h, hw, hw, g);
+        declare_conv(p + "conv2", h, h, 3, hw, out_hw, g, g, h);
+        declare_bn(p + "bn2", h, out_hw, g);
+        declare_op(p + "relu2", LayerOp::FunctionalRelu, h, out_hw, out_hw, g);
+        declare_conv(p + "conv3", h, out, 1, out_hw, out_hw, g);
+        declare_bn(p + "bn3", out, out_hw);
+        if (stride == 1) {
+          if (in_planes != out) {
+            declare_conv(p + "shortcut.0", in_planes, out, 1, hw, hw);
+            declare_bn(p + "shortcut.1", out, hw);
+          }
+          declare_op(p + "add", LayerOp::Add, out, out_hw, out_hw);
+        }
+        in_planes = out;
+        hw = out_hw;
+      }
+    }
+    layers_ = register_module("layers", layers);
+    conv2 = register_module("conv2", torch::nn::Conv2d(Conv2dOptions(320, 1280, 1).bias(false)));
+    bn2 = register_module("bn2", torch::nn::BatchNorm2d(1280));
+    linear = register_module("linear", torch::nn::Linear(1280, o.num_classes));
+    declare_conv("conv2", 320, 1280, 1, hw, hw);
+    declare_bn("bn2", 1280, hw);
+    declare_op("relu", LayerOp::FunctionalRelu, 1280, hw, hw);
+    declare_op("avgpool", LayerOp::FunctionalAvgPool, 1280, hw, 1);
+    declare_linear("linear", 1280, o.num_classes);
+  }
+
+  at::Tensor forward(const at::Tensor& x) override { return forward_features(x).logits; }
+
+  isp::BackboneFeatures forward_features(const at::Tensor& x) override {
+    isp::BackboneFeatures f;
+    at::Tensor out = torch::relu(bn1->forward(conv1->forward(x)));
+    std::size_t next_scale = 0;
+    for (std::size_t i = 0; i < blocks_.size(); ++i) {
+      const at::Tensor g = gate(static_cast<int>(i));
+      out = blocks_[i]->forward(out, [&g](const at::Tensor& h) { return apply_gate(h, g); });
+      if (next_scale < std::size(kScaleBlocks) && i == kScaleBlocks[next_scale]) {
+        f.scales.push_back(out);
+        ++next_scale;
+      }
+    }
+    out = torch::relu(bn2->forward(conv2->forward(out)));
+    f.scales.push_back(out);
+    f.logits = linear->forward(out.mean({2, 3}));
+    return f;
+  }
+
+  std::vector<int64_t> feature_channels() const override { return {32, 96, 1280}; }
+  int64_t num_classes() const override { return opt_.num_classes; }
+  int64_t input_size() const override { return opt_.input_size; }
+
+  isp::json structure() const override {
+    MobileNetV2CifarOptions o = opt_;
+    o.widths = widths();
+    return isp::options_to_json(o);
+  }
+
+  std::shared_ptr<isp::Backbone> with_widths(const std::vector<int64_t>& widths) const override {
+    MobileNetV2CifarOptions o = opt_;
+    o.widths = widths.empty() ? this->widths() : widths;
+    return std::make_shared<MobileNetV2Cifar>(o);
+  }
+
+ private:
+  MobileNetV2CifarOptions opt_;
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
+  torch::nn::ModuleList layers_{nullptr};
+  std::vector<InvertedResidual> blocks_;
+  torch::nn::Linear linear{nullptr};
+};
+
+std::shared_ptr<isp::Backbone> make_mobilenetv2_cifar(const MobileNetV2CifarOptions& o, isp::BuildContext&) {
   return std::make_shared<MobileNetV2Cifar>(o);
 }
 

@@ -8,12 +8,13 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "isp/interfaces/backbone.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace {
 
@@ -40,18 +41,13 @@ struct ResNetCifarOptions {
   }
 };
 
-// The per-channel gate for one layer: [C] (shared by the batch) or [N, C], reshaped to broadcast over NCHW.
-at::Tensor apply_gate(const at::Tensor& x, const at::Tensor& gate) {
-  if (!gate.defined()) return x;
-  at::Tensor g = gate.to(x.device(), x.scalar_type());
-  if (g.dim() == 1) return x * g.view({1, -1, 1, 1});
-  return x * g.view({g.size(0), g.size(1), 1, 1});
-}
+// The block applies its gate through the backbone (Backbone::apply_gate), which owns the gate vector.
+using GateFn = std::function<at::Tensor(const at::Tensor&)>;
 
 class BasicBlockImpl : public torch::nn::Module {
  public:
   BasicBlockImpl(int64_t in_planes, int64_t planes, int64_t mid, int64_t stride, bool detach_shortcut)
-      : in_planes_(in_planes), planes_(planes), mid_(mid), stride_(stride), detach_(detach_shortcut) {
+      : in_planes_(in_planes), planes_(planes), stride_(stride), detach_(detach_shortcut) {
     conv1 = register_module(
         "conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(in_planes, mid, 3).stride(stride).padding(1).bias(false)));
     bn1 = register_module("bn1", torch::nn::BatchNorm2d(mid));
@@ -60,17 +56,11 @@ class BasicBlockImpl : public torch::nn::Module {
     bn2 = register_module("bn2", torch::nn::BatchNorm2d(planes));
   }
 
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& gate) {
-    at::Tensor out = torch::relu(bn1->forward(conv1->forward(x)));
-    out = apply_gate(out, gate);
+  at::Tensor forward(const at::Tensor& x, const GateFn& gate) {
+    at::Tensor out = gate(torch::relu(bn1->forward(conv1->forward(x))));
     out = bn2->forward(conv2->forward(out));
     return torch::relu(out + shortcut(x));
   }
-
-  int64_t mid() const { return mid_; }
-  int64_t in_planes() const { return in_planes_; }
-  int64_t planes() const { return planes_; }
-  int64_t stride() const { return stride_; }
 
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
@@ -89,176 +79,12 @@ class BasicBlockImpl : public torch::nn::Module {
     return s;
   }
 
-  int64_t in_planes_, planes_, mid_, stride_;
+  int64_t in_planes_, planes_, stride_;
   bool detach_;
 };
 TORCH_MODULE(BasicBlock);
 
-class ResNetCifar : public isp::Backbone {
- public:
-  explicit ResNetCifar(const ResNetCifarOptions& o) : opt_(o) {
-    const int64_t n = (o.depth - 2) / 6;
-    std::vector<int64_t> widths = o.widths;
-    const int64_t stage_planes[3] = {16, 32, 64};
-    if (widths.empty()) {
-      for (int s = 0; s < 3; ++s)
-        for (int64_t b = 0; b < n; ++b) widths.push_back(stage_planes[s]);
-    }
-    conv1 = register_module(
-        "conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(o.in_channels, 16, 3).stride(1).padding(1).bias(false)));
-    bn1 = register_module("bn1", torch::nn::BatchNorm2d(16));
-    int64_t in_planes = 16;
-    std::size_t k = 0;
-    for (int s = 0; s < 3; ++s) {
-      torch::nn::ModuleList layer;
-      for (int64_t b = 0; b < n; ++b, ++k) {
-        const int64_t stride = (s > 0 && b == 0) ? 2 : 1;
-        BasicBlock block(in_planes, stage_planes[s], widths[k], stride, o.detach_shortcut);
-        layer->push_back(block);
-        blocks_.push_back(block);
-        gated_.push_back({"layer" + std::to_string(s + 1) + "." + std::to_string(b) + ".gate", widths[k]});
-        in_planes = stage_planes[s];
-      }
-      stage_end_.push_back(blocks_.size());
-      layers_.push_back(register_module("layer" + std::to_string(s + 1), layer));
-    }
-    fc = register_module("fc", torch::nn::Linear(64, o.num_classes));
-    widths_ = widths;
-    init_weights();
-  }
-
-  at::Tensor forward(const at::Tensor& x) override { return forward_features(x).logits; }
-
-  isp::BackboneFeatures forward_features(const at::Tensor& x) override {
-    isp::BackboneFeatures f;
-    at::Tensor out = torch::relu(bn1->forward(conv1->forward(x)));
-    int64_t offset = 0;
-    std::size_t next_stage = 0;
-    for (std::size_t i = 0; i < blocks_.size(); ++i) {
-      at::Tensor g;
-      const int64_t w = blocks_[i]->mid();
-      if (gates_.defined()) g = gates_.narrow(-1, offset, w);
-      offset += w;
-      out = blocks_[i]->forward(out, g);
-      if (i + 1 == stage_end_[next_stage]) {
-        f.scales.push_back(out);
-        ++next_stage;
-      }
-    }
-    out = out.mean({2, 3});
-    f.logits = fc->forward(out);
-    return f;
-  }
-
-  std::vector<int64_t> feature_channels() const override { return {16, 32, 64}; }
-  std::vector<isp::GatedLayer> gated_layers() const override { return gated_; }
-
-  void set_gates(const at::Tensor& gates) override {
-    if (!gates.defined()) {
-      gates_ = at::Tensor();
-      return;
-    }
-    isp::check_gate_shape(gates, widths_, "ResNetCifar");
-    gates_ = gates;
-  }
-
-  int64_t num_classes() const override { return opt_.num_classes; }
-  int64_t input_size() const override { return opt_.input_size; }
-
-  isp::json structure() const override {
-    ResNetCifarOptions o = opt_;
-    o.widths = widths_;
-    return isp::options_to_json(o);
-  }
-
-  // Every layer in forward order. What the official counter (print_model_param_flops, isp-spec §1e) sees is
-  // exactly the nn.Module layers of the Python model: convs, BNs, the block's nn.ReLU module (reused, so hooked
-  // twice per block), the head nn.AvgPool2d and the FC. The option-A shortcut pools with a fresh
-  // nn.AvgPool2d(2,2) built inside forward (never hooked) and the residual add is a functional op: both are
-  // listed for completeness as "functional_avgpool" and "add", which the cost model counts as 0 FLOPs. With this
-  // ResNet-56 counts 127 087 242 FLOPs (the reference 0.12709 G) and 853 018 parameters.
-  std::vector<isp::LayerShape> layer_shapes() const override {
-    std::vector<isp::LayerShape> v;
-    auto add = [&v](auto&&... args) { isp::add_layer(v, std::forward<decltype(args)>(args)...); };
-    int64_t hw = opt_.input_size;
-    add("conv1", "conv", opt_.in_channels, 16, 3, hw, hw);
-    add("bn1", "bn", 16, 16, 1, hw, hw);
-    add("relu", "relu", 16, 16, 1, hw, hw);
-    const int64_t n = (opt_.depth - 2) / 6;
-    for (std::size_t i = 0; i < blocks_.size(); ++i) {
-      const auto& b = blocks_[i];
-      const int g = static_cast<int>(i);
-      const std::string p =
-          "layer" + std::to_string(i / n + 1) + "." + std::to_string(static_cast<int64_t>(i) % n) + ".";
-      const int64_t out_hw = hw / b->stride();
-      add(p + "conv1", "conv", b->in_planes(), b->mid(), 3, hw, out_hw, -1, g);
-      add(p + "bn1", "bn", b->mid(), b->mid(), 1, out_hw, out_hw, g, g);
-      add(p + "relu1", "relu", b->mid(), b->mid(), 1, out_hw, out_hw, g, g);
-      add(p + "conv2", "conv", b->mid(), b->planes(), 3, out_hw, out_hw, g, -1);
-      add(p + "bn2", "bn", b->planes(), b->planes(), 1, out_hw, out_hw);
-      if (b->stride() != 1) add(p + "shortcut", "functional_avgpool", b->in_planes(), b->in_planes(), b->stride(), hw, out_hw);
-      add(p + "add", "add", b->planes(), b->planes(), 1, out_hw, out_hw);
-      add(p + "relu2", "relu", b->planes(), b->planes(), 1, out_hw, out_hw);
-      hw = out_hw;
-    }
-    add("avgpool", "avgpool", 64, 64, hw, hw, 1);
-    isp::LayerShape fc_l;
-    fc_l.name = "fc";
-    fc_l.op = "linear";
-    fc_l.in_channels = 64;
-    fc_l.out_channels = opt_.num_classes;
-    fc_l.bias = true;
-    v.push_back(fc_l);
-    return v;
-  }
-
-  // Block l: conv1 rows, bn1 (affine and running statistics) and conv2 columns (isp-spec §1e).
-  std::vector<isp::ChannelGroup> channel_groups() const override {
-    std::vector<isp::ChannelGroup> v;
-    const int64_t n = (opt_.depth - 2) / 6;
-    for (std::size_t i = 0; i < blocks_.size(); ++i) {
-      const std::string p =
-          "layer" + std::to_string(i / n + 1) + "." + std::to_string(static_cast<int64_t>(i) % n) + ".";
-      isp::ChannelGroup g;
-      g.gate = static_cast<int>(i);
-      g.slices = {{p + "conv1.weight", 0},     {p + "bn1.weight", 0},       {p + "bn1.bias", 0},
-                  {p + "bn1.running_mean", 0}, {p + "bn1.running_var", 0}, {p + "conv2.weight", 1}};
-      v.push_back(std::move(g));
-    }
-    return v;
-  }
-
- private:
-  void init_weights() {
-    torch::NoGradGuard no_grad;
-    for (auto& m : modules(/*include_self=*/false)) {
-      if (auto* c = m->as<torch::nn::Conv2d>()) {
-        // n = k*k*C_out (isp-spec §2.1); weight is [C_out, C_in/g, k, k].
-        const double n = static_cast<double>(c->weight.size(0) * c->weight.size(2) * c->weight.size(3));
-        c->weight.normal_(0.0, std::sqrt(2.0 / n));
-      } else if (auto* b = m->as<torch::nn::BatchNorm2d>()) {
-        b->weight.fill_(opt_.bn_init_gamma);
-        b->bias.zero_();
-      } else if (auto* l = m->as<torch::nn::Linear>()) {
-        l->weight.normal_(0.0, 0.01);
-        l->bias.zero_();
-      }
-    }
-  }
-
-  ResNetCifarOptions opt_;
-  std::vector<int64_t> widths_;
-  torch::nn::Conv2d conv1{nullptr};
-  torch::nn::BatchNorm2d bn1{nullptr};
-  std::vector<torch::nn::ModuleList> layers_;
-  std::vector<BasicBlock> blocks_;
-  std::vector<std::size_t> stage_end_;
-  torch::nn::Linear fc{nullptr};
-  std::vector<isp::GatedLayer> gated_;
-  at::Tensor gates_;  // plain member, not a parameter or buffer: state_dict is unaffected
-};
-
-std::shared_ptr<isp::Backbone> make_resnet_cifar(const ResNetCifarOptions& o, isp::BuildContext&) {
+const ResNetCifarOptions& checked(const ResNetCifarOptions& o) {
   const int64_t n = (o.depth - 2) / 6;
   if (o.depth < 8 || (o.depth - 2) % 6 != 0) {
     throw isp::Error("ResNetCifar: depth must be 6n+2, got " + std::to_string(o.depth));
@@ -280,6 +106,123 @@ std::shared_ptr<isp::Backbone> make_resnet_cifar(const ResNetCifarOptions& o, is
       }
     }
   }
+  return o;
+}
+
+// The layer table is what the official counter (print_model_param_flops, isp-spec §1e) sees: exactly the
+// nn.Module layers of the Python model, i.e. convs, BNs, the block's nn.ReLU module (reused, so hooked twice per
+// block), the head nn.AvgPool2d and the FC. The option-A shortcut pools with a fresh nn.AvgPool2d(2,2) built
+// inside forward (never hooked) and the residual add is functional: both are declared as FunctionalAvgPool and
+// Add, which count 0 FLOPs. With this ResNet-56 counts 127 087 242 FLOPs (the reference 0.12709 G) and 853 018
+// parameters.
+class ResNetCifar : public isp::Backbone {
+ public:
+  explicit ResNetCifar(const ResNetCifarOptions& o) : opt_(checked(o)) {
+    using isp::LayerOp;
+    const int64_t n = (o.depth - 2) / 6;
+    const int64_t stage_planes[3] = {16, 32, 64};
+    int64_t hw = o.input_size;
+    conv1 = register_module(
+        "conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(o.in_channels, 16, 3).stride(1).padding(1).bias(false)));
+    bn1 = register_module("bn1", torch::nn::BatchNorm2d(16));
+    declare_conv("conv1", o.in_channels, 16, 3, hw, hw);
+    declare_bn("bn1", 16, hw);
+    declare_op("relu", LayerOp::Relu, 16, hw, hw);
+    int64_t in_planes = 16;
+    for (int s = 0; s < 3; ++s) {
+      torch::nn::ModuleList layer;
+      for (int64_t b = 0; b < n; ++b) {
+        const int64_t planes = stage_planes[s], stride = (s > 0 && b == 0) ? 2 : 1, out_hw = hw / stride;
+        const int64_t mid = o.widths.empty() ? planes : o.widths[blocks_.size()];
+        const std::string p = "layer" + std::to_string(s + 1) + "." + std::to_string(b) + ".";
+        BasicBlock block(in_planes, planes, mid, stride, o.detach_shortcut);
+        layer->push_back(block);
+        blocks_.push_back(block);
+        // One gate per block, on the block-internal channels: conv1 rows, bn1, conv2 columns (isp-spec §1e).
+        const int g = declare_gate(p + "gate", mid);
+        declare_conv(p + "conv1", in_planes, mid, 3, hw, out_hw, -1, g);
+        declare_bn(p + "bn1", mid, out_hw, g);
+        declare_op(p + "relu1", LayerOp::Relu, mid, out_hw, out_hw, g);
+        declare_conv(p + "conv2", mid, planes, 3, out_hw, out_hw, g);
+        declare_bn(p + "bn2", planes, out_hw);
+        if (stride != 1) declare_op(p + "shortcut", LayerOp::FunctionalAvgPool, in_planes, hw, out_hw);
+        declare_op(p + "add", LayerOp::Add, planes, out_hw, out_hw);
+        declare_op(p + "relu2", LayerOp::Relu, planes, out_hw, out_hw);
+        in_planes = planes;
+        hw = out_hw;
+      }
+      stage_end_.push_back(blocks_.size());
+      layers_.push_back(register_module("layer" + std::to_string(s + 1), layer));
+    }
+    fc = register_module("fc", torch::nn::Linear(64, o.num_classes));
+    declare_op("avgpool", LayerOp::AvgPool, 64, hw, 1);
+    declare_linear("fc", 64, o.num_classes);
+    init_weights();
+  }
+
+  at::Tensor forward(const at::Tensor& x) override { return forward_features(x).logits; }
+
+  isp::BackboneFeatures forward_features(const at::Tensor& x) override {
+    isp::BackboneFeatures f;
+    at::Tensor out = torch::relu(bn1->forward(conv1->forward(x)));
+    std::size_t next_stage = 0;
+    for (std::size_t i = 0; i < blocks_.size(); ++i) {
+      const at::Tensor g = gate(static_cast<int>(i));
+      out = blocks_[i]->forward(out, [&g](const at::Tensor& h) { return apply_gate(h, g); });
+      if (i + 1 == stage_end_[next_stage]) {
+        f.scales.push_back(out);
+        ++next_stage;
+      }
+    }
+    out = out.mean({2, 3});
+    f.logits = fc->forward(out);
+    return f;
+  }
+
+  std::vector<int64_t> feature_channels() const override { return {16, 32, 64}; }
+  int64_t num_classes() const override { return opt_.num_classes; }
+  int64_t input_size() const override { return opt_.input_size; }
+
+  isp::json structure() const override {
+    ResNetCifarOptions o = opt_;
+    o.widths = widths();
+    return isp::options_to_json(o);
+  }
+
+  std::shared_ptr<isp::Backbone> with_widths(const std::vector<int64_t>& widths) const override {
+    ResNetCifarOptions o = opt_;
+    o.widths = widths.empty() ? this->widths() : widths;
+    return std::make_shared<ResNetCifar>(o);
+  }
+
+ private:
+  void init_weights() {
+    torch::NoGradGuard no_grad;
+    for (auto& m : modules(/*include_self=*/false)) {
+      if (auto* c = m->as<torch::nn::Conv2d>()) {
+        // n = k*k*C_out (isp-spec §2.1); weight is [C_out, C_in/g, k, k].
+        const double n = static_cast<double>(c->weight.size(0) * c->weight.size(2) * c->weight.size(3));
+        c->weight.normal_(0.0, std::sqrt(2.0 / n));
+      } else if (auto* b = m->as<torch::nn::BatchNorm2d>()) {
+        b->weight.fill_(opt_.bn_init_gamma);
+        b->bias.zero_();
+      } else if (auto* l = m->as<torch::nn::Linear>()) {
+        l->weight.normal_(0.0, 0.01);
+        l->bias.zero_();
+      }
+    }
+  }
+
+  ResNetCifarOptions opt_;
+  torch::nn::Conv2d conv1{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr};
+  std::vector<torch::nn::ModuleList> layers_;
+  std::vector<BasicBlock> blocks_;
+  std::vector<std::size_t> stage_end_;
+  torch::nn::Linear fc{nullptr};
+};
+
+std::shared_ptr<isp::Backbone> make_resnet_cifar(const ResNetCifarOptions& o, isp::BuildContext&) {
   return std::make_shared<ResNetCifar>(o);
 }
 

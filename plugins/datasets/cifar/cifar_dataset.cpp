@@ -6,7 +6,7 @@
 #include <fstream>
 
 #include "isp/interfaces/dataset.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace fs = std::filesystem;
 

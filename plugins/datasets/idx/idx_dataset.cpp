@@ -7,7 +7,7 @@
 #include <memory>
 
 #include "isp/interfaces/dataset.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace fs = std::filesystem;
 

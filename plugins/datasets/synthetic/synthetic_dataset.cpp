@@ -5,7 +5,7 @@
 
 #include "isp/data.h"
 #include "isp/interfaces/dataset.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace {
 

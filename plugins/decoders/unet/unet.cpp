@@ -13,7 +13,7 @@
 
 #include "isp/interfaces/aem.h"
 #include "isp/interfaces/backbone.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace {
 

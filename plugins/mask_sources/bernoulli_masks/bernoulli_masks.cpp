@@ -9,7 +9,7 @@
 #include <memory>
 
 #include "isp/interfaces/aem.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace {
 

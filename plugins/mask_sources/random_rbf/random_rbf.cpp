@@ -10,7 +10,7 @@
 #include <memory>
 
 #include "isp/interfaces/aem.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace {
 

@@ -5,7 +5,7 @@
 #include "gumbel_gates.h"
 #include "isp/cost.h"
 #include "isp/interfaces/pruner.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace {
 

@@ -10,7 +10,7 @@
 #include "isp/cost.h"
 #include "isp/data.h"
 #include "isp/interfaces/pruner.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace {
 

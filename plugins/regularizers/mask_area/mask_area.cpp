@@ -7,7 +7,7 @@
 #include <string>
 
 #include "isp/interfaces/regularizer.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace {
 

@@ -5,7 +5,7 @@
 #include <ATen/ATen.h>
 
 #include "isp/interfaces/regularizer.h"
-#include "isp/plugin.h"
+#include "isp/registry/plugin.h"
 
 namespace {
 struct RbfDistanceOptions {

@@ -11,16 +11,13 @@
 #include <fstream>
 #include <sstream>
 
+#include "isp/artifacts.h"
 #include "isp/checkpoint.h"
 #include "isp/cost.h"
 #include "isp/data.h"
-#include "isp/interfaces/backbone.h"
-#include "isp/interfaces/stage.h"
-#include "isp/plugin.h"
-#include "isp/recipe.h"
-#include "isp/runner.h"
-#include "isp/registry.h"
-#include "isp/selector.h"
+#include "isp/interfaces/dataset.h"
+#include "isp/registry/plugin.h"
+#include "isp/registry/recipe.h"
 #include "isp/train.h"
 
 namespace fs = std::filesystem;
@@ -28,11 +25,11 @@ namespace fs = std::filesystem;
 namespace {
 
 struct ExportOptions {
-  isp::NodeRef model, baseline, selector, data;
+  isp::NodeRef model, selector, data;
   int64_t agreement_images = 500;
   template <class V> void visit(V& v) {
-    v("model", model, "the stage whose network is exported (Finetune or PruneChannels)", isp::required(), isp::of_kind("stage"));
-    v("baseline", baseline, "the unpruned backbone, for the before/after columns", isp::required(), isp::of_kind("backbone"));
+    v("model", model, "the stage whose pruned network is exported (Finetune or PruneChannels); the before/after "
+      "columns compare it with the classifier it was pruned from", isp::required(), isp::of_kind("stage"));
     v("selector", selector, "TrainSelector stage: compare saliency of pruned vs original (optional)", isp::of_kind("stage"));
     v("data", data, "dataset (test split for the saliency comparison)", isp::required(), isp::of_kind("dataset"));
     v("agreement_images", agreement_images, "test images used for the saliency agreement figures", isp::at_least(1));
@@ -42,102 +39,92 @@ struct ExportOptions {
 class Export : public isp::Stage {
  public:
   Export(ExportOptions o, isp::BuildContext& ctx)
-      : o_(std::move(o)), source_(ctx.get<isp::Stage>(o_.model)), baseline_(ctx.get<isp::Backbone>(o_.baseline)),
-        data_(ctx.get<isp::Dataset>(o_.data)) {
-    if (!o_.selector.empty()) selector_ = std::dynamic_pointer_cast<isp::SelectorNet>(ctx.get<isp::Stage>(o_.selector)->model());
-  }
+      : o_(std::move(o)), source_(isp::stage_input<isp::PrunedNetwork>(ctx, o_.model)),
+        aem_(isp::stage_input<isp::ExplanationModel>(ctx, o_.selector)), data_(ctx.get<isp::Dataset>(o_.data)) {}
+
+  const char* produces() const override { return isp::ExportedModel::kType; }
 
   void run(isp::RunContext& ctx) override {
-    auto net = std::dynamic_pointer_cast<isp::Backbone>(source_->model());
-    if (!net) throw isp::RecipeError(o_.model.where, "the referenced stage produced no network");
+    const auto pruned = source_.get();
     const std::string dir = ctx.stage_dir;
     fs::create_directories(dir);
     isp::write_file_atomic(dir + "/recipe.resolved.json", ctx.resolved_recipe.dump(2) + "\n");
-    isp::json arch = source_->outputs();
-    isp::json spec = arch.value("spec", isp::json::object());
-    if (spec.empty()) spec = net->structure();
-    isp::json structure = {{"format", "isp-export-1"}, {"spec", spec}, {"layers", arch.value("layers", isp::json::array())},
+    const isp::json arch = pruned->architecture();
+    isp::json structure = {{"format", "isp-export-1"}, {"spec", arch["spec"]}, {"layers", arch["layers"]},
+                           {"pruner", pruned->pruner},
                            {"plugins", ctx.resolved_recipe.value("plugins", isp::json::array())}};
     isp::write_file_atomic(dir + "/structure.json", structure.dump(2) + "\n");
-    isp::save_state_dict_for_python(*net, dir + "/weights.pt");
+    isp::save_state_dict_for_python(*pruned->network, dir + "/weights.pt");
 
-    isp::json stages = isp::json::parse(isp::read_text_file(ctx.run_dir + "/summary.json")).value("stages", isp::json::object());
-    std::vector<std::string> order;  // recipe order (json objects iterate alphabetically)
-    const isp::json stage_specs = ctx.resolved_recipe.value("stages", isp::json::array());
-    for (std::size_t i = 0; i < stage_specs.size(); ++i)
-      if (auto n = isp::stage_name(stage_specs[i], i); stages.contains(n)) order.push_back(n);
-    auto find = [&](const char* key) -> isp::json {
-      isp::json v;
-      for (const auto& n : order)
-        if (stages[n].contains(key)) v = stages[n][key];  // the last stage that reports it
-      return v;
-    };
-    isp::CostModel before_m(baseline_->layer_shapes(), baseline_->gated_layers());
-    isp::CostModel after_m(net->layer_shapes(), net->gated_layers());
-    auto before = before_m.count(), after = after_m.count();
+    const isp::Backbone& baseline = *pruned->original->network;
+    auto before = isp::CostModel(baseline.layer_shapes(), baseline.gated_layers()).count();
+    auto after = isp::CostModel(pruned->network->layer_shapes(), pruned->network->gated_layers()).count();
+    isp::json baseline_top1 = pruned->metric("baseline_top1");
+    if (baseline_top1.is_null()) baseline_top1 = pruned->original->metrics.value("test_top1", isp::json());
     isp::json report = {{"recipe", ctx.resolved_recipe.value("description", std::string())},
-                        {"baseline_top1", find("baseline_top1")},
-                        {"pruned_top1", find("pruned_top1")},
-                        {"finetuned_top1", find("finetuned_top1")},
+                        {"baseline_top1", baseline_top1},
+                        {"pruned_top1", pruned->metric("pruned_top1")},
+                        {"finetuned_top1", pruned->metric("finetuned_top1")},
                         {"flops_before", before.flops},
                         {"flops_after", after.flops},
                         {"params_before", before.params},
                         {"params_after", after.params},
                         {"flops_reduction", 1.0 - after.flops / before.flops},
                         {"params_reduction", 1.0 - after.params / before.params},
-                        {"kept_widths", arch.value("widths", isp::json::array())},
-                        {"full_widths", arch.value("full_widths", isp::json::array())}};
+                        {"kept_widths", pruned->widths()},
+                        {"full_widths", pruned->full_widths()}};
     // The budget the pruning stage promised, and whether the exported network keeps it.
     for (const char* k : {"budget_target", "budget_counting", "budget_achieved", "budget_met", "budget_tolerance",
                           "bn_recalibration_images", "pruned_top1_unpruned_bn_stats", "selected_expected_flops_ratio",
                           "selected_deterministic_flops_ratio", "selected_projection_threshold"})
-      if (isp::json v = find(k); !v.is_null()) report[k] = v;
+      if (isp::json v = pruned->metric(k); !v.is_null()) report[k] = v;
     report["flops_ratio"] = after.flops / before.flops;
     if (report["finetuned_top1"].is_null()) report["finetuned_top1"] = report["pruned_top1"];
     if (!report["baseline_top1"].is_null() && !report["finetuned_top1"].is_null())
       report["delta_top1"] = report["finetuned_top1"].get<double>() - report["baseline_top1"].get<double>();
     isp::json wall = isp::json::object(), timeline = isp::json::array();
-    for (const auto& n : order) {
-      wall[n] = stages[n].value("wall_seconds", 0.0);
-      isp::json row = {{"stage", n}, {"wall_seconds", wall[n]}};
-      if (stages[n].contains("reused_from")) row["reused_from"] = stages[n]["reused_from"];
+    for (const auto& rec : ctx.finished) {
+      wall[rec.name] = rec.wall_seconds;
+      isp::json row = {{"stage", rec.name}, {"wall_seconds", rec.wall_seconds}};
+      if (!rec.reused_from.empty()) row["reused_from"] = rec.reused_from;
       timeline.push_back(row);
     }
     report["wall_seconds"] = wall;
     report["stages"] = timeline;
-    report["pruner"] = pruner_name(ctx);
-    if (selector_) report["saliency"] = saliency_agreement(*net, ctx.device);
+    report["pruner"] = pruned->pruner;
+    isp::json lineage = isp::json::array();
+    for (const auto& e : pruned->lineage) lineage.push_back({{"stage", e.stage}, {"type", e.type}});
+    report["lineage"] = lineage;
+    if (!aem_.empty()) report["saliency"] = saliency_agreement(*aem_->selector, pruned->network, ctx.device);
     isp::write_file_atomic(dir + "/summary.json", report.dump(2) + "\n");
     isp::write_file_atomic(ctx.run_dir + "/report.json", report.dump(2) + "\n");
     isp::write_file_atomic(ctx.run_dir + "/report.md", markdown(report));
     ctx.summary = {{"export_dir", dir}, {"flops_reduction", report["flops_reduction"]}};
+    publish_export(dir, report);
   }
-  void restore(isp::RunContext&) override {}
+
+  void restore(isp::RunContext& ctx) override {
+    publish_export(ctx.stage_dir, isp::json::parse(isp::read_text_file(ctx.stage_dir + "/summary.json")));
+  }
 
  private:
-  // The pruner node the exported network came from (its type names the method in `isp compare`).
-  std::string pruner_name(const isp::RunContext& ctx) const {
-    const isp::json nodes = ctx.resolved_recipe.value("nodes", isp::json::object());
-    for (const auto& spec : nodes) {
-      if (!spec.is_object() || !spec.contains("type") || !spec["type"].is_string()) continue;
-      std::string type = spec["type"];
-      if (type != "PruneChannels" && (type.find("Pruner") != std::string::npos || type.find("Gates") != std::string::npos))
-        return type;
-    }
-    return "";
+  void publish_export(const std::string& dir, isp::json report) {
+    auto a = std::make_shared<isp::ExportedModel>();
+    a->dir = dir;
+    a->report = std::move(report);
+    publish(a);
   }
 
   // How far the pruned network's saliency moved: the same frozen decoder/head on the pruned encoder.
-  isp::json saliency_agreement(isp::Backbone& pruned, torch::Device dev) {
+  isp::json saliency_agreement(isp::SelectorNet& original, const std::shared_ptr<isp::Backbone>& pruned,
+                               torch::Device dev) {
     torch::NoGradGuard ng;
     const auto& test = data_->data().test;
     int64_t n = std::min<int64_t>(o_.agreement_images, test.size());
     isp::ImageSplit sub{test.images.narrow(0, 0, n), test.labels.narrow(0, 0, n)};
-    isp::SelectorNet on_pruned(std::dynamic_pointer_cast<isp::Backbone>(pruned.shared_from_this()), selector_->filter,
-                               selector_->decoder, selector_->head, selector_->sampler);
-    selector_->eval();
-    pruned.eval();
-    baseline_->eval();
+    isp::SelectorNet on_pruned(pruned, original.filter, original.decoder, original.head, original.sampler);
+    original.eval();
+    pruned->eval();
     isp::BatchLoader loader(sub, 128, false, isp::Augmentation{}, dev);
     loader.start_epoch(0, 0);
     double shift = 0, iou = 0, dsigma = 0;
@@ -145,7 +132,7 @@ class Export : public isp::Stage {
     for (int64_t i = 0; i < loader.num_batches(); ++i) {
       isp::Batch b = loader.get(i);
       auto x = b.x.to(dev), y = b.y.to(dev);
-      auto a = selector_->forward(x, y, false), p = on_pruned.forward(x, y, false);
+      auto a = original.forward(x, y, false), p = on_pruned.forward(x, y, false);
       if (a.readable.defined() && p.readable.defined()) {
         shift += (a.readable.narrow(1, 0, 2) - p.readable.narrow(1, 0, 2)).pow(2).sum(1).sqrt().sum().item<double>();
         dsigma += (a.readable.select(1, 2) - p.readable.select(1, 2)).abs().sum().item<double>();
@@ -227,16 +214,15 @@ class Export : public isp::Stage {
   }
 
   ExportOptions o_;
-  std::shared_ptr<isp::Stage> source_;
-  std::shared_ptr<isp::Backbone> baseline_;
+  isp::StageInput<isp::PrunedNetwork> source_;
+  isp::StageInput<isp::ExplanationModel> aem_;
   std::shared_ptr<isp::Dataset> data_;
-  std::shared_ptr<isp::SelectorNet> selector_;
 };
 
 std::shared_ptr<isp::Stage> make(const ExportOptions& o, isp::BuildContext& ctx) { return std::make_shared<Export>(o, ctx); }
 
 }  // namespace
 
-ISP_PLUGIN("0.1.0");
+ISP_PLUGIN("0.2.0");
 ISP_REGISTER(isp::Stage, "Export", 1, ExportOptions, make,
              "write the pruned network (structure + torch.load-able weights) and report.md/report.json");

@@ -1,14 +1,12 @@
-// Stage "TrainClassifier": supervised training of a backbone node (isp-spec §1a), in place, so later stages
-// of the same recipe see the trained weights.
+// Stage "TrainClassifier": supervised training of a backbone (docs/method.md §1a). The stage trains its own
+// freshly initialised instance of the `model` architecture and publishes it as a TrainedClassifier.
 #include <torch/nn/module.h>
 
-#include <filesystem>
-
+#include "isp/artifacts.h"
 #include "isp/checkpoint.h"
-#include "isp/interfaces/backbone.h"
-#include "isp/interfaces/stage.h"
-#include "isp/plugin.h"
-#include "isp/registry.h"
+#include "isp/interfaces/dataset.h"
+#include "isp/registry/plugin.h"
+#include "isp/registry/recipe.h"
 #include "isp/train.h"
 
 namespace {
@@ -18,7 +16,7 @@ struct TrainClassifierOptions : isp::SgdScheduleOptions {
   std::string init_from;  // optional checkpoint to start from
   TrainClassifierOptions() {}
   template <class V> void visit(V& v) {
-    v("model", model, "the backbone to train ({\"$ref\": node})", isp::required(), isp::of_kind("backbone"));
+    v("model", model, "the backbone architecture to train ({\"$ref\": node})", isp::required(), isp::of_kind("backbone"));
     v("data", data, "the dataset ({\"$ref\": node})", isp::required(), isp::of_kind("dataset"));
     v("init_from", init_from, "optional isp checkpoint (module 'model') to start from instead of random weights");
     isp::SgdScheduleOptions::visit(v);
@@ -28,36 +26,57 @@ struct TrainClassifierOptions : isp::SgdScheduleOptions {
 class TrainClassifier : public isp::Stage {
  public:
   TrainClassifier(TrainClassifierOptions o, isp::BuildContext& ctx)
-      : opt_(std::move(o)), model_(ctx.get<isp::Backbone>(opt_.model)), data_(ctx.get<isp::Dataset>(opt_.data)) {
-    if (data_->data().num_classes() != model_->num_classes())
-      throw isp::RecipeError(opt_.model.where, "the backbone has " + std::to_string(model_->num_classes()) +
+      : opt_(std::move(o)), architecture_(ctx.get<isp::Backbone>(opt_.model)), data_(ctx.get<isp::Dataset>(opt_.data)) {
+    if (data_->data().num_classes() != architecture_->num_classes())
+      throw isp::RecipeError(opt_.model.where, "the backbone has " + std::to_string(architecture_->num_classes()) +
                                                    " classes but the dataset has " +
                                                    std::to_string(data_->data().num_classes()));
+    const isp::ComponentRecord* rec = ctx.record_of(architecture_.get());
+    backbone_type_ = rec ? rec->type : std::string();
+  }
+
+  const char* produces() const override { return isp::TrainedClassifier::kType; }
+  std::shared_ptr<const isp::Artifact> planned() const override {
+    auto a = std::make_shared<isp::TrainedClassifier>();
+    a->network = architecture_;
+    a->backbone_type = backbone_type_;
+    return a;
   }
 
   void run(isp::RunContext& ctx) override {
-    if (!opt_.init_from.empty()) isp::CheckpointReader(opt_.init_from).module("model", *model_);
-    isp::Classifier c{model_.get(), [m = model_.get()](const at::Tensor& x) { return m->forward(x); }};
+    auto net = architecture_->with_widths({});  // this stage's own network, initialised under its seed
+    if (!opt_.init_from.empty()) isp::CheckpointReader(opt_.init_from).module("model", *net);
+    isp::Classifier c{net.get(), [m = net.get()](const at::Tensor& x) { return m->forward(x); }};
     ctx.summary = isp::fit_classifier(c, data_->data(), opt_, ctx);
     // A copy Python reads with torch.load() as a plain {name: tensor} dict.
-    isp::save_state_dict_for_python(*model_, ctx.stage_dir + "/weights_state_dict.pt");
-    ctx.summary["parameters"] = static_cast<int64_t>(count_parameters());
+    isp::save_state_dict_for_python(*net, ctx.stage_dir + "/weights_state_dict.pt");
+    int64_t n = 0;
+    for (const auto& p : net->parameters()) n += p.numel();
+    ctx.summary["parameters"] = n;
+    isp::write_file_atomic(ctx.stage_dir + "/result.json", ctx.summary.dump(2) + "\n");
+    publish_network(net, ctx.summary);
   }
 
   void restore(isp::RunContext& ctx) override {
-    isp::CheckpointReader(ctx.stage_dir + "/final.pt").module("model", *model_);
-    model_->to(ctx.device);
+    auto net = architecture_->with_widths({});
+    isp::CheckpointReader(ctx.stage_dir + "/final.pt").module("model", *net);
+    net->to(ctx.device);
+    publish_network(net, isp::json::parse(isp::read_text_file(ctx.stage_dir + "/result.json")));
   }
 
  private:
-  std::size_t count_parameters() const {
-    std::size_t n = 0;
-    for (const auto& p : model_->parameters()) n += static_cast<std::size_t>(p.numel());
-    return n;
+  void publish_network(std::shared_ptr<isp::Backbone> net, isp::json metrics) {
+    auto a = std::make_shared<isp::TrainedClassifier>();
+    net->eval();
+    a->network = std::move(net);
+    a->backbone_type = backbone_type_;
+    a->metrics = std::move(metrics);
+    publish(a);
   }
   TrainClassifierOptions opt_;
-  std::shared_ptr<isp::Backbone> model_;
+  std::shared_ptr<isp::Backbone> architecture_;
   std::shared_ptr<isp::Dataset> data_;
+  std::string backbone_type_;
 };
 
 std::shared_ptr<isp::Stage> make_stage(const TrainClassifierOptions& o, isp::BuildContext& ctx) {
@@ -66,6 +85,6 @@ std::shared_ptr<isp::Stage> make_stage(const TrainClassifierOptions& o, isp::Bui
 
 }  // namespace
 
-ISP_PLUGIN("0.1.0");
+ISP_PLUGIN("0.2.0");
 ISP_REGISTER(isp::Stage, "TrainClassifier", 1, TrainClassifierOptions, make_stage,
              "train a backbone with SGD + MultiStep/cosine LR; model selection on the validation split");

@@ -1,8 +1,8 @@
-// Stage "TrainPredictor" (isp-spec §1b, §3.1): a fresh copy of the classifier's architecture learns to
+// Stage "TrainPredictor" (docs/method.md §1b, §3.1): a fresh copy of the classifier's architecture learns to
 // reproduce the frozen classifier's class distribution from randomly masked inputs:
 //   L = (1/n) sum_i KL( softmax(f_bb(x_i)) || softmax(f_pred(x_i * m_i)) ),  m ~ mask_source.
 // Adam with coupled L2 weight decay (torch.optim.Adam), no LR schedule, model selection on the lowest
-// validation KL. Evaluation masks are random (as in the official code, isp-spec §6.21) but drawn from a
+// validation KL. Evaluation masks are random (as in the official code, docs/method.md §6.21) but drawn from a
 // FIXED seed per evaluation, so two evaluations of the same weights agree and model selection is not steered
 // by mask noise; the metric remains one draw of masks, i.e. a noisy estimate of the expected KL.
 #include <torch/torch.h>
@@ -14,14 +14,13 @@
 #include <filesystem>
 #include <mutex>
 
+#include "isp/artifacts.h"
 #include "isp/checkpoint.h"
 #include "isp/data.h"
 #include "isp/interfaces/aem.h"
-#include "isp/interfaces/backbone.h"
 #include "isp/interfaces/dataset.h"
-#include "isp/interfaces/stage.h"
-#include "isp/plugin.h"
-#include "isp/registry.h"
+#include "isp/registry/plugin.h"
+#include "isp/registry/recipe.h"
 #include "isp/train.h"
 
 namespace fs = std::filesystem;
@@ -30,11 +29,9 @@ namespace {
 
 struct TrainPredictorOptions {
   isp::NodeRef classifier, data, mask_source;
+  isp::AdamSettings adam;
   int64_t epochs = 300;
   int64_t batch_size = 128;
-  double lr = 1e-4;
-  double weight_decay = 1e-4;
-  double beta1 = 0.9, beta2 = 0.999;
   int64_t eval_every = 5;
   int64_t eval_batch_size = 256;
   int64_t max_steps_per_epoch = 0;
@@ -42,21 +39,18 @@ struct TrainPredictorOptions {
   int64_t eval_seed = 20220;
   bool init_from_classifier = false;
   template <class V> void visit(V& v) {
-    v("classifier", classifier, "the trained, frozen black-box classifier ({\"$ref\": backbone node}); the predictor "
-      "is a fresh copy of this node's architecture", isp::required(), isp::of_kind("backbone"));
+    v("classifier", classifier, "the TrainClassifier stage whose network is the frozen black box ({\"$ref\": stage}); "
+      "the predictor is a fresh network of its architecture", isp::required(), isp::of_kind("stage"));
     v("data", data, "the dataset ({\"$ref\": node})", isp::required(), isp::of_kind("dataset"));
-    v("mask_source", mask_source, "random masks applied to the predictor's input (RandomRbfMasks: isp-spec §1b)",
+    v("mask_source", mask_source, "random masks applied to the predictor's input (RandomRbfMasks: docs/method.md §1b)",
       isp::required(), isp::of_kind("mask_source"));
     v("epochs", epochs, "training epochs", isp::at_least(1));
     v("batch_size", batch_size, "mini-batch size", isp::at_least(1));
-    v("lr", lr, "Adam learning rate (constant)", isp::greater_than(0));
-    v("weight_decay", weight_decay, "L2 weight decay added to the gradient (coupled, as torch.optim.Adam)", isp::at_least(0));
-    v("beta1", beta1, "Adam beta1", isp::between(0, 1));
-    v("beta2", beta2, "Adam beta2", isp::between(0, 1));
+    adam.visit(v);
     v("eval_every", eval_every, "evaluate on the validation split every N epochs (and after the last)", isp::at_least(1));
     v("eval_batch_size", eval_batch_size, "evaluation batch size", isp::at_least(1));
     v("max_steps_per_epoch", max_steps_per_epoch, "cap steps per epoch (0 = full epochs; for smoke tests)", isp::at_least(0));
-    v("augmentation", augmentation, "training augmentation: flip = horizontal flip only (isp-spec §1b), dataset = the "
+    v("augmentation", augmentation, "training augmentation: flip = horizontal flip only (docs/method.md §1b), dataset = the "
       "dataset's own augmentation, none", isp::one_of({"flip", "dataset", "none"}));
     v("eval_seed", eval_seed, "seed of the (fixed) random masks used by every evaluation", isp::at_least(0));
     v("init_from_classifier", init_from_classifier, "start from the trained classifier's weights instead of a random "
@@ -95,31 +89,27 @@ class TrainPredictor : public isp::Stage {
  public:
   TrainPredictor(TrainPredictorOptions o, isp::BuildContext& ctx)
       : opt_(std::move(o)),
-        classifier_(ctx.get<isp::Backbone>(opt_.classifier)),
+        input_(isp::stage_input<isp::TrainedClassifier>(ctx, opt_.classifier)),
         data_(ctx.get<isp::Dataset>(opt_.data)),
-        masks_(ctx.get<isp::MaskSource>(opt_.mask_source)) {
-    const std::string node = isp::BuildContext::ref_name(opt_.classifier.spec);
-    if (node.empty())
-      throw isp::RecipeError(opt_.classifier.where,
-                             "must be a {\"$ref\": node} link to the trained classifier's backbone node (the predictor "
-                             "is built as a fresh copy of that node's architecture)");
-    predictor_ = ctx.fresh<isp::Backbone>(node);
-    if (data_->data().num_classes() != classifier_->num_classes())
-      throw isp::RecipeError(opt_.classifier.where, "the classifier has " + std::to_string(classifier_->num_classes()) +
-                                                        " classes but the dataset has " +
-                                                        std::to_string(data_->data().num_classes()));
+        masks_(ctx.get<isp::MaskSource>(opt_.mask_source)) {}
+
+  const char* produces() const override { return isp::TrainedPredictor::kType; }
+  std::shared_ptr<const isp::Artifact> planned() const override {
+    auto a = std::make_shared<isp::TrainedPredictor>();
+    a->classifier = input_.planned();
+    return a;
   }
 
-  std::shared_ptr<torch::nn::Module> model() override { return predictor_; }
-
   void run(isp::RunContext& ctx) override {
+    take_inputs();
+    predictor_ = classifier_->with_widths({});  // this stage's own network, initialised under its seed
     const isp::DataBundle& data = data_->data();
     classifier_->to(ctx.device);
     classifier_->eval();
     predictor_->to(ctx.device);
-    torch::optim::Adam adam(predictor_->parameters(), torch::optim::AdamOptions(opt_.lr)
-                                                          .betas({opt_.beta1, opt_.beta2})
-                                                          .weight_decay(opt_.weight_decay));
+    torch::optim::Adam adam(predictor_->parameters(), torch::optim::AdamOptions(opt_.adam.lr)
+                                                          .betas({opt_.adam.beta1, opt_.adam.beta2})
+                                                          .weight_decay(opt_.adam.weight_decay));
     isp::BatchLoader train(data.train, opt_.batch_size, /*shuffle=*/true, isp::augmentation_by_name(opt_.augmentation, data),
                            ctx.device);
     const bool has_val = data.val.size() > 0;
@@ -133,7 +123,7 @@ class TrainPredictor : public isp::Stage {
     isp::TrainLoopHooks hooks;
     hooks.start_epoch = [&](int64_t) {
       predictor_->train();
-      return isp::json{{"lr", opt_.lr}};
+      return isp::json{{"lr", opt_.adam.lr}};
     };
     hooks.step = [&](const isp::Batch& b) {
       at::Tensor x = b.x.to(ctx.device);
@@ -183,15 +173,35 @@ class TrainPredictor : public isp::Stage {
     std::fprintf(stderr, "[%s] selected epoch %s: val KL %.4f, test KL %.4f, test agreement %.2f%%\n",
                  ctx.stage_name.c_str(), ctx.summary["predictor_best_epoch"].dump().c_str(), val.kl, test.kl,
                  100.0 * test.agreement);
+    isp::write_file_atomic(ctx.stage_dir + "/result.json", ctx.summary.dump(2) + "\n");
+    publish_predictor(ctx.summary);
   }
 
   void restore(isp::RunContext& ctx) override {
+    take_inputs();
+    predictor_ = classifier_->with_widths({});
     isp::CheckpointReader(ctx.stage_dir + "/final.pt").module("model", *predictor_);
     predictor_->to(ctx.device);
     predictor_->eval();
+    publish_predictor(isp::json::parse(isp::read_text_file(ctx.stage_dir + "/result.json")));
   }
 
  private:
+  void take_inputs() {
+    classifier_ = input_->network;
+    if (data_->data().num_classes() != classifier_->num_classes())
+      throw isp::RecipeError(opt_.classifier.where, "the classifier has " + std::to_string(classifier_->num_classes()) +
+                                                        " classes but the dataset has " +
+                                                        std::to_string(data_->data().num_classes()));
+  }
+  void publish_predictor(isp::json metrics) {
+    auto a = std::make_shared<isp::TrainedPredictor>();
+    a->classifier = input_.get();
+    a->predictor = predictor_;
+    a->metrics = std::move(metrics);
+    publish(a);
+  }
+
   void copy_classifier_weights() {
     torch::NoGradGuard ng;
     auto src_p = classifier_->named_parameters(), src_b = classifier_->named_buffers();
@@ -238,6 +248,7 @@ class TrainPredictor : public isp::Stage {
   }
 
   TrainPredictorOptions opt_;
+  isp::StageInput<isp::TrainedClassifier> input_;
   std::shared_ptr<isp::Backbone> classifier_;
   std::shared_ptr<isp::Dataset> data_;
   std::shared_ptr<isp::MaskSource> masks_;
@@ -250,7 +261,7 @@ std::shared_ptr<isp::Stage> make_stage(const TrainPredictorOptions& o, isp::Buil
 
 }  // namespace
 
-ISP_PLUGIN("0.1.0");
+ISP_PLUGIN("0.2.0");
 ISP_REGISTER(isp::Stage, "TrainPredictor", 1, TrainPredictorOptions, make_stage,
              "train the AEM predictor: a fresh copy of the classifier's architecture that matches the frozen "
              "classifier on randomly masked inputs (KL, Adam); model selection on the validation KL");

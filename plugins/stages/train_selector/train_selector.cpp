@@ -1,4 +1,4 @@
-// Stage "TrainSelector" (isp-spec §1c, §3.2): the AEM selector (frozen classifier encoder -> feature filter
+// Stage "TrainSelector" (docs/method.md §1c, §3.2): the AEM selector (frozen classifier encoder -> feature filter
 // -> decoder -> mask head, isp::SelectorNet) learns masks P such that the frozen predictor, fed x * s with
 // s ~ sampler(P), reproduces the frozen classifier:
 //   L = (1/n) sum_i KL( softmax(f_bb(x_i)) || softmax(f_pred(x_i * s_i)) ) + sum_r weight_r * r(s, P, ...).
@@ -12,16 +12,14 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "isp/artifacts.h"
 #include "isp/checkpoint.h"
 #include "isp/data.h"
 #include "isp/interfaces/aem.h"
-#include "isp/interfaces/backbone.h"
 #include "isp/interfaces/dataset.h"
 #include "isp/interfaces/regularizer.h"
-#include "isp/interfaces/stage.h"
-#include "isp/plugin.h"
-#include "isp/registry.h"
-#include "isp/selector.h"
+#include "isp/registry/plugin.h"
+#include "isp/registry/recipe.h"
 #include "isp/train.h"
 
 namespace fs = std::filesystem;
@@ -29,86 +27,59 @@ namespace fs = std::filesystem;
 namespace {
 
 struct TrainSelectorOptions {
-  isp::NodeRef classifier, predictor, filter, decoder, head, sampler, data;
+  isp::NodeRef predictor, filter, decoder, head, sampler, data;
   std::vector<isp::NodeRef> regularizers;
+  isp::AdamSettings adam;
   int64_t epochs = 20;
   int64_t batch_size = 16;
-  double lr = 1e-4;
-  double weight_decay = 1e-4;
-  double beta1 = 0.9, beta2 = 0.999;
   int64_t eval_every = 1;
   int64_t eval_batch_size = 256;
   int64_t max_steps_per_epoch = 0;
   std::string label_source = "ground_truth";
   std::string augmentation = "flip";
   template <class V> void visit(V& v) {
-    v("classifier", classifier, "the trained, frozen classifier ({\"$ref\": backbone node}); also the selector's encoder",
-      isp::required(), isp::of_kind("backbone"));
-    v("predictor", predictor, "the TrainPredictor stage node whose network scores the masked inputs ({\"$ref\": node})",
-      isp::required(), isp::of_kind("stage"));
+    v("predictor", predictor, "the TrainPredictor stage whose network scores the masked inputs ({\"$ref\": stage}); its "
+      "classifier is the frozen black box and the selector's encoder", isp::required(), isp::of_kind("stage"));
     v("filter", filter, "class-conditioned filter of the deepest encoder features", isp::required(),
       isp::of_kind("feature_filter"));
     v("decoder", decoder, "decoder from the encoder scales to a full-resolution map", isp::required(), isp::of_kind("decoder"));
     v("head", head, "mask head: decoder features -> mask distribution P", isp::required(), isp::of_kind("mask_head"));
-    v("sampler", sampler, "draws the relaxed masks s ~ P in training (RelaxedBernoulli, temperature 1: isp-spec §3.2)",
+    v("sampler", sampler, "draws the relaxed masks s ~ P in training (RelaxedBernoulli, temperature 1: docs/method.md §3.2)",
       isp::required(), isp::of_kind("sampler"));
     v("regularizers", regularizers, "weighted loss terms on the masks (MaskArea, MaskSmoothness, ...)");
     v("data", data, "the dataset ({\"$ref\": node})", isp::required(), isp::of_kind("dataset"));
     v("epochs", epochs, "training epochs", isp::at_least(1));
     v("batch_size", batch_size, "mini-batch size", isp::at_least(1));
-    v("lr", lr, "Adam learning rate (constant)", isp::greater_than(0));
-    v("weight_decay", weight_decay, "L2 weight decay added to the gradient (coupled, as torch.optim.Adam)", isp::at_least(0));
-    v("beta1", beta1, "Adam beta1", isp::between(0, 1));
-    v("beta2", beta2, "Adam beta2", isp::between(0, 1));
+    adam.visit(v);
     v("eval_every", eval_every, "evaluate on the validation split every N epochs (and after the last)", isp::at_least(1));
     v("eval_batch_size", eval_batch_size, "evaluation batch size", isp::at_least(1));
     v("max_steps_per_epoch", max_steps_per_epoch, "cap steps per epoch (0 = full epochs; for smoke tests)", isp::at_least(0));
     v("label_source", label_source, "class that conditions the feature filter at evaluation (training always uses the "
-      "ground truth, isp-spec §2.3): ground_truth or predicted (the classifier's argmax)",
+      "ground truth, docs/method.md §2.3): ground_truth or predicted (the classifier's argmax)",
       isp::one_of({"ground_truth", "predicted"}));
-    v("augmentation", augmentation, "training augmentation: flip = horizontal flip only (isp-spec §1c), dataset = the "
+    v("augmentation", augmentation, "training augmentation: flip = horizontal flip only (docs/method.md §1c), dataset = the "
       "dataset's own augmentation, none", isp::one_of({"flip", "dataset", "none"}));
   }
 };
 
 
-// Turns off requires_grad of a frozen network's parameters for a scope (gradients still flow through it to
-// its input), and restores the previous flags afterwards.
-class FrozenParameters {
- public:
-  explicit FrozenParameters(torch::nn::Module& m) {
-    for (auto& p : m.parameters()) {
-      params_.push_back(p);
-      flags_.push_back(p.requires_grad());
-      p.set_requires_grad(false);
-    }
-  }
-  ~FrozenParameters() {
-    for (std::size_t i = 0; i < params_.size(); ++i) params_[i].set_requires_grad(flags_[i]);
-  }
- private:
-  std::vector<at::Tensor> params_;
-  std::vector<bool> flags_;
-};
 
 struct SelEval { double agreement = 0, kl = 0, area = 0; int64_t n = 0; };
 
 class TrainSelector : public isp::Stage {
  public:
   TrainSelector(TrainSelectorOptions o, isp::BuildContext& ctx)
-      : opt_(std::move(o)), classifier_(ctx.get<isp::Backbone>(opt_.classifier)), data_(ctx.get<isp::Dataset>(opt_.data)) {
-    auto pred_stage = ctx.get<isp::Stage>(opt_.predictor);
-    predictor_ = std::dynamic_pointer_cast<isp::Backbone>(pred_stage->model());
-    if (!predictor_)
-      throw isp::RecipeError(opt_.predictor.where,
-                             "this stage produces no backbone network; expected a TrainPredictor stage node");
-    if (predictor_.get() == classifier_.get())
-      throw isp::RecipeError(opt_.predictor.where, "the predictor must be a separate network from the classifier");
-    auto sampler = ctx.get<isp::MaskSampler>(opt_.sampler);
+      : opt_(std::move(o)),
+        input_(isp::stage_input<isp::TrainedPredictor>(ctx, opt_.predictor)),
+        data_(ctx.get<isp::Dataset>(opt_.data)),
+        filter_(ctx.get<isp::FeatureFilter>(opt_.filter)),
+        decoder_(ctx.get<isp::Decoder>(opt_.decoder)),
+        head_(ctx.get<isp::MaskHead>(opt_.head)),
+        sampler_(ctx.get<isp::MaskSampler>(opt_.sampler)) {
     // The selector learns only through the predictor's KL on x * s: a sample without a gradient (hard
     // Bernoulli without straight-through) leaves nothing to learn, which would otherwise surface mid-run as
     // autograd's "element 0 of tensors does not require grad".
-    if (!sampler->differentiable()) {
+    if (!sampler_->differentiable()) {
       const std::string node = isp::BuildContext::ref_name(opt_.sampler.spec);
       throw isp::RecipeError(opt_.sampler.where,
                              "the sampler" + (node.empty() ? std::string() : " '" + node + "'") +
@@ -116,30 +87,32 @@ class TrainSelector : public isp::Stage {
                                  "predictor's KL term; use a relaxed sampler (RelaxedBernoulli, GumbelSigmoid) or "
                                  "Bernoulli with \"straight_through\": true");
     }
-    selector_ = std::make_shared<isp::SelectorNet>(classifier_, ctx.get<isp::FeatureFilter>(opt_.filter),
-                                                   ctx.get<isp::Decoder>(opt_.decoder),
-                                                   ctx.get<isp::MaskHead>(opt_.head), sampler);
     for (const auto& r : opt_.regularizers) regularizers_.push_back(ctx.get<isp::Regularizer>(r));
-    if (data_->data().num_classes() != classifier_->num_classes())
-      throw isp::RecipeError(opt_.classifier.where, "the classifier has " + std::to_string(classifier_->num_classes()) +
-                                                        " classes but the dataset has " +
-                                                        std::to_string(data_->data().num_classes()));
   }
 
-  std::shared_ptr<torch::nn::Module> model() override { return selector_; }
+  const char* produces() const override { return isp::ExplanationModel::kType; }
+  std::shared_ptr<const isp::Artifact> planned() const override {
+    auto a = std::make_shared<isp::ExplanationModel>();
+    a->predictor = input_.planned();
+    a->classifier = a->predictor ? a->predictor->classifier : nullptr;
+    if (a->classifier && a->classifier->network)
+      a->selector = std::make_shared<isp::SelectorNet>(a->classifier->network, filter_, decoder_, head_, sampler_);
+    return a;
+  }
 
   void run(isp::RunContext& ctx) override {
+    take_inputs();
     const isp::DataBundle& data = data_->data();
     classifier_->to(ctx.device);
     predictor_->to(ctx.device);
     selector_->to(ctx.device);
     classifier_->eval();
     predictor_->eval();
-    FrozenParameters frozen_pred(*predictor_), frozen_cls(*classifier_);
+    isp::FrozenParameters frozen_pred(*predictor_), frozen_cls(*classifier_);
     // selector_->parameters(): filter + decoder + head; the encoder is not a registered submodule.
-    torch::optim::Adam adam(selector_->parameters(), torch::optim::AdamOptions(opt_.lr)
-                                                         .betas({opt_.beta1, opt_.beta2})
-                                                         .weight_decay(opt_.weight_decay));
+    torch::optim::Adam adam(selector_->parameters(), torch::optim::AdamOptions(opt_.adam.lr)
+                                                         .betas({opt_.adam.beta1, opt_.adam.beta2})
+                                                         .weight_decay(opt_.adam.weight_decay));
     isp::BatchLoader train(data.train, opt_.batch_size, /*shuffle=*/true, isp::augmentation_by_name(opt_.augmentation, data),
                            ctx.device);
     const bool has_val = data.val.size() > 0;
@@ -153,7 +126,7 @@ class TrainSelector : public isp::Stage {
     isp::TrainLoopHooks hooks;
     hooks.start_epoch = [&](int64_t) {
       selector_->train();
-      return isp::json{{"lr", opt_.lr}};
+      return isp::json{{"lr", opt_.adam.lr}};
     };
     hooks.step = [&](const isp::Batch& b) {
       at::Tensor x = b.x.to(ctx.device), y = b.y.to(ctx.device);
@@ -162,7 +135,7 @@ class TrainSelector : public isp::Stage {
         torch::NoGradGuard ng;
         z = classifier_->forward(x);
       }
-      // Ground-truth labels condition the filter in training (isp-spec §1c); the encoder runs without grad.
+      // Ground-truth labels condition the filter in training (docs/method.md §1c); the encoder runs without grad.
       isp::MaskDistribution dist = selector_->forward(x, y, /*encoder_grad=*/false);
       at::Tensor s = selector_->sampler->sample(dist.probs);
       at::Tensor kl = isp::kl_per_sample(z, predictor_->forward(x * s)).mean();
@@ -224,22 +197,46 @@ class TrainSelector : public isp::Stage {
     std::fprintf(stderr, "[%s] selected epoch %s: val agreement %.2f%%, test agreement %.2f%%, KL %.4f, mask area %.3f\n",
                  ctx.stage_name.c_str(), ctx.summary["selector_best_epoch"].dump().c_str(), 100.0 * val.agreement,
                  100.0 * test.agreement, test.kl, test.area);
+    isp::write_file_atomic(ctx.stage_dir + "/result.json", ctx.summary.dump(2) + "\n");
+    publish_model(ctx.summary);
   }
 
   void restore(isp::RunContext& ctx) override {
+    take_inputs();
     isp::CheckpointReader(ctx.stage_dir + "/final.pt").module("model", *selector_);
     selector_->to(ctx.device);
     selector_->eval();
+    publish_model(isp::json::parse(isp::read_text_file(ctx.stage_dir + "/result.json")));
   }
 
  private:
+  // The selector assembles at run time: its encoder is the classifier network the predictor stage hands on.
+  void take_inputs() {
+    const auto pred = input_.get();
+    classifier_ = pred->classifier->network;
+    predictor_ = pred->predictor;
+    if (data_->data().num_classes() != classifier_->num_classes())
+      throw isp::RecipeError(opt_.predictor.where, "the classifier has " + std::to_string(classifier_->num_classes()) +
+                                                       " classes but the dataset has " +
+                                                       std::to_string(data_->data().num_classes()));
+    selector_ = std::make_shared<isp::SelectorNet>(classifier_, filter_, decoder_, head_, sampler_);
+  }
+  void publish_model(isp::json metrics) {
+    auto a = std::make_shared<isp::ExplanationModel>();
+    a->predictor = input_.get();
+    a->classifier = a->predictor->classifier;
+    a->selector = selector_;
+    a->metrics = std::move(metrics);
+    publish(a);
+  }
+
   int64_t count_parameters() const {
     int64_t n = 0;
     for (const auto& p : selector_->parameters()) n += p.numel();
     return n;
   }
 
-  // Deterministic evaluation with the mask P itself (isp-spec §1c): agreement, KL and mean(P).
+  // Deterministic evaluation with the mask P itself (docs/method.md §1c): agreement, KL and mean(P).
   SelEval evaluate(const isp::ImageSplit& split, c10::Device device) {
     SelEval r;
     if (split.size() == 0) return r;
@@ -273,8 +270,13 @@ class TrainSelector : public isp::Stage {
   }
 
   TrainSelectorOptions opt_;
-  std::shared_ptr<isp::Backbone> classifier_;
+  isp::StageInput<isp::TrainedPredictor> input_;
   std::shared_ptr<isp::Dataset> data_;
+  std::shared_ptr<isp::FeatureFilter> filter_;
+  std::shared_ptr<isp::Decoder> decoder_;
+  std::shared_ptr<isp::MaskHead> head_;
+  std::shared_ptr<isp::MaskSampler> sampler_;
+  std::shared_ptr<isp::Backbone> classifier_;
   std::shared_ptr<isp::Backbone> predictor_;
   std::shared_ptr<isp::SelectorNet> selector_;
   std::vector<std::shared_ptr<isp::Regularizer>> regularizers_;
@@ -286,7 +288,7 @@ std::shared_ptr<isp::Stage> make_stage(const TrainSelectorOptions& o, isp::Build
 
 }  // namespace
 
-ISP_PLUGIN("0.1.0");
+ISP_PLUGIN("0.2.0");
 ISP_REGISTER(isp::Stage, "TrainSelector", 1, TrainSelectorOptions, make_stage,
              "train the AEM selector (encoder -> filter -> decoder -> mask head) against the frozen predictor and "
              "classifier; model selection on the validation agreement");

@@ -6,7 +6,7 @@
 
 #include <torch/nn/module.h>
 
-#include "isp/options.h"
+#include "isp/registry/options.h"
 
 namespace isp {
 

@@ -1,11 +1,12 @@
 #pragma once
 // kind "backbone": a classifier trunk that exposes multi-scale features and per-channel gate slots.
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <torch/nn/module.h>
 
-#include "isp/options.h"
+#include "isp/registry/options.h"
 
 namespace isp {
 
@@ -15,12 +16,18 @@ struct GatedLayer {
   int64_t width = 0;
 };
 
-// One layer as the cost model sees it. Channels that depend on a gated layer name it by index: for a layer
-// whose output (input) channels are the kept channels of gated layer l, out_gate (in_gate) = l.
+// What the cost model (cost.h) counts. The Functional* ops and Add are what the official counter cannot see
+// (applied inline, not as nn modules): they cost 0 FLOPs and are listed only so the table reads like forward().
+enum class LayerOp { Conv, BatchNorm, Relu, Linear, AvgPool, FunctionalRelu, FunctionalAvgPool, Add };
+// "conv", "bn", "relu", "linear", "avgpool", "functional_relu", "functional_avgpool", "add" (reports).
+ISP_API const char* to_string(LayerOp op);
+
+// One layer of a backbone's topology. `name` is its parameter-name prefix ("layer1.0.conv1": the tensors are
+// "layer1.0.conv1.weight", ...). Channels that depend on a gated layer name it by index: for a layer whose
+// output (input) channels are the kept channels of gated layer l, out_gate (in_gate) = l.
 struct LayerShape {
   std::string name;
-  std::string op;  // "conv", "bn", "relu", "linear", "avgpool", or inline (0 FLOPs, see cost.h):
-                   // "functional_relu", "functional_avgpool", "add"
+  LayerOp op = LayerOp::Conv;
   int64_t in_channels = 0, out_channels = 0;
   int64_t kernel = 1, groups = 1;  // conv: groups == in_channels for depthwise (then it follows the gate too)
   int64_t out_h = 1, out_w = 1;    // output spatial size (linear: 1x1)
@@ -28,13 +35,6 @@ struct LayerShape {
   bool bias = false;
   int in_gate = -1, out_gate = -1;
 };
-
-// Appends one layer with a square feature map: what backbones' layer_shapes() lists are made of.
-ISP_API void add_layer(std::vector<LayerShape>& layers, std::string name, std::string op, int64_t in_channels,
-                       int64_t out_channels, int64_t kernel, int64_t in_hw, int64_t out_hw, int in_gate = -1,
-                       int out_gate = -1, int64_t groups = 1);
-// The check behind every set_gates(): gates are [sum(widths)] or [N, sum(widths)]; throws naming `who`.
-ISP_API void check_gate_shape(const at::Tensor& gates, const std::vector<int64_t>& widths, const std::string& who);
 
 // A tensor that must be sliced when channels of a gated layer are removed: dimension `dim` of `param`.
 struct ChannelSlice {
@@ -51,6 +51,9 @@ struct BackboneFeatures {
   at::Tensor logits;
 };
 
+// A backbone declares its prunable structure once, in its constructor, as it registers its modules
+// (declare_gate, then declare_conv/bn/linear/op in forward order). The FLOPs table, the channel groups cut by
+// surgery, the widths and the gate plumbing are all derived from that one table, so they cannot drift apart.
 class ISP_API Backbone : public torch::nn::Module {
  public:
   static constexpr const char* kKind = "backbone";
@@ -58,18 +61,46 @@ class ISP_API Backbone : public torch::nn::Module {
   virtual at::Tensor forward(const at::Tensor& x) = 0;
   virtual BackboneFeatures forward_features(const at::Tensor& x) = 0;
   virtual std::vector<int64_t> feature_channels() const = 0;
-  virtual std::vector<GatedLayer> gated_layers() const = 0;
-  // gates: [sum of widths] (shared by the batch) or [N, sum of widths]; an undefined tensor restores all-ones.
-  virtual void set_gates(const at::Tensor& gates) = 0;
   virtual int64_t num_classes() const = 0;
   virtual int64_t input_size() const = 0;
-  // Width configuration that rebuilds this exact architecture (after pruning: the kept widths).
+  // Options (incl. widths) that rebuild this exact architecture (after pruning: the kept widths).
   virtual json structure() const = 0;
+  // A freshly initialised network of the same architecture and options whose gated layers have `widths`
+  // (empty = this network's widths): what channel surgery copies the kept weights into.
+  virtual std::shared_ptr<Backbone> with_widths(const std::vector<int64_t>& widths) const = 0;
+
+  const std::vector<GatedLayer>& gated_layers() const { return gated_; }
   // Every layer in forward order, for FLOPs/parameter counting.
-  virtual std::vector<LayerShape> layer_shapes() const = 0;
-  // The tensors coupled to each gated layer (cut together by channel surgery).
-  virtual std::vector<ChannelGroup> channel_groups() const = 0;
+  std::vector<LayerShape> layer_shapes() const { return layers_; }
+  // The tensors coupled to each gated layer (cut together by channel surgery), one group per gated layer.
+  std::vector<ChannelGroup> channel_groups() const;
+  std::vector<int64_t> widths() const;
   int64_t total_gate_width() const;
+  // gates: [sum of widths] (shared by the batch) or [N, sum of widths]; an undefined tensor restores all-ones.
+  void set_gates(const at::Tensor& gates);
+
+ protected:
+  // Returns the gate index that layers pass as in_gate/out_gate.
+  int declare_gate(std::string name, int64_t width);
+  void declare_layer(LayerShape layer);
+  void declare_conv(std::string name, int64_t in, int64_t out, int64_t kernel, int64_t in_hw, int64_t out_hw,
+                    int in_gate = -1, int out_gate = -1, int64_t groups = 1, bool bias = false);
+  void declare_bn(std::string name, int64_t channels, int64_t hw, int gate = -1);
+  void declare_linear(std::string name, int64_t in, int64_t out, int in_gate = -1, int out_gate = -1,
+                      bool bias = true);
+  // Parameter-free ops (ReLU, pooling, residual add). Pooling kernel = stride = in_hw / out_hw.
+  void declare_op(std::string name, LayerOp op, int64_t channels, int64_t in_hw, int64_t out_hw, int gate = -1);
+
+  // Gated layer `index`'s slice of the current gates ([w] or [N, w]); undefined when no gates are set.
+  at::Tensor gate(int index) const;
+  // x * gate over the channel dimension of [N, C, ...] (NCHW maps, [N, C] features); undefined gate = identity.
+  static at::Tensor apply_gate(const at::Tensor& x, const at::Tensor& gate);
+
+ private:
+  std::vector<GatedLayer> gated_;
+  std::vector<int64_t> offsets_;  // of each gated layer in the concatenated gate vector
+  std::vector<LayerShape> layers_;
+  at::Tensor gates_;  // plain member, not a parameter or buffer: state_dict is unaffected
 };
 
 }  // namespace isp

@@ -5,7 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
-#include "isp/options.h"
+#include "isp/registry/options.h"
 
 namespace isp {
 

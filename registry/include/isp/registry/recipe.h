@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "isp/options.h"
+#include "isp/registry/options.h"
 
 namespace isp {
 
@@ -22,6 +22,10 @@ ISP_API Recipe load_recipe(const std::string& path, const std::vector<std::strin
 // Same, from an in-memory document (bases resolved relative to `base_dir`); used by tests and tools.
 ISP_API Recipe recipe_from_json(json doc, const std::string& pretend_file, const std::string& base_dir,
                                 const std::vector<std::string>& overrides = {});
+
+// The folder of the recipes shipped with isp (ISP_CONFIG_DIR, else <prefix>/share/isp/configs next to the
+// binary, else the source tree's configs/); `_base_` entries "isp://<path>" are read from it. "" if none.
+ISP_API std::string shipped_config_dir();
 
 // Merges `child` into `base` (objects recursively, arrays and scalars replaced, `_delete_` replaces).
 ISP_API void merge_into(json& base, const json& child, const std::string& file, const std::string& pointer,

@@ -2,7 +2,7 @@
 #include <stdexcept>
 #include <string>
 
-#include "isp/export.h"
+#include "isp/registry/api.h"
 
 namespace isp {
 
@@ -31,6 +31,10 @@ class ISP_API RecipeError : public Error {
 };
 class ISP_API UnknownComponent : public Error { public: using Error::Error; ~UnknownComponent() override; };
 class ISP_API DuplicateComponent : public Error { public: using Error::Error; ~DuplicateComponent() override; };
+// An unpinned, unscoped type name that more than one library offers (write scope::Name or Name@version).
+class ISP_API AmbiguousComponent : public Error { public: using Error::Error; ~AmbiguousComponent() override; };
+// A registration or plugin load after the registry was frozen (recipes are built from a fixed set).
+class ISP_API RegistryFrozen : public Error { public: using Error::Error; ~RegistryFrozen() override; };
 class ISP_API PluginLoadError : public Error { public: using Error::Error; ~PluginLoadError() override; };
 class ISP_API DataError : public Error { public: using Error::Error; ~DataError() override; };
 

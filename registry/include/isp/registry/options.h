@@ -20,8 +20,8 @@
 
 #include <nlohmann/json.hpp>
 
-#include "isp/error.h"
-#include "isp/export.h"
+#include "isp/registry/error.h"
+#include "isp/registry/api.h"
 
 namespace isp {
 

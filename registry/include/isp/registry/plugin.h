@@ -9,10 +9,11 @@
 
 #include <torch/version.h>
 
-#include "isp/registry.h"
+#include "isp/registry/build_context.h"
+#include "isp/registry/registry.h"
 
 // Bump on any change of a core interface's layout or vtable, of ComponentInfo, or of the registrar.
-#define ISP_PLUGIN_ABI_VERSION 2  // 2: Pruner keep_scores/keep_probabilities/flops_target, Regularizer budget/state, MaskHead, MaskSampler queries
+#define ISP_PLUGIN_ABI_VERSION 3  // 3: descriptor scope, typed stage results (Stage/Artifact), Backbone topology
 
 #ifdef ISP_TORCH_WITH_CUDA
 #define ISP_DESCRIPTOR_CUDA ISP_TORCH_WITH_CUDA
@@ -29,6 +30,7 @@ struct IspPluginDescriptor {
   uint32_t json_major, json_minor;
   const char* library_name;
   const char* library_version;
+  const char* scope;  // the scope of the library's components ("isp" for the built-ins)
   void (*register_components)(isp::PluginRegistrar*);
 };
 }
@@ -52,6 +54,10 @@ using RegistrationFn = void (*)(PluginRegistrar&);
   __attribute__((used, section("isp_registrations"))) static ::isp::RegistrationFn const ISP_CONCAT(       \
       isp_registration_ptr_, __LINE__) = &ISP_CONCAT(isp_register_, __LINE__)
 
+#ifndef ISP_PLUGIN_SCOPE
+#define ISP_PLUGIN_SCOPE "user"  // isp_add_plugin() defines it: "isp" in-tree, SCOPE (or the project name) outside
+#endif
+
 // Once per plugin library (any one of its .cpp files).
 #define ISP_PLUGIN(LibraryVersion)                                                                         \
   extern "C" ::isp::RegistrationFn const __start_isp_registrations[] __attribute__((weak));               \
@@ -62,4 +68,5 @@ using RegistrationFn = void (*)(PluginRegistrar&);
   extern "C" __attribute__((visibility("default"))) const IspPluginDescriptor isp_plugin_descriptor = {   \
       ISP_PLUGIN_ABI_VERSION, TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR, TORCH_VERSION_PATCH,               \
       _GLIBCXX_USE_CXX11_ABI, ISP_DESCRIPTOR_CUDA, NLOHMANN_JSON_VERSION_MAJOR,                            \
-      NLOHMANN_JSON_VERSION_MINOR, ISP_PLUGIN_LIBRARY_NAME, LibraryVersion, &isp_plugin_register_all}
+      NLOHMANN_JSON_VERSION_MINOR, ISP_PLUGIN_LIBRARY_NAME, LibraryVersion, ISP_PLUGIN_SCOPE,                 \
+      &isp_plugin_register_all}

@@ -1,0 +1,208 @@
+// The epoch/step training loop every stage shares, and the progress line.
+#include <torch/torch.h>
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <limits>
+#include <sstream>
+
+#include "isp/checkpoint.h"
+#include "isp/data.h"
+#include "isp/registry/recipe.h"
+#include "isp/train.h"
+
+namespace fs = std::filesystem;
+
+namespace isp {
+
+// --------------------------------------------------------------------------------------------- progress
+
+double now_seconds() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
+
+Progress::Progress(std::string label) : label_(std::move(label)), tty_(::isatty(STDERR_FILENO) != 0) {}
+void Progress::update(const std::string& text, bool force) {
+  double t = now_seconds();
+  if (tty_) {
+    if (!force && t - last_ < 0.25) return;
+    std::fprintf(stderr, "\r\x1b[K[%s] %s", label_.c_str(), text.c_str());
+    std::fflush(stderr);
+  } else if (force) {
+    std::fprintf(stderr, "[%s] %s\n", label_.c_str(), text.c_str());
+  }
+  last_ = t;
+}
+void Progress::finish(const std::string& text) {
+  if (tty_) std::fprintf(stderr, "\r\x1b[K");
+  std::fprintf(stderr, "[%s] %s\n", label_.c_str(), text.c_str());
+}
+
+static std::string fmt_duration(double s) {
+  char buf[32];
+  if (s >= 3600) std::snprintf(buf, sizeof buf, "%dh%02dm", static_cast<int>(s / 3600), static_cast<int>(s / 60) % 60);
+  else std::snprintf(buf, sizeof buf, "%dm%02ds", static_cast<int>(s / 60), static_cast<int>(s) % 60);
+  return buf;
+}
+
+namespace {
+// "loss 0.4321 top1 85.20%": accuracies and agreements as percentages, the rest with 4 decimals.
+std::string describe_metric(const std::string& name, double v) {
+  char b[64];
+  const bool pct = name.find("top1") != std::string::npos || name.find("agreement") != std::string::npos;
+  if (pct) std::snprintf(b, sizeof b, "%s %.2f%%", name.c_str(), 100.0 * v);
+  else std::snprintf(b, sizeof b, "%s %.4f", name.c_str(), v);
+  return b;
+}
+}  // namespace
+
+void TrainLoopHooks::checkpoint(torch::nn::Module& module, torch::optim::Optimizer& optimizer, const std::string& name) {
+  save = [&module, &optimizer, name](CheckpointWriter& w) {
+    w.module(name, module);
+    w.optimizer("optimizer", optimizer);
+  };
+  load = [&module, &optimizer, name](CheckpointReader& r) {
+    r.module(name, module);
+    r.optimizer("optimizer", optimizer);
+  };
+  save_best = [&module, name](CheckpointWriter& w) { w.module(name, module); };
+}
+
+TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& h, BatchLoader& loader, RunContext& ctx) {
+  if (!h.step || !h.save || !h.load) throw Error("run_train_loop: step, save and load hooks are required");
+  if (h.score && !h.save_best) throw Error("run_train_loop: a score hook needs save_best");
+  fs::create_directories(ctx.stage_dir);
+  const std::string ckpt_path = ctx.stage_dir + "/checkpoint.pt";
+  const double no_score = -std::numeric_limits<double>::infinity();
+  TrainLoopResult res;
+  res.best_path = ctx.stage_dir + "/best.pt";
+  res.best_score = no_score;
+  const std::size_t k = spec.metrics.size();
+  std::vector<double> sums(k, 0.0);  // host copies of this epoch's running sums (batch-size weighted)
+  int64_t start_epoch = 0, start_step = 0, seen_in_epoch = 0;
+
+  if (ctx.resume && fs::exists(ckpt_path)) {
+    CheckpointReader r(ckpt_path);
+    h.load(r);
+    const json& m = r.meta();
+    start_epoch = m.at("epoch");
+    start_step = m.at("step");
+    res.best_epoch = m.value("best_epoch", int64_t{-1});
+    if (m.contains("best_score") && m["best_score"].is_number()) res.best_score = m["best_score"];
+    seen_in_epoch = m.value("seen_in_epoch", int64_t{0});
+    res.images_seen = m.value("images_seen", int64_t{0});
+    res.train_seconds = m.value("train_seconds", 0.0);
+    std::vector<double> saved = m.value("sums", std::vector<double>{});
+    if (saved.size() == k) sums = saved;
+    if (r.has("rng")) at::Generator(at::detail::getDefaultCPUGenerator()).set_state(r.tensor("rng"));
+    if (!ctx.device.is_cpu() && r.has("rng_device"))
+      at::Generator(at::globalContext().defaultGenerator(ctx.device)).set_state(r.tensor("rng_device"));
+    std::fprintf(stderr, "[%s] resuming from %s at epoch %lld step %lld\n", ctx.stage_name.c_str(), ckpt_path.c_str(),
+                 static_cast<long long>(start_epoch), static_cast<long long>(start_step));
+  }
+
+  auto save_checkpoint = [&](int64_t epoch, int64_t step) {
+    CheckpointWriter w;
+    h.save(w);
+    w.tensor("rng", at::detail::getDefaultCPUGenerator().get_state());
+    if (!ctx.device.is_cpu())
+      w.tensor("rng_device", at::Generator(at::globalContext().defaultGenerator(ctx.device)).get_state());
+    w.meta({{"epoch", epoch}, {"step", step}, {"best_epoch", res.best_epoch},
+            {"best_score", std::isfinite(res.best_score) ? json(res.best_score) : json(nullptr)}, {"sums", sums},
+            {"seen_in_epoch", seen_in_epoch}, {"images_seen", res.images_seen}, {"train_seconds", res.train_seconds},
+            {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}});
+    w.save_atomic(ckpt_path);
+  };
+
+  Progress progress(ctx.stage_name);
+  int64_t steps_per_epoch = loader.num_batches();
+  if (spec.max_steps_per_epoch > 0) steps_per_epoch = std::min(steps_per_epoch, spec.max_steps_per_epoch);
+  const int64_t total_steps = steps_per_epoch * spec.epochs;
+  const char* inject = std::getenv("ISP_INTERRUPT_AFTER_STEPS");
+  const int64_t interrupt_after = inject ? std::atoll(inject) : -1;
+  int64_t steps_this_process = 0;
+  const double t_process = now_seconds();
+  const auto dopt = torch::TensorOptions().dtype(torch::kDouble).device(ctx.device);
+  for (int64_t epoch = start_epoch; epoch < spec.epochs; ++epoch) {
+    json line = {{"epoch", epoch + 1}};
+    if (h.start_epoch) line.update(h.start_epoch(epoch));
+    loader.start_epoch(ctx.seed, epoch);
+    const double t_epoch = now_seconds();
+    at::Tensor dev_sums = torch::zeros({static_cast<int64_t>(k)}, dopt);
+    for (int64_t step = (epoch == start_epoch ? start_step : 0); step < steps_per_epoch; ++step) {
+      Batch b = loader.get(step);
+      dev_sums += h.step(b).detach().to(torch::kDouble).reshape({static_cast<int64_t>(k)}) * static_cast<double>(b.size());
+      seen_in_epoch += b.size();
+      res.images_seen += b.size();
+      if (++steps_this_process == interrupt_after && ctx.interrupted) ctx.interrupted->store(true);
+      const bool last_step = step + 1 == steps_per_epoch;
+      if (last_step || step % spec.progress_every == 0 || ctx.stop_requested()) {
+        at::Tensor host = dev_sums.cpu();
+        for (std::size_t j = 0; j < k; ++j) sums[j] += host[static_cast<int64_t>(j)].item<double>();
+        dev_sums.zero_();
+        const int64_t done = epoch * steps_per_epoch + step + 1;
+        const double per_step = (now_seconds() - t_process) /
+                                static_cast<double>(std::max<int64_t>(1, done - start_epoch * steps_per_epoch - start_step));
+        std::string text = "epoch " + std::to_string(epoch + 1) + "/" + std::to_string(spec.epochs) + " step " +
+                           std::to_string(step + 1) + "/" + std::to_string(steps_per_epoch);
+        for (std::size_t j = 0; j < k; ++j)
+          text += " " + describe_metric(spec.metrics[j], sums[j] / static_cast<double>(std::max<int64_t>(1, seen_in_epoch)));
+        char buf[96];
+        std::snprintf(buf, sizeof buf, " %.0f img/s ETA %s",
+                      static_cast<double>(seen_in_epoch) / std::max(1e-9, now_seconds() - t_epoch),
+                      fmt_duration(per_step * static_cast<double>(total_steps - done)).c_str());
+        progress.update(text + buf);
+      }
+      if (ctx.stop_requested()) {
+        res.train_seconds += now_seconds() - t_epoch;
+        save_checkpoint(epoch, step + 1);
+        progress.finish("interrupted: checkpoint written to " + ckpt_path);
+        throw Interrupted("interrupted at epoch " + std::to_string(epoch + 1) + " step " + std::to_string(step + 1) +
+                          "; continue with --resume");
+      }
+    }
+    const double epoch_seconds = now_seconds() - t_epoch;
+    res.train_seconds += epoch_seconds;
+    const double denom = static_cast<double>(std::max<int64_t>(1, seen_in_epoch));
+    std::string text = "epoch " + std::to_string(epoch + 1) + "/" + std::to_string(spec.epochs);
+    for (std::size_t j = 0; j < k; ++j) {
+      line["train_" + spec.metrics[j]] = sums[j] / denom;
+      text += " " + describe_metric(spec.metrics[j], sums[j] / denom);
+    }
+    line["images_per_s"] = static_cast<double>(seen_in_epoch) / std::max(1e-9, epoch_seconds);
+    const bool eval_now = (epoch + 1) % spec.eval_every == 0 || epoch + 1 == spec.epochs;
+    if (eval_now && h.evaluate) {
+      json val = h.evaluate(epoch);
+      for (auto it = val.begin(); it != val.end(); ++it) {
+        line[it.key()] = it.value();
+        if (it.value().is_number()) text += " " + describe_metric(it.key(), it.value().get<double>());
+      }
+      const double score = h.score ? h.score(line, epoch) : no_score;
+      if (score > res.best_score) {
+        res.best_score = score;
+        res.best_epoch = epoch + 1;
+        CheckpointWriter w;
+        h.save_best(w);
+        w.meta({{"epoch", epoch + 1}, {"score", score}, {"metrics", line}, {"recipe", ctx.resolved_recipe}});
+        w.save_atomic(res.best_path);
+      }
+    }
+    char buf[64];
+    std::snprintf(buf, sizeof buf, " %.0f img/s (%.1fs)", line["images_per_s"].get<double>(), epoch_seconds);
+    progress.finish(text + buf);
+    if (ctx.log_metrics) ctx.log_metrics(line);
+    res.last_line = line;
+    std::fill(sums.begin(), sums.end(), 0.0);
+    seen_in_epoch = 0;
+    save_checkpoint(epoch + 1, 0);
+  }
+  return res;
+}
+
+}  // namespace isp

@@ -1,0 +1,69 @@
+#pragma once
+// Builds the nodes of a recipe on demand, memoised by node name, resolving {"$ref": ...} links, and records
+// which component (type, version, library) each one was built from.
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "isp/registry/registry.h"
+
+namespace isp {
+
+// Which named nodes and components a build reached (transitively through $ref), for stage fingerprints.
+struct BuildTrace {
+  std::vector<std::string> nodes;                                // node names, in first-reached order
+  std::vector<std::pair<std::string, ComponentRecord>> components;  // JSON pointer of the spec -> record
+};
+
+class ISP_API BuildContext {
+ public:
+  BuildContext(Registry& registry, json recipe, std::function<Where(const std::string&)> where_of);
+  ~BuildContext();
+
+  template <class I> std::shared_ptr<I> get(const NodeRef& ref) {
+    return std::static_pointer_cast<I>(build(ref.spec, ref.where, I::kKind));
+  }
+  template <class I> std::shared_ptr<I> node(const std::string& name) {
+    return std::static_pointer_cast<I>(build_node(name, I::kKind));
+  }
+  // Builds a spec (a $ref or an inline {"type": ...}); `kind` empty means "find the kind by type name".
+  std::shared_ptr<void> build(const json& spec, const Where& where, const std::string& kind);
+  std::shared_ptr<void> build_node(const std::string& name, const std::string& kind);
+  // Resolves a NodeRef to the node name it links to ("" for inline specs).
+  static std::string ref_name(const json& spec);
+  std::string kind_of_node(const std::string& name);
+
+  // Everything built while `trace` is active (nested builds and memoised nodes included) is appended to it.
+  void begin_trace(BuildTrace* trace) { trace_ = trace; }
+  void end_trace() { trace_ = nullptr; }
+
+  Registry& registry() { return registry_; }
+  const json& recipe() const { return recipe_; }
+  Where where(const std::string& pointer) const { return where_of_(pointer); }
+  // The validated spec (defaults filled) each node was built from; written into checkpoints.
+  const std::map<std::string, json>& resolved_nodes() const { return resolved_; }
+  // The component behind every spec built so far, by the JSON pointer of the spec ("/nodes/head",
+  // "/stages/3/regularizers/0"): what recipe.resolved.json records.
+  const std::map<std::string, ComponentRecord>& records() const { return records_; }
+  // The component that built `object` (a pointer this context returned), or nullptr.
+  const ComponentRecord* record_of(const void* object) const;
+
+ private:
+  std::shared_ptr<void> create(const json& spec, const Where& where, std::string kind, json* resolved);
+  void note(const BuildTrace& sub);
+  Registry& registry_;
+  json recipe_;
+  std::function<Where(const std::string&)> where_of_;
+  std::map<std::string, std::shared_ptr<void>> built_;
+  std::map<std::string, std::string> kinds_;
+  std::map<std::string, json> resolved_;
+  std::map<std::string, BuildTrace> node_traces_;  // what building each named node reached
+  std::map<std::string, ComponentRecord> records_;
+  std::map<const void*, ComponentRecord> by_object_;
+  std::vector<std::string> building_;
+  BuildTrace* trace_ = nullptr;
+};
+
+}  // namespace isp

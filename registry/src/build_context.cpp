@@ -1,0 +1,158 @@
+// Building recipe nodes: $ref resolution, memoisation by node name, strict option schemas, and a record of
+// the component (type, version, library) behind every spec.
+#include "isp/registry/build_context.h"
+
+#include <algorithm>
+
+#include "loaded_library.h"
+
+namespace isp {
+
+BuildContext::BuildContext(Registry& registry, json recipe, std::function<Where(const std::string&)> where_of)
+    : registry_(registry), recipe_(std::move(recipe)), where_of_(std::move(where_of)) {}
+BuildContext::~BuildContext() = default;
+
+std::string BuildContext::ref_name(const json& spec) {
+  if (spec.is_object() && spec.contains("$ref") && spec["$ref"].is_string()) return spec["$ref"].get<std::string>();
+  return "";
+}
+
+std::shared_ptr<void> BuildContext::build(const json& spec, const Where& where, const std::string& kind) {
+  std::string ref = ref_name(spec);
+  if (!ref.empty()) return build_node(ref, kind);
+  return create(spec, where, kind, nullptr);
+}
+
+std::string BuildContext::kind_of_node(const std::string& name) {
+  if (auto it = kinds_.find(name); it != kinds_.end()) return it->second;
+  const json nodes = recipe_.value("nodes", json::object());
+  if (!nodes.contains(name)) throw RecipeError(where("/nodes"), "no node named '" + name + "'");
+  const json& spec = nodes[name];
+  if (spec.contains("kind") && spec["kind"].is_string()) return spec["kind"].get<std::string>();
+  if (!spec.contains("type") || !spec["type"].is_string()) return "";
+  auto ks = registry_.kinds_of(spec["type"].get<std::string>());
+  return ks.size() == 1 ? ks[0] : "";
+}
+
+void BuildContext::note(const BuildTrace& sub) {
+  if (!trace_) return;
+  for (const auto& n : sub.nodes)
+    if (std::find(trace_->nodes.begin(), trace_->nodes.end(), n) == trace_->nodes.end()) trace_->nodes.push_back(n);
+  for (const auto& c : sub.components)
+    if (std::none_of(trace_->components.begin(), trace_->components.end(), [&](const auto& e) { return e.first == c.first; }))
+      trace_->components.push_back(c);
+}
+
+std::shared_ptr<void> BuildContext::build_node(const std::string& name, const std::string& kind) {
+  if (auto it = built_.find(name); it != built_.end()) {
+    if (!kind.empty() && kinds_[name] != kind)
+      throw RecipeError(where("/nodes/" + name), "node '" + name + "' is a " + kinds_[name] + ", but a " + kind +
+                                                     " is expected where it is referenced");
+    note(node_traces_[name]);  // a memoised node still counts for whoever reaches it
+    return it->second;
+  }
+  const json nodes = recipe_.value("nodes", json::object());
+  if (!nodes.contains(name)) throw RecipeError(where("/nodes"), "no node named '" + name + "'");
+  if (std::find(building_.begin(), building_.end(), name) != building_.end())
+    throw RecipeError(where("/nodes/" + name), "reference cycle through node '" + name + "'");
+  // Trace this node's own subtree separately, then hand it to the enclosing trace.
+  BuildTrace sub;
+  sub.nodes.push_back(name);
+  BuildTrace* outer = trace_;
+  trace_ = &sub;
+  building_.push_back(name);
+  json resolved;
+  std::string k = kind;
+  std::shared_ptr<void> obj;
+  try {
+    obj = create(nodes[name], where("/nodes/" + name), k, &resolved);
+  } catch (...) {
+    building_.pop_back();
+    trace_ = outer;
+    throw;
+  }
+  building_.pop_back();
+  trace_ = outer;
+  if (k.empty()) k = resolved.value("kind", std::string());
+  built_[name] = obj;
+  kinds_[name] = k;
+  resolved_[name] = resolved;
+  node_traces_[name] = sub;
+  note(sub);
+  return obj;
+}
+
+const ComponentRecord* BuildContext::record_of(const void* object) const {
+  auto it = by_object_.find(object);
+  return it == by_object_.end() ? nullptr : &it->second;
+}
+
+namespace {
+// Keeps the plugin library mapped while the object lives (Boost.DLL's "lifetime binding").
+struct LibraryBoundObject {
+  std::shared_ptr<LoadedLibrary> library;  // destroyed last
+  std::shared_ptr<void> object;
+};
+}  // namespace
+
+std::shared_ptr<void> BuildContext::create(const json& spec, const Where& where, std::string kind, json* resolved) {
+  if (!spec.is_object()) throw RecipeError(where, "expected a component spec {\"type\": ...}, got " + spec.dump());
+  auto t = spec.find("type");
+  if (t == spec.end() || !t->is_string()) throw RecipeError(where.child("type"), "missing \"type\" (a registered component name)");
+  const std::string type = t->get<std::string>();
+  TypeName parsed = TypeName::parse(type, where.child("type"));
+  if (auto v = spec.find("version"); v != spec.end()) {
+    if (!v->is_number_integer()) throw RecipeError(where.child("version"), "expected an integer, got " + v->dump());
+    if (parsed.version && *parsed.version != v->get<int>())
+      throw RecipeError(where.child("version"), "contradicts the version pinned in \"type\": \"" + type + "\"");
+    parsed.version = v->get<int>();
+  }
+  if (auto k = spec.find("kind"); k != spec.end()) {
+    if (!k->is_string()) throw RecipeError(where.child("kind"), "expected a kind name string");
+    std::string declared = k->get<std::string>();
+    if (!kind.empty() && declared != kind)
+      throw RecipeError(where.child("kind"), "this node is declared a " + declared + ", but a " + kind + " is expected here");
+    kind = declared;
+  }
+  const std::string lookup = (parsed.scope.empty() ? "" : parsed.scope + "::") + parsed.name;
+  if (kind.empty()) {
+    auto ks = registry_.kinds_of(lookup);
+    if (ks.size() > 1) {
+      std::string all;
+      for (const auto& k : ks) all += (all.empty() ? "" : ", ") + k;
+      throw RecipeError(where.child("type"), "'" + type + "' is registered under several kinds (" + all + "); add \"kind\"");
+    }
+    if (ks.empty()) registry_.get("", lookup, parsed.version, where.child("type"));  // throws with the known names
+    kind = ks[0];
+  }
+  const ComponentInfo& info = registry_.get(kind, lookup, parsed.version, where.child("type"));
+  json validated = info.schema.validate(spec, where);
+  if (resolved) {
+    *resolved = validated;
+    resolved->emplace("type", type);
+    (*resolved)["kind"] = kind;
+    (*resolved)["version"] = info.version;
+  }
+  // Nested builds (a stage building its inputs) are traced under the enclosing node; record this spec first.
+  const ComponentRecord record = info.record();
+  records_[where.pointer] = record;
+  if (trace_) trace_->components.emplace_back(where.pointer, record);
+  std::shared_ptr<void> obj;
+  try {
+    obj = info.factory(validated, *this, where);
+  } catch (const RecipeError&) {
+    throw;
+  } catch (const Error& e) {
+    throw RecipeError(where, e.what());  // add the recipe location to the component's own error
+  } catch (const std::exception& e) {
+    throw RecipeError(where, "building " + kind + " '" + type + "' failed: " + e.what());
+  }
+  if (!obj) throw RecipeError(where, "building " + kind + " '" + type + "' returned nothing");
+  by_object_[obj.get()] = record;
+  if (!info.library) return obj;
+  void* raw = obj.get();
+  auto bound = std::make_shared<LibraryBoundObject>(LibraryBoundObject{info.library, std::move(obj)});
+  return std::shared_ptr<void>(bound, raw);
+}
+
+}  // namespace isp
