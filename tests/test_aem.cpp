@@ -1,4 +1,4 @@
-// AEM components (isp-spec §1b, §1c, §2.3, §2.4, §2.5, §3.1, §3.2): samplers, mask sources, feature filters,
+// AEM components (docs/method.md §1b, §1c, §2.3, §2.4, §2.5, §3.1, §3.2): samplers, mask sources, feature filters,
 // the U-Net decoder, mask heads and the mask regularizers, built through the registry from JSON.
 #include "test_support.h"
 
@@ -335,7 +335,7 @@ TEST_CASE_FIXTURE(AemFixture, "AEM: decoder + heads on ResNet-20 and MobileNetV2
     int64_t out_channels, trainable;
   };
   // Trainable selector parameters (filter + decoder + head) of the official code: 179 747 (ResNet-56, same
-  // scales as ResNet-20) and 4 944 131 (MobileNetV2), isp-spec §2.3.
+  // scales as ResNet-20) and 4 944 131 (MobileNetV2), docs/method.md §2.3.
   for (const Case& cs : {Case{{{"type", "ResNetCifar"}, {"depth", 20}}, 16, 179747},
                          Case{{{"type", "MobileNetV2Cifar"}}, 32, 4944131}}) {
     CAPTURE(cs.backbone.dump());

@@ -1,4 +1,4 @@
-// Backbone plugins ResNetCifar and MobileNetV2Cifar (isp-spec §2.1, §2.2, §3.4), built through the registry.
+// Backbone plugins ResNetCifar and MobileNetV2Cifar (docs/method.md §2.1, §2.2, §3.4), built through the registry.
 #include "test_support.h"  // torch first, glog's CHECK macros dropped, then doctest
 
 #include <algorithm>

@@ -1,4 +1,4 @@
-// Cost model (FLOPs / params, isp-spec §1e, §3.3, §8) and channel surgery (extract_pruned, isp-spec §1e).
+// Cost model (FLOPs / params, docs/method.md §1e, §3.3, §8) and channel surgery (extract_pruned, docs/method.md §1e).
 #include "test_support.h"
 
 #include <algorithm>
@@ -185,7 +185,7 @@ TEST_CASE_FIXTURE(CostFixture, "cost: unpruned ResNet-56 and MobileNetV2 FLOPs r
     auto bb = build(json{{"type", "ResNetCifar"}, {"depth", 56}});
     auto cm = cost_of(*bb);
     // Stem 491 520 + stage 1 9·4 816 896 + stage 2 (3 588 096 + 8·4 767 744) + stage 3 (3 563 520 + 8·4 743 168)
-    // + pool 4 096 + fc 650 = 127 087 242 = 0.12709 G (isp-spec §8).
+    // + pool 4 096 + fc 650 = 127 087 242 = 0.12709 G (docs/method.md §8).
     CHECK(cm.full_flops() == 127087242.0);
     CHECK(std::round(cm.full_flops() / 1e4) / 1e5 == doctest::Approx(0.12709).epsilon(1e-12));
     CHECK(cm.full_params() == 853018.0);
@@ -195,7 +195,7 @@ TEST_CASE_FIXTURE(CostFixture, "cost: unpruned ResNet-56 and MobileNetV2 FLOPs r
     auto bb = build(json{{"type", "MobileNetV2Cifar"}});
     auto cm = cost_of(*bb);
     // Convs 305 176 576 + shortcut conv/BN 6 791 168 ... : conv + BN + linear (the reference model's ReLUs, pool
-    // and adds are functional) = 312 877 578 = 0.31288 G (isp-spec §8).
+    // and adds are functional) = 312 877 578 = 0.31288 G (docs/method.md §8).
     CHECK(cm.full_flops() == 312877578.0);
     CHECK(std::round(cm.full_flops() / 1e4) / 1e5 == doctest::Approx(0.31288).epsilon(1e-12));
     CHECK(cm.full_params() == 2297754.0);
@@ -241,7 +241,7 @@ TEST_CASE_FIXTURE(CostFixture, "cost: official FLOPs ratio and kept_per_layer") 
     auto bb = build(json{{"type", "ResNetCifar"}, {"depth", 56}});
     auto cm = cost_of(*bb);
     at::Tensor full = torch::tensor(full_widths(*bb), torch::kDouble);
-    // 62 115 840 / 126 590 976 (isp-spec §3.3, §8).
+    // 62 115 840 / 126 590 976 (docs/method.md §3.3, §8).
     const double r = cm.official_flops_ratio(full).item<double>();
     CHECK(std::abs(r - 0.49068) < 1e-4);
     CHECK(r == doctest::Approx(62115840.0 / 126590976.0).epsilon(1e-12));
@@ -350,9 +350,6 @@ TEST_CASE_FIXTURE(CostFixture, "surgery: copy_pruned_weights names the mismatchi
   kept.pop_back();
   CHECK_THROWS_AS(isp::copy_pruned_weights(*full, *small, kept), isp::Error);
 
-  // The deprecated overload ignores the BuildContext and the node name.
-  at::Tensor ones = torch::ones({full->total_gate_width()});
-  CHECK(isp::extract_pruned(*full, ones, *ctx, "no such node").model->widths() == full->widths());
 }
 
 TEST_CASE_FIXTURE(CostFixture, "surgery: a linear-only backbone is pruned through its declared topology") {

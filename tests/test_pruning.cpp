@@ -115,7 +115,7 @@ TEST_CASE("gates: Gumbel-sigmoid statistics, straight-through, deterministic fin
   CHECK(pruner->learns_gates());
   const int64_t W = b.backbone->total_gate_width();
   CHECK(W == 3 * 16 + 3 * 32 + 3 * 64);  // ResNet-20: 3 blocks per stage
-  // theta = -3: P(on) = P(theta + g + 3 >= 0) = 1 - exp(-e^(theta+3)) = 1 - 1/e (isp-spec §2.4)
+  // theta = -3: P(on) = P(theta + g + 3 >= 0) = 1 - exp(-e^(theta+3)) = 1 - 1/e (docs/method.md §2.4)
   {
     torch::NoGradGuard ng;
     pruner->parameters()[0].fill_(-3.0);

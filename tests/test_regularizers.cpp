@@ -1,5 +1,5 @@
 // Loss-term plugins of the pruning stage against hand computations on small hand-made tensors:
-// RbfParamDistance in each mode (raw, readable, map; isp-spec §3.3, §6.1) and CrossEntropyTerm (§6.3),
+// RbfParamDistance in each mode (raw, readable, map; docs/method.md §3.3, §6.1) and CrossEntropyTerm (§6.3),
 // built through the registry from JSON like every other component. (FlopsBudget is tested with the pruning
 // stage.) Every expected value below is worked out in the comments; all tensors are double.
 #include "test_support.h"

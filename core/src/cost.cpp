@@ -1,4 +1,4 @@
-// FLOPs / parameter counting from a backbone's layer list, and channel surgery (isp-spec §1e, §3.3, §8).
+// FLOPs / parameter counting from a backbone's layer list, and channel surgery (docs/method.md §1e, §3.3, §8).
 //
 // Counting convention = the official print_model_param_flops (multiply_adds=False), which hooks nn.Module layers
 // only: conv k²·(Cin/g)·Cout·Hout·Wout (+Cout·Hout·Wout with bias), linear in·out (+out), BN 2·numel(out),
@@ -319,8 +319,5 @@ ExtractedNetwork extract_pruned(const Backbone& gated, const at::Tensor& gates) 
   return out;
 }
 
-ExtractedNetwork extract_pruned(Backbone& gated, const at::Tensor& gates, BuildContext&, const std::string&) {
-  return extract_pruned(static_cast<const Backbone&>(gated), gates);
-}
 
 }  // namespace isp

@@ -19,7 +19,7 @@ Regularizer::~Regularizer() = default;
 Pruner::~Pruner() = default;
 
 at::Tensor MaskSampler::sample(const at::Tensor& probs) {
-  // float32 eps as torch.distributions.RelaxedBernoulli clamps (isp-spec §3.2).
+  // float32 eps as torch.distributions.RelaxedBernoulli clamps (docs/method.md §3.2).
   constexpr double eps = 1.1920928955078125e-07;
   at::Tensor p = probs.clamp(eps, 1.0 - eps);
   return sample_logits(at::log(p) - at::log1p(-p));

@@ -1,6 +1,6 @@
 #pragma once
 // Shared by the learned gate generators (header-only, compiled into each plugin): Gumbel-sigmoid gates
-// sigma((theta + g + b) / T) with one Gumbel draw g on the logits' device (isp-spec §2.4, supplement Eq. 15),
+// sigma((theta + g + b) / T) with one Gumbel draw g on the logits' device (docs/method.md §2.4, supplement Eq. 15),
 // hard straight-through samples, and the final architecture.
 //
 // The final rule. Under the training noise a channel is on iff theta + b + g >= 0 (the gate's sigmoid is
@@ -8,7 +8,7 @@
 // "median" keeps a channel iff P >= 0.5, i.e. theta + b >= ln ln 2 (-0.3665): the architecture is the median
 // of the distribution the FLOPs budget controlled. "zero" (theta + b >= 0, earlier isp versions) keeps a
 // channel only when P >= 1 - 1/e = 0.63, which extracts a smaller net than the noisy gates had. "official"
-// draws one fixed-seed noisy sample, as the official code's final gates (isp-spec §6).
+// draws one fixed-seed noisy sample, as the official code's final gates (docs/method.md §6).
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 

@@ -1,6 +1,6 @@
 #pragma once
-// FLOPs and parameter counting (isp-spec §1e, §3.3, §8) from the layer list a backbone declares, and the
-// channel surgery that turns a gated network into a physically smaller one (isp-spec §1e).
+// FLOPs and parameter counting (docs/method.md §1e, §3.3, §8) from the layer list a backbone declares, and the
+// channel surgery that turns a gated network into a physically smaller one (docs/method.md §1e).
 #include <string>
 #include <vector>
 
@@ -10,7 +10,6 @@
 
 namespace isp {
 
-class BuildContext;
 
 // FLOPs convention (the official print_model_param_flops, multiply_adds=False, which only sees nn modules):
 // conv k*k*(Cin/g)*Cout*Hout*Wout (+Cout*Hout*Wout with bias), linear in*out (+out), BN 2*numel(out),
@@ -37,7 +36,7 @@ class ISP_API CostModel {
   at::Tensor flops(const at::Tensor& kept) const;
   double full_flops() const { return full_.flops; }
   double full_params() const { return full_.params; }
-  // The official code's numerator (isp-spec §3.3): ResNet conv1 of each block only, MobileNetV2 with the
+  // The official code's numerator (docs/method.md §3.3): ResNet conv1 of each block only, MobileNetV2 with the
   // quadratic depthwise term, over the sum of gated-block FLOPs. Returns the ratio r directly.
   at::Tensor official_flops_ratio(const at::Tensor& kept) const;
   const std::vector<LayerShape>& layers() const { return layers_; }
@@ -60,9 +59,7 @@ struct ExtractedNetwork {
   json spec;                                       // model->structure(): the options (no "type") that rebuild it
 };
 ISP_API ExtractedNetwork extract_pruned(const Backbone& gated, const at::Tensor& gates);
-// Deprecated: ignores ctx and backbone_node. Kept only until the stage plugins call the overload above.
-ISP_API ExtractedNetwork extract_pruned(Backbone& gated, const at::Tensor& gates, BuildContext& ctx,
-                                        const std::string& backbone_node);
+
 // Same, given explicit kept indices (used to reload an export).
 ISP_API void copy_pruned_weights(const Backbone& from, Backbone& to, const std::vector<std::vector<int64_t>>& kept);
 

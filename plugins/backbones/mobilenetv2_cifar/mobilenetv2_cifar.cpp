@@ -1,11 +1,11 @@
-// "MobileNetV2Cifar": the gated kuangliu-style CIFAR MobileNetV2 of isp-spec §2.2.
+// "MobileNetV2Cifar": the gated kuangliu-style CIFAR MobileNetV2 of docs/method.md §2.2.
 //
 // Stem conv3x3(in_channels->32, stride 1)+BN+ReLU; 17 inverted-residual blocks from the stage table
 // (t, c, n, s) = (1,16,1,1) (6,24,2,1) (6,32,3,1) (6,64,4,2) (6,96,3,1) (6,160,3,2) (6,320,1,1); plain ReLU;
 // the t=1 block keeps its expansion conv; residual whenever stride == 1 (identity if in == out, else
 // conv1x1+BN projection); head conv1x1(320->1280)+BN+ReLU, global average pool, Linear(1280->num_classes).
 // PyTorch default initialisation. One gate per block on the hidden channels, applied after both hidden ReLUs
-// (the same vector twice, isp-spec §3.4). Parameter names follow the Python model: conv1.weight, bn1.*,
+// (the same vector twice, docs/method.md §3.4). Parameter names follow the Python model: conv1.weight, bn1.*,
 // layers.0.conv1.weight, layers.1.shortcut.0.weight, conv2.weight (head), bn2.*, linear.weight.
 #include <torch/torch.h>
 
@@ -41,7 +41,7 @@ struct StageCfg {
 constexpr StageCfg kStages[] = {{1, 16, 1, 1},  {6, 24, 2, 1},  {6, 32, 3, 1}, {6, 64, 4, 2},
                                 {6, 96, 3, 1},  {6, 160, 3, 2}, {6, 320, 1, 1}};
 constexpr int64_t kNumBlocks = 17;
-// Encoder scales: outputs of these blocks (0-based), then the post-head-conv map (isp-spec §2.2).
+// Encoder scales: outputs of these blocks (0-based), then the post-head-conv map (docs/method.md §2.2).
 constexpr std::size_t kScaleBlocks[] = {5, 12};
 
 // The block applies its gate through the backbone (Backbone::apply_gate), which owns the gate vector.
@@ -112,7 +112,7 @@ const MobileNetV2CifarOptions& checked(const MobileNetV2CifarOptions& o) {
   return o;
 }
 
-// The official counter (print_model_param_flops, isp-spec §1e) hooks nn.Module layers only; the kuangliu-style
+// The official counter (print_model_param_flops, docs/method.md §1e) hooks nn.Module layers only; the kuangliu-style
 // Python model applies ReLU (F.relu), the global pool (F.avg_pool2d) and the residual add functionally, so the
 // layer table declares them as FunctionalRelu, FunctionalAvgPool and Add, which count 0 FLOPs. With this the
 // unpruned network counts 312 877 578 FLOPs (the reference 0.31288 G).
@@ -224,5 +224,5 @@ std::shared_ptr<isp::Backbone> make_mobilenetv2_cifar(const MobileNetV2CifarOpti
 }  // namespace
 
 ISP_REGISTER(isp::Backbone, "MobileNetV2Cifar", 1, MobileNetV2CifarOptions, make_mobilenetv2_cifar,
-             "CIFAR MobileNetV2 (kuangliu-style, stride-1 stem) with one channel gate per block (isp-spec §2.2)");
+             "CIFAR MobileNetV2 (kuangliu-style, stride-1 stem) with one channel gate per block (docs/method.md §2.2)");
 ISP_PLUGIN("0.1.0");

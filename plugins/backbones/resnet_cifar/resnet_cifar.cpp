@@ -1,9 +1,9 @@
-// "ResNetCifar": the gated CIFAR ResNet (6n+2) of isp-spec §2.1 (ResNet-20/32/44/56/110).
+// "ResNetCifar": the gated CIFAR ResNet (6n+2) of docs/method.md §2.1 (ResNet-20/32/44/56/110).
 //
 // Stem conv3x3(in_channels->16)+BN+ReLU; three stages of n = (depth-2)/6 BasicBlocks (16/32/64 channels, the
 // first block of stages 2 and 3 has stride 2); option-A shortcuts (AvgPool2d(2,2), then zero channels appended);
 // global average pool; Linear(64->num_classes). One gate per block, on the block-internal channels after
-// ReLU(BN(conv1)) (isp-spec §3.4). Parameter names follow the Python model: conv1.weight, bn1.*,
+// ReLU(BN(conv1)) (docs/method.md §3.4). Parameter names follow the Python model: conv1.weight, bn1.*,
 // layer1.0.conv1.weight, layer1.0.bn1.running_mean, ..., fc.weight, fc.bias.
 #include <torch/torch.h>
 
@@ -34,7 +34,7 @@ struct ResNetCifarOptions {
     v("input_size", input_size, "input height = width in pixels (a multiple of 4)", isp::at_least(4));
     v("bn_init_gamma", bn_init_gamma, "initial BatchNorm weight (the official code uses 0.5)");
     v("detach_shortcut", detach_shortcut,
-      "detach the two option-A downsampling shortcuts as the official code does (isp-spec §6.10)");
+      "detach the two option-A downsampling shortcuts as the official code does (docs/method.md §6.10)");
     v("widths", widths,
       "block-internal (gated) width of each of the 3n blocks, in layer order; empty = full widths "
       "(16/32/64). Used to rebuild a pruned network");
@@ -109,7 +109,7 @@ const ResNetCifarOptions& checked(const ResNetCifarOptions& o) {
   return o;
 }
 
-// The layer table is what the official counter (print_model_param_flops, isp-spec §1e) sees: exactly the
+// The layer table is what the official counter (print_model_param_flops, docs/method.md §1e) sees: exactly the
 // nn.Module layers of the Python model, i.e. convs, BNs, the block's nn.ReLU module (reused, so hooked twice per
 // block), the head nn.AvgPool2d and the FC. The option-A shortcut pools with a fresh nn.AvgPool2d(2,2) built
 // inside forward (never hooked) and the residual add is functional: both are declared as FunctionalAvgPool and
@@ -138,7 +138,7 @@ class ResNetCifar : public isp::Backbone {
         BasicBlock block(in_planes, planes, mid, stride, o.detach_shortcut);
         layer->push_back(block);
         blocks_.push_back(block);
-        // One gate per block, on the block-internal channels: conv1 rows, bn1, conv2 columns (isp-spec §1e).
+        // One gate per block, on the block-internal channels: conv1 rows, bn1, conv2 columns (docs/method.md §1e).
         const int g = declare_gate(p + "gate", mid);
         declare_conv(p + "conv1", in_planes, mid, 3, hw, out_hw, -1, g);
         declare_bn(p + "bn1", mid, out_hw, g);
@@ -200,7 +200,7 @@ class ResNetCifar : public isp::Backbone {
     torch::NoGradGuard no_grad;
     for (auto& m : modules(/*include_self=*/false)) {
       if (auto* c = m->as<torch::nn::Conv2d>()) {
-        // n = k*k*C_out (isp-spec §2.1); weight is [C_out, C_in/g, k, k].
+        // n = k*k*C_out (docs/method.md §2.1); weight is [C_out, C_in/g, k, k].
         const double n = static_cast<double>(c->weight.size(0) * c->weight.size(2) * c->weight.size(3));
         c->weight.normal_(0.0, std::sqrt(2.0 / n));
       } else if (auto* b = m->as<torch::nn::BatchNorm2d>()) {
@@ -229,5 +229,5 @@ std::shared_ptr<isp::Backbone> make_resnet_cifar(const ResNetCifarOptions& o, is
 }  // namespace
 
 ISP_REGISTER(isp::Backbone, "ResNetCifar", 1, ResNetCifarOptions, make_resnet_cifar,
-             "CIFAR ResNet (6n+2, option-A shortcuts) with one channel gate per BasicBlock (isp-spec §2.1)");
+             "CIFAR ResNet (6n+2, option-A shortcuts) with one channel gate per BasicBlock (docs/method.md §2.1)");
 ISP_PLUGIN("0.1.0");

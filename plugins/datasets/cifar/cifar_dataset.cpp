@@ -53,7 +53,7 @@ template <int Classes>
 struct CifarOptions : isp::ImageDatasetOptions {
   std::string root = Classes == 10 ? "data/cifar-10-batches-bin" : "data/cifar-100-binary";
   CifarOptions() {
-    mean = {0.4914, 0.4822, 0.4465};  // isp-spec §1a
+    mean = {0.4914, 0.4822, 0.4465};  // docs/method.md §1a
     std = {0.2023, 0.1994, 0.2010};
   }
   template <class V> void visit(V& v) {

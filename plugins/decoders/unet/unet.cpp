@@ -1,4 +1,4 @@
-// Decoder "UNetDecoder": the selector's U-Net decoder (isp-spec §2.3). For encoder scales s_1..s_K (finest
+// Decoder "UNetDecoder": the selector's U-Net decoder (docs/method.md §2.3). For encoder scales s_1..s_K (finest
 // first), the up blocks run from the deepest: uplayerK(s_K, s_{K-1}), ..., uplayer2(., s_1).
 // UpSampleBlock(in, out, pass): conv3x3(in -> 4*out, pad 1, no bias) -> BN -> ReLU -> PixelShuffle(2) -> ReLU
 //   -> concat([upsampled, passthrough]) -> residual block(s):

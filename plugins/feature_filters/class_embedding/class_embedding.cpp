@@ -1,4 +1,4 @@
-// Feature filter "ClassEmbeddingFilter" (supplement Eq. 13, isp-spec §2.3): a class embedding
+// Feature filter "ClassEmbeddingFilter" (supplement Eq. 13, docs/method.md §2.3): a class embedding
 // C = Embedding(num_classes, C_last) with N(0,1) init; for features X [n,C,h,w] and labels y [n],
 //   a_ij = sum_c X_c,ij * C_{y,c},   Z = X * sigmoid(a)
 // (one attenuation per location, broadcast over channels). num_classes and C_last come from the encoder.

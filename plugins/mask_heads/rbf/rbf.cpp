@@ -1,4 +1,4 @@
-// Mask head "RbfMaskHead" (isp-spec §2.3): a spatially-full convolution Conv2d(C -> 3, kernel K, no padding,
+// Mask head "RbfMaskHead" (docs/method.md §2.3): a spatially-full convolution Conv2d(C -> 3, kernel K, no padding,
 // bias) on the K x K decoder map gives u = (u_row, u_col, u_sigma) per image; bias[2] starts at initial_sigma.
 //   c_row = a*tanh(u_0/a) + b,  c_col = a*tanh(u_1/a) + b,  b = S/2, a = S/2 - margin  (32: 14, 16)
 //   sigma = softplus(u_2) + 1e-8
@@ -34,7 +34,7 @@ struct RbfMaskHeadOptions {
       "initial bias of the sigma channel (softplus(bias) = initial width); -1 = S*10/32 (10 for 32x32)");
     v("sigma_gradient_quirk", sigma_gradient_quirk,
       "official backward: keep the 1/(2 pi sigma^2) prefactor and divide by the detached max + 1e-8 "
-      "(isp-spec §2.3); false = exact normalisation exp(-(D - D_min)/(2 sigma^2))");
+      "(docs/method.md §2.3); false = exact normalisation exp(-(D - D_min)/(2 sigma^2))");
     v("kernel_size", kernel_size,
       "side of the decoder map = kernel of the head convolution; -1 = S (CIFAR; ImageNet uses 56 on 224)");
     v("center_margin", center_margin,

@@ -1,4 +1,4 @@
-// Mask head "RealXPixelHead" (isp-spec §2.5, REAL-X comparison): conv1x1(C -> 2, no bias) giving (a, b) per
+// Mask head "RealXPixelHead" (docs/method.md §2.5, REAL-X comparison): conv1x1(C -> 2, no bias) giving (a, b) per
 // pixel; P = |a| / (|a| + |b| + 1e-8). params and readable are undefined.
 #include <torch/torch.h>
 

@@ -1,4 +1,4 @@
-// Mask source "BernoulliMasks": REAL-X style masks (isp-spec §1b, §2.5): every pixel independently
+// Mask source "BernoulliMasks": REAL-X style masks (docs/method.md §1b, §2.5): every pixel independently
 // RelaxedBernoulli(temperature, probs = p) (default 0.1, 0.5), or a hard Bernoulli(p) sample when
 // `relaxed` is false. No gradient; drawn on the requested device.
 #include <ATen/ATen.h>

@@ -1,4 +1,4 @@
-// Mask source "RandomRbfMasks": the predictor's random masks (isp-spec §1b, `calculate_rbf`).
+// Mask source "RandomRbfMasks": the predictor's random masks (docs/method.md §1b, `calculate_rbf`).
 // Per image: centre row, centre column ~ U(center_low, center_high), width sigma ~ U(sigma_low, sigma_high);
 // probability map P_ij = N(i, j; centre, sigma) / max N on the integer grid (i = row, j = column), i.e.
 // P = exp(-(D - D_min) / (2 sigma^2)) with D the squared distance to the centre (max P = 1); then a

@@ -1,5 +1,5 @@
 // "FreeLogitGates": one free logit per channel, theta ~ N(0, init_std) (the official Simplified_Gate and the
-// default gate generator, isp-spec §2.4).
+// default gate generator, docs/method.md §2.4).
 #include <torch/torch.h>
 
 #include "gumbel_gates.h"

@@ -1,4 +1,4 @@
-// "GruHypernetGates": the official HyperStructure (isp-spec §2.4): a fixed orthogonal input per gated layer
+// "GruHypernetGates": the official HyperStructure (docs/method.md §2.4): a fixed orthogonal input per gated layer
 // -> bidirectional GRU(64 -> 128 per direction) -> LayerNorm(256) -> ReLU -> a weight-normalised linear head
 // per layer (256 -> width, no bias) -> logits -> Gumbel-sigmoid gates.
 #include <torch/torch.h>

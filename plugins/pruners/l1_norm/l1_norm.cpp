@@ -26,20 +26,21 @@ struct OneShotOptions {
   }
 };
 
-// Per-channel L1 norm of the filters that produce each gated channel (the first 4-D weight sliced on dim 0).
+// Per-channel L1 norm of the filters that produce each gated channel: the first conv (4-D) or linear (2-D)
+// weight sliced on dim 0.
 std::vector<at::Tensor> l1_scores(isp::Backbone& model) {
   auto params = model.named_parameters();
   std::vector<at::Tensor> out(model.gated_layers().size());
   for (const auto& g : model.channel_groups()) {
     for (const auto& s : g.slices) {
       const at::Tensor* t = params.find(s.param);
-      if (t && s.dim == 0 && t->dim() == 4) {
+      if (t && s.dim == 0 && (t->dim() == 4 || t->dim() == 2)) {
         out[static_cast<std::size_t>(g.gate)] = t->detach().abs().flatten(1).sum(1).cpu().to(at::kDouble);
         break;
       }
     }
     if (!out[static_cast<std::size_t>(g.gate)].defined())
-      throw isp::Error("L1NormPruner: gated layer " + std::to_string(g.gate) + " has no 4-D weight sliced on dim 0");
+      throw isp::Error("L1NormPruner: gated layer " + std::to_string(g.gate) + " has no conv or linear weight sliced on dim 0");
   }
   return out;
 }

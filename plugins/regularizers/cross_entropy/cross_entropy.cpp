@@ -1,5 +1,5 @@
 // "CrossEntropyTerm": the classification loss of the gated network (the official --c_loss switch, off by
-// default there; isp-spec §3.3 and §6.3).
+// default there; docs/method.md §3.3 and §6.3).
 #include <ATen/ATen.h>
 
 #include "isp/interfaces/regularizer.h"

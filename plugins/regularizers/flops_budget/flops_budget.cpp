@@ -1,6 +1,6 @@
 // "FlopsBudget": the FLOPs term of the pruning loss, r = kept fraction of the whole network's FLOPs (default)
 // or the official numerator (`counting: official`: ResNet conv1 only, MobileNetV2 quadratic depthwise, over
-// the gated-block total; isp-spec §3.3, §6.4), p = target.
+// the gated-block total; docs/method.md §3.3, §6.4), p = target.
 //
 // mode "lagrangian" (default): the constrained problem  min D(gates)  s.t.  r_final <= p, solved by dual
 //   ascent: the term is lambda * (r - p) on the differentiable straight-through ratio r, and after every step
@@ -27,7 +27,7 @@ struct FlopsBudgetOptions {
   template <class V> void visit(V& v) {
     v("weight", weight, "term weight (official reg_w = 1; lagrangian: scales lambda)", isp::at_least(0));
     v("target", target, "p: target kept fraction of FLOPs", isp::open_closed(0, 1));
-    v("counting", counting, "whole_network (default) or official (isp-spec §3.3)",
+    v("counting", counting, "whole_network (default) or official (docs/method.md §3.3)",
       isp::one_of({"whole_network", "official"}));
     v("mode", mode, "lagrangian (dual ascent on r_final - p; default) or log_ratio (the paper's R_res)",
       isp::one_of({"lagrangian", "log_ratio"}));

@@ -1,4 +1,4 @@
-// Regularizer "MaskArea" (isp-spec §1c step 5): A_i = mean over pixels of (s + eps)^power, averaged over the
+// Regularizer "MaskArea" (docs/method.md §1c step 5): A_i = mean over pixels of (s + eps)^power, averaged over the
 // batch (the "||m||_0" relaxation; mean over the H*W pixels, not a sum). Computed on the sampled mask s
 // (`on` = "sample", official) or on the probabilities P (`on` = "probs").
 #include <ATen/ATen.h>

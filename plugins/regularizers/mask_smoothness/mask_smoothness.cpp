@@ -1,4 +1,4 @@
-// Regularizer "MaskSmoothness" (isp-spec §1c step 6), on the sampled mask s [n,1,H,W]:
+// Regularizer "MaskSmoothness" (docs/method.md §1c step 6), on the sampled mask s [n,1,H,W]:
 //   S = [ sum (s_{i+1,j} - s_{i,j})^2 + sum (s_{i,j+1} - s_{i,j})^2
 //         + border * sum_n (||row 0||^2 + ||row H-1||^2 + ||col 0||^2 + ||col W-1||^2) ] / (2 n)
 // (corner pixels enter the border term twice; sums over the batch, divided by twice the batch size).

@@ -1,4 +1,4 @@
-// "RbfParamDistance": the interpretation term D(u(x; v), u_orig(x)) of the pruning loss (isp-spec §3.3, §6.1).
+// "RbfParamDistance": the interpretation term D(u(x; v), u_orig(x)) of the pruning loss (docs/method.md §3.3, §6.1).
 //   raw (official default): mean squared error of the raw head outputs (u_z, u_t, u_sigma);
 //   readable: MSE of (c_row, c_col, sigma) — the quantities the paper's figure names;
 //   map: mean squared difference of the RBF probability maps.

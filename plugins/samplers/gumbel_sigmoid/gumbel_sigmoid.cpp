@@ -1,4 +1,4 @@
-// Sampler "GumbelSigmoid": one Gumbel draw per element (isp-spec §2.4, supplement Eq. 14-15).
+// Sampler "GumbelSigmoid": one Gumbel draw per element (docs/method.md §2.4, supplement Eq. 14-15).
 //   g = -log(-log(U + 1e-20) + 1e-20),  U ~ U(0,1)
 //   sample_logits(theta) = sigma((theta + g + offset) / temperature)          (gates, Eq. 15: b = 3, T = 0.4)
 //   sample(p)            = sigma((log p + g) / temperature)                   (masks, Eq. 14; no offset)

@@ -1,5 +1,5 @@
 // Sampler "RelaxedBernoulli": the binary Concrete relaxation as torch.distributions.RelaxedBernoulli.rsample
-// computes it (isp-spec §3.2):
+// computes it (docs/method.md §3.2):
 //   s = sigma((logit + log U - log(1 - U)) / temperature),  U ~ U(0,1) clamped to (eps, 1 - eps),
 // eps = float32 machine epsilon. sample(probs) (the base-class default) clamps p to (eps, 1 - eps) and uses
 // logit = log p - log(1 - p), exactly as PyTorch does. With `hard` the forward value is 1[s >= 0.5] and the

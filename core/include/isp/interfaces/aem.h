@@ -1,5 +1,5 @@
 #pragma once
-// Interfaces of the amortized explanation model (isp-spec §1b, §1c, §2.3, §2.5, §3.1, §3.2):
+// Interfaces of the amortized explanation model (docs/method.md §1b, §1c, §2.3, §2.5, §3.1, §3.2):
 // kinds "sampler", "mask_source", "feature_filter", "decoder", "mask_head".
 #include <string>
 #include <vector>

@@ -10,7 +10,7 @@
 
 namespace isp {
 
-// One gated layer: a per-channel multiplier after an activation (isp-spec §3.4). Fixed to 1 until pruning.
+// One gated layer: a per-channel multiplier after an activation (docs/method.md §3.4). Fixed to 1 until pruning.
 struct GatedLayer {
   std::string name;
   int64_t width = 0;

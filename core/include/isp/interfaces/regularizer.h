@@ -20,7 +20,7 @@ struct LossInputs {
   at::Tensor maps, maps_ref;        // RBF maps of both [n,1,H,W]
   at::Tensor logits, labels;        // classifier logits and targets
   at::Tensor flops_ratio;           // differentiable FLOPs(kept)/FLOPs(full network), scalar
-  at::Tensor flops_ratio_official;  // the official code's ratio (isp-spec §3.3), scalar
+  at::Tensor flops_ratio_official;  // the official code's ratio (docs/method.md §3.3), scalar
   // The same two ratios for the deterministic architecture the stage would extract now (no gradient): what a
   // constrained budget formulation steers (dual ascent on r_final - p).
   at::Tensor final_flops_ratio, final_flops_ratio_official;
@@ -30,7 +30,7 @@ struct LossInputs {
 // whether it was met.
 struct FlopsBudgetSpec {
   double target = 1.0;        // kept fraction of FLOPs
-  bool official_counting = false;  // the official numerator (isp-spec §3.3) instead of the whole network
+  bool official_counting = false;  // the official numerator (docs/method.md §3.3) instead of the whole network
 };
 
 class ISP_API Regularizer {
