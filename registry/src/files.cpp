@@ -1,0 +1,45 @@
+// Whole-file reads and atomic writes (temporary file in the same folder, fsync, rename): every file a run
+// writes goes through write_file_atomic, so a crash never leaves a half-written checkpoint or report.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "isp/registry/recipe.h"
+
+namespace fs = std::filesystem;
+
+namespace isp {
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error(path + ": cannot open file");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void write_file_atomic(const std::string& path, const std::string& content) {
+  fs::path p(path);
+  if (p.has_parent_path()) fs::create_directories(p.parent_path());
+  std::string tmp = path + ".tmp." + std::to_string(::getpid());
+  {
+    int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd < 0) throw Error(tmp + ": cannot create file");
+    const char* data = content.data();
+    std::size_t left = content.size();
+    while (left > 0) {
+      ssize_t n = ::write(fd, data, left);
+      if (n <= 0) { ::close(fd); ::unlink(tmp.c_str()); throw Error(tmp + ": write failed"); }
+      data += n;
+      left -= static_cast<std::size_t>(n);
+    }
+    ::fsync(fd);
+    ::close(fd);
+  }
+  fs::rename(tmp, path);
+}
+
+}  // namespace isp
