@@ -226,7 +226,7 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
     json e = {{"index", i}, {"label", label}, {"class_name", name_of(label)}, {"predicted", predicted},
               {"predicted_name", name_of(predicted)}, {"conditioned_on", o.label},
               {"mask_area", Pc[i].mean().item<double>()}};
-    if (readable.defined() && readable.size(1) >= 3) {
+    if (readable.defined() && readable.size(1) >= 3 && sel->head->predicts_rbf_parameters()) {
       const double cr = readable[i][0].item<double>(), cc = readable[i][1].item<double>(), sg = readable[i][2].item<double>();
       e["c_row"] = cr, e["c_col"] = cc, e["sigma"] = sg;
       for (int c = 1; c <= 2; ++c) mark_rbf(fig, kGap + c * (tile_px + kGap), ty, tile_px, cr, cc, sg);

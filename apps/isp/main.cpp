@@ -24,7 +24,7 @@ int cmd_plugins(isp::Registry& reg, bool as_json, const std::string& kind) {
   std::string last_kind;
   for (const auto* c : reg.list(kind)) {
     if (c->kind != last_kind) std::printf("%s:\n", c->kind.c_str()), last_kind = c->kind;
-    std::printf("  %-24s v%d  %s\n      from %s\n", c->name.c_str(), c->version, c->doc.c_str(), c->origin().c_str());
+    std::printf("  %-24s v%d  %s\n      from %s\n", c->qualified_name().c_str(), c->version, c->doc.c_str(), c->origin().c_str());
     for (const auto& a : c->schema.args) {
       std::string dflt = a.required ? "required" : "default " + a.default_value.dump();
       std::printf("      %-22s %-14s %-20s %s\n", a.name.c_str(), isp::to_string(a.type), dflt.c_str(), a.doc.c_str());

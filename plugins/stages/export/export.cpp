@@ -128,12 +128,12 @@ class Export : public isp::Stage {
     isp::BatchLoader loader(sub, 128, false, isp::Augmentation{}, dev);
     loader.start_epoch(0, 0);
     double shift = 0, iou = 0, dsigma = 0;
-    bool rbf = true;
+    bool rbf = original.head->predicts_rbf_parameters();  // readable = (c_row, c_col, sigma) only then
     for (int64_t i = 0; i < loader.num_batches(); ++i) {
       isp::Batch b = loader.get(i);
       auto x = b.x.to(dev), y = b.y.to(dev);
       auto a = original.forward(x, y, false), p = on_pruned.forward(x, y, false);
-      if (a.readable.defined() && p.readable.defined()) {
+      if (rbf && a.readable.defined() && p.readable.defined()) {
         shift += (a.readable.narrow(1, 0, 2) - p.readable.narrow(1, 0, 2)).pow(2).sum(1).sqrt().sum().item<double>();
         dsigma += (a.readable.select(1, 2) - p.readable.select(1, 2)).abs().sum().item<double>();
       } else {

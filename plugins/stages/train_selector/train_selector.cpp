@@ -46,7 +46,8 @@ struct TrainSelectorOptions {
     v("head", head, "mask head: decoder features -> mask distribution P", isp::required(), isp::of_kind("mask_head"));
     v("sampler", sampler, "draws the relaxed masks s ~ P in training (RelaxedBernoulli, temperature 1: docs/method.md §3.2)",
       isp::required(), isp::of_kind("sampler"));
-    v("regularizers", regularizers, "weighted loss terms on the masks (MaskArea, MaskSmoothness, ...)");
+    v("regularizers", regularizers, "weighted loss terms on the masks (MaskArea, MaskSmoothness, ...)",
+      isp::of_kind("regularizer"));
     v("data", data, "the dataset ({\"$ref\": node})", isp::required(), isp::of_kind("dataset"));
     v("epochs", epochs, "training epochs", isp::at_least(1));
     v("batch_size", batch_size, "mini-batch size", isp::at_least(1));

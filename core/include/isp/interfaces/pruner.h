@@ -31,7 +31,7 @@ class ISP_API Pruner : public torch::nn::Module {
   // For learned pruners this is keep_scores() >= 0 (with each layer's best channel forced on).
   virtual at::Tensor final_gates() = 0;
   // Learned pruners: a score per channel [sum widths] such that the final rule keeps a channel iff its score
-  // is >= 0, and a higher score means "keep first". PruneChannels ranks channels by it to project the
+  // is >= 0, and a higher score means "keep first". Required of learned pruners (PruneChannels reads it every step). PruneChannels ranks channels by it to project the
   // architecture onto a FLOPs budget. Differentiable or not; callers detach. Undefined: not supported.
   virtual at::Tensor keep_scores() { return at::Tensor(); }
   // Learned pruners: the probability that each channel is kept under the training noise [sum widths]; its

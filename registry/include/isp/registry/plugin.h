@@ -2,7 +2,7 @@
 // The binary contract between the host and a plugin .so.
 //
 // A plugin exports exactly one symbol, the constant-initialised data object `isp_plugin_descriptor`. The host
-// reads it (no plugin code runs), compares ABI/LibTorch/C++-ABI/CUDA with its own, and only then calls
+// reads it (no registration code runs; plugins have no static constructors of their own), compares ABI/LibTorch/C++-ABI/CUDA with its own, and only then calls
 // `register_components`. Registrations are function pointers placed in the ELF section `isp_registrations`
 // by ISP_REGISTER: no static constructors, so a refused plugin runs none of its code.
 #include <cstdint>
