@@ -602,3 +602,64 @@ TEST_CASE("export saliency agreement: 1 for an unpruned copy, lower for a pruned
   CHECK(pr["budget_met"] == true);
   CHECK(pr["saliency"]["mean_center_shift_px"].get<double>() > 1e-3);
 }
+
+TEST_CASE("stage fingerprints follow a stage's real inputs: a new unrelated stage reruns nothing else") {
+  auto dir = isp_test::temp_dir("fp_inputs");
+  json a = tiny_pipeline_recipe();
+  json c = a;
+  // A second classifier stage listed before prune: no other stage takes its result.
+  c["nodes"]["probe"] = c["nodes"]["classifier"];
+  c["nodes"]["probe"]["epochs"] = 1;
+  c["stages"] = {{{"$ref", "classifier"}}, {{"$ref", "probe"}}, {{"$ref", "prune"}}, {{"$ref", "finetune"}}, {{"$ref", "export"}}};
+  std::ofstream(dir / "a.json") << a.dump(2);
+  std::ofstream(dir / "c.json") << c.dump(2);
+  auto read = [](const fs::path& p) { return json::parse(isp::read_text_file(p.string())); };
+  isp::RunOptions o;
+  o.recipe_path = (dir / "a.json").string();
+  o.work_dir = (dir / "run").string();
+  REQUIRE(isp::run_recipe(registry(), o) == 0);
+  const json before = read(dir / "run" / "state.json")["fingerprints"];
+  const auto gates_time = fs::last_write_time(dir / "run" / "prune" / "gates.pt");
+  o.recipe_path = (dir / "c.json").string();
+  o.resume = true;
+  REQUIRE(isp::run_recipe(registry(), o) == 0);  // no --force needed: nothing that ran has changed
+  const json after = read(dir / "run" / "state.json")["fingerprints"];
+  for (const char* s : {"classifier", "prune", "finetune", "export"}) CHECK_MESSAGE(after[s] == before[s], s);
+  CHECK(after.contains("probe"));
+  CHECK(fs::last_write_time(dir / "run" / "prune" / "gates.pt") == gates_time);
+  CHECK_FALSE(fs::exists(dir / "run" / "prune.replaced-1"));
+  // The resolved recipe pins what was built and records where it came from.
+  const json resolved = read(dir / "run" / "recipe.resolved.json");
+  CHECK(resolved["nodes"]["prune"]["type"] == "isp::PruneChannels@1");
+  CHECK(resolved["components"]["/nodes/gates"]["library_name"] == "isp_pruners_free_logits");
+}
+
+TEST_CASE("stage fingerprints include the plugin file: --resume notices a replaced .so") {
+  auto dir = isp_test::temp_dir("fp_plugin");
+  fs::create_directories(dir / "plugins");
+  for (const char* lib : {"isp_datasets_synthetic", "isp_backbones_resnet_cifar", "isp_stages_train_classifier"})
+    fs::copy_file(isp_test::plugin(lib), dir / "plugins" / ("lib" + std::string(lib) + ".so"));
+  json recipe = {{"seed", 1}, {"plugins", {(dir / "plugins").string()}}, {"runtime", {{"threads", 1}, {"device", "cpu"}}},
+                 {"nodes", {{"data", {{"type", "SyntheticImages"}, {"num_train", 64}, {"num_test", 16}, {"num_classes", 4}}},
+                            {"backbone", {{"type", "ResNetCifar"}, {"depth", 20}, {"num_classes", 4}}},
+                            {"classifier", {{"type", "TrainClassifier"}, {"model", ref("backbone")}, {"data", ref("data")},
+                                            {"epochs", 1}, {"batch_size", 32}, {"milestones", json::array()}}}}},
+                 {"stages", {ref("classifier")}}};
+  std::ofstream(dir / "r.json") << recipe.dump(2);
+  isp::RunOptions o;
+  o.recipe_path = (dir / "r.json").string();
+  o.work_dir = (dir / "run").string();
+  {
+    isp::Registry reg;  // only the copies: the shared registry already holds these names
+    REQUIRE(isp::run_recipe(reg, o) == 0);
+  }
+  o.resume = true;
+  {
+    isp::Registry reg;
+    CHECK(isp::run_recipe(reg, o) == 0);  // the same files: nothing to rerun
+  }
+  std::ofstream(dir / "plugins" / "libisp_backbones_resnet_cifar.so", std::ios::app) << "a rebuilt plugin";
+  isp::Registry reg;
+  const std::string err = isp_test::error_of([&] { isp::run_recipe(reg, o); });
+  CHECK(err.find("the recipe or a plugin changed for stage(s) classifier") != std::string::npos);
+}
