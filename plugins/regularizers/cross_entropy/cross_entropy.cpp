@@ -12,13 +12,12 @@ struct CrossEntropyOptions {
 };
 class CrossEntropyTerm : public isp::Regularizer {
  public:
-  explicit CrossEntropyTerm(CrossEntropyOptions o) : o_(o) {}
+  explicit CrossEntropyTerm(CrossEntropyOptions o) : isp::Regularizer(o.weight), o_(o) {}
   at::Tensor compute(const isp::LossInputs& in) override {
     const auto& logits = isp::require_input(in.logits, term(), "classifier logits");
     const auto& labels = isp::require_input(in.labels, term(), "labels");
     return at::cross_entropy_loss(logits, labels);
   }
-  double weight() const override { return o_.weight; }
   std::string term() const override { return "ce"; }
  private:
   CrossEntropyOptions o_;

@@ -37,7 +37,7 @@ struct FlopsBudgetOptions {
 };
 class FlopsBudget : public isp::Regularizer {
  public:
-  explicit FlopsBudget(FlopsBudgetOptions o) : o_(std::move(o)) {}
+  explicit FlopsBudget(FlopsBudgetOptions o) : isp::Regularizer(o.weight), o_(std::move(o)) {}
   at::Tensor compute(const isp::LossInputs& in) override {
     const bool official = o_.counting == "official";
     const at::Tensor& r = official ? isp::require_input(in.flops_ratio_official, term(), "the official FLOPs ratio")
@@ -54,7 +54,6 @@ class FlopsBudget : public isp::Regularizer {
     lambda_.copy_(next);
     return term;
   }
-  double weight() const override { return o_.weight; }
   std::string term() const override { return "flops"; }
   std::optional<isp::FlopsBudgetSpec> flops_budget() const override {
     return isp::FlopsBudgetSpec{o_.target, o_.counting == "official"};

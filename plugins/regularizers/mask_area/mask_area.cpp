@@ -26,14 +26,13 @@ struct MaskAreaOptions {
 
 class MaskArea : public isp::Regularizer {
  public:
-  explicit MaskArea(const MaskAreaOptions& o) : opt_(o) {}
+  explicit MaskArea(const MaskAreaOptions& o) : isp::Regularizer(o.weight), opt_(o) {}
   at::Tensor compute(const isp::LossInputs& in) override {
     const at::Tensor& m = opt_.on == "probs" ? isp::require_input(in.probs, term(), "the mask probabilities")
                                              : isp::require_input(in.mask, term(), "a sampled mask");
     at::Tensor per_image = (m + opt_.eps).pow(opt_.power).flatten(1).mean(1);
     return per_image.mean();
   }
-  double weight() const override { return opt_.weight; }
   std::string term() const override { return "area"; }
 
  private:

@@ -23,7 +23,7 @@ struct MaskSmoothnessOptions {
 
 class MaskSmoothness : public isp::Regularizer {
  public:
-  explicit MaskSmoothness(const MaskSmoothnessOptions& o) : opt_(o) {}
+  explicit MaskSmoothness(const MaskSmoothnessOptions& o) : isp::Regularizer(o.weight), opt_(o) {}
   at::Tensor compute(const isp::LossInputs& in) override {
     const at::Tensor& s = isp::require_input(in.mask, term(), "a sampled mask");
     if (s.dim() != 4) throw isp::Error("regularizer 'smoothness' expects a mask [n,1,H,W]");
@@ -34,7 +34,6 @@ class MaskSmoothness : public isp::Regularizer {
                       s.select(3, w - 1).pow(2).sum();
     return (dv.pow(2).sum() + dh.pow(2).sum() + opt_.border * edge) / (2.0 * static_cast<double>(n));
   }
-  double weight() const override { return opt_.weight; }
   std::string term() const override { return "smoothness"; }
 
  private:

@@ -18,7 +18,7 @@ struct RbfDistanceOptions {
 };
 class RbfParamDistance : public isp::Regularizer {
  public:
-  explicit RbfParamDistance(RbfDistanceOptions o) : o_(std::move(o)) {}
+  explicit RbfParamDistance(RbfDistanceOptions o) : isp::Regularizer(o.weight), o_(std::move(o)) {}
   at::Tensor compute(const isp::LossInputs& in) override {
     if (o_.mode == "raw")
       return at::mse_loss(isp::require_input(in.params, term(), "selector parameters"),
@@ -29,7 +29,6 @@ class RbfParamDistance : public isp::Regularizer {
     return at::mse_loss(isp::require_input(in.probs, term(), "mask maps"),
                         isp::require_input(in.maps_ref, term(), "reference mask maps"));
   }
-  double weight() const override { return o_.weight; }
   std::string term() const override { return "interp"; }
   // raw and readable compare RBF parameters, which only an RBF head predicts; map works with any head.
   bool needs_rbf_parameters() const override { return o_.mode != "map"; }

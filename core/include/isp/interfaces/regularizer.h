@@ -36,10 +36,12 @@ struct FlopsBudgetSpec {
 class ISP_API Regularizer {
  public:
   static constexpr const char* kKind = "regularizer";
+  // Every term has a weight (its default and meaning differ per term, so each options struct declares it).
+  explicit Regularizer(double weight) : weight_(weight) {}
   virtual ~Regularizer();
   // The unweighted term.
   virtual at::Tensor compute(const LossInputs& in) = 0;
-  virtual double weight() const = 0;
+  double weight() const { return weight_; }
   virtual std::string term() const = 0;  // short name for logs: "area", "smoothness", "flops", ...
   // What the term needs from the stage, checked when the stage is built (a recipe error, not a run-time one):
   // a selector at all, and a mask head that predicts RBF parameters.
@@ -52,6 +54,9 @@ class ISP_API Regularizer {
   virtual std::vector<std::pair<std::string, at::Tensor>> state() { return {}; }
   // Extra values for the progress line and metrics (read on the host only when a line is drawn).
   virtual std::vector<std::pair<std::string, at::Tensor>> diagnostics() const { return {}; }
+
+ private:
+  double weight_;
 };
 
 // Throws isp::Error("<term> needs <what>") when a required input is missing.
