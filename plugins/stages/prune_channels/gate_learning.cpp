@@ -1,5 +1,8 @@
 #include "prune_channels.h"
 
+#include "isp/checkpoint.h"
+#include "isp/train.h"
+
 namespace isp_prune {
 
 // Gate learning (docs/method.md §1d, §3.3): the loss terms on the gated copy, one candidate architecture per
