@@ -12,7 +12,7 @@ if [ -n "$missing" ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends $missing
 fi
-# Two threads for torch's pool, one for OpenBLAS (build-notes P4, P5).
+# Two threads for torch's pool, one for OpenBLAS (LibTorch starts with 1 on small VMs; OpenBLAS threads fight torch's pool).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}" OPENBLAS_NUM_THREADS=1
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo
 cmake --build build -j"$(nproc)"

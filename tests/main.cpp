@@ -5,7 +5,7 @@
 #include <ATen/Parallel.h>
 
 int main(int argc, char** argv) {
-  at::set_num_threads(2);  // build-notes P4
+  at::set_num_threads(2);  // LibTorch starts with 1 thread on small VMs
   doctest::Context ctx(argc, argv);
   return ctx.run();
 }

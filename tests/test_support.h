@@ -1,6 +1,6 @@
 #pragma once
-// Include torch before doctest and drop glog's CHECK macros, which would silently replace doctest's
-// (build-notes P1).
+// Include torch before doctest and drop glog's CHECK macros, which would silently replace doctest's (a CHECK
+// that can never fail).
 #include <torch/torch.h>
 #undef CHECK
 #undef CHECK_EQ

@@ -72,7 +72,7 @@ Runtime apply_runtime(const Recipe& r) {
     out.threads = rt["threads"];
   }
   if (out.threads == 0) out.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  // The default intra-op pool starts with 1 thread on small VMs (build-notes P4): always set it.
+  // The default intra-op pool starts with 1 thread on small VMs: always set it.
   at::set_num_threads(out.threads);
   std::string dev = rt.value("device", std::string("auto"));
   if (dev == "auto") dev = torch::cuda::is_available() ? "cuda" : "cpu";

@@ -51,7 +51,7 @@ struct LoadedExport {
 };
 ISP_API LoadedExport load_export(Registry& reg, const std::string& dir);
 
-// State dict (name -> tensor) in the zip format Python's torch.load reads as a plain dict (build-notes §5).
+// State dict (name -> tensor) in the zip format Python's torch.load reads as a plain dict.
 ISP_API void save_state_dict_for_python(const torch::nn::Module& m, const std::string& path);
 
 }  // namespace isp

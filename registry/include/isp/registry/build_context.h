@@ -42,7 +42,7 @@ class ISP_API BuildContext {
   Registry& registry() { return registry_; }
   const json& recipe() const { return recipe_; }
   Where where(const std::string& pointer) const { return where_of_(pointer); }
-  // The validated spec (defaults filled) each node was built from; written into checkpoints.
+  // The validated spec (defaults filled) each named node was built from.
   const std::map<std::string, json>& resolved_nodes() const { return resolved_; }
   // The component behind every spec built so far, by the JSON pointer of the spec ("/nodes/head",
   // "/stages/3/regularizers/0"): what recipe.resolved.json records.

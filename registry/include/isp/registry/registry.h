@@ -53,7 +53,8 @@ struct ISP_API ComponentRecord {
 };
 
 struct ISP_API ComponentInfo {
-  // Declared first so it is destroyed last: factory code lives in the library (build-notes P2).
+  // Declared first so it is destroyed last: factory code lives in the library,
+  // and a library unloaded while its code is still referenced crashes at exit.
   std::shared_ptr<LoadedLibrary> library;
   std::string kind, scope, name;
   int version = 1;
