@@ -1,10 +1,14 @@
 // Registry and schema errors, and the plugin-loader contract proven with fixture libraries.
 #include <dlfcn.h>
+#include <unistd.h>
 
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 
 #include "isp/interfaces/stage.h"
 #include "isp/registry/plugin.h"
+#include "isp/registry/recipe.h"
 #include "isp/registry/registry.h"
 #undef CHECK
 #include <doctest/doctest.h>
@@ -230,4 +234,45 @@ TEST_CASE("registry: a frozen registry refuses new components and new libraries"
   c.name = "Late";
   CHECK_THROWS_AS(reg.add(c), isp::RegistryFrozen);
   CHECK(reg.find("stage", "FixtureDuplicate") == nullptr);
+}
+
+// Where a bad value came from: the file (or --set) that last wrote it, never the file that created its parent.
+TEST_CASE("recipe errors name the file or --set that wrote the offending value") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("isp_test_where_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto write = [&](const std::string& name, const json& j) { std::ofstream(dir / name) << j.dump(2); };
+  write("base.json", {{"nodes", {{"backbone", {{"type", "ResNetCifar"}, {"depth", 20}, {"num_classes", 4}}}}}});
+  isp::Registry reg;
+  reg.load_library(ISP_TEST_PLUGIN_DIR "/libisp_backbones_resnet_cifar.so");
+  auto culprit = [&](const std::string& file, const std::vector<std::string>& sets = {}) {
+    isp::Recipe r = isp::load_recipe((dir / file).string(), sets);
+    isp::BuildContext ctx(reg, r.doc, [&r](const std::string& p) { return r.where(p); });
+    try {
+      ctx.build_node("backbone", "backbone");
+    } catch (const isp::RecipeError& e) {
+      CHECK(e.where().pointer == "/nodes/backbone/depth");
+      return e.where().file;
+    }
+    return std::string("no error");
+  };
+  // In a child over a base that created the object.
+  write("child.json", {{"_base_", "base.json"}, {"nodes", {{"backbone", {{"depth", 57}}}}}});
+  CHECK(culprit("child.json") == (dir / "child.json").string());
+  // In the base itself (the child changes another key).
+  write("base_bad.json", {{"nodes", {{"backbone", {{"type", "ResNetCifar"}, {"depth", 58}}}}}});
+  write("child_ok.json", {{"_base_", "base_bad.json"}, {"nodes", {{"backbone", {{"num_classes", 4}}}}}});
+  CHECK(culprit("child_ok.json") == (dir / "base_bad.json").string());
+  // By --set, over a child that set it too.
+  CHECK(culprit("child.json", {"nodes.backbone.depth=59"}) == "--set nodes.backbone.depth=59");
+  // By ${VAR}: the file that holds the reference.
+  ::setenv("ISP_TEST_DEPTH", "61", 1);
+  write("var.json", {{"_base_", "base.json"}, {"nodes", {{"backbone", {{"depth", "${ISP_TEST_DEPTH}"}}}}}});
+  const std::string var_file = culprit("var.json");
+  CHECK(var_file == (dir / "var.json").string());
+  // Inside an object that replaces the base's with _delete_.
+  write("del.json", {{"_base_", "base.json"},
+                     {"nodes", {{"backbone", {{"_delete_", true}, {"type", "ResNetCifar"}, {"depth", 62}}}}}});
+  CHECK(culprit("del.json") == (dir / "del.json").string());
+  fs::remove_all(dir);
 }

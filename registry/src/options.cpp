@@ -26,8 +26,13 @@ static std::string escape_pointer_token(const std::string& key) {
   return out;
 }
 
-Where Where::child(const std::string& key) const { return {file, pointer + "/" + escape_pointer_token(key)}; }
-Where Where::child(std::size_t index) const { return {file, pointer + "/" + std::to_string(index)}; }
+static Where located(const Where& parent, std::string pointer) {
+  Where w{parent.file, std::move(pointer), parent.locate};
+  if (w.locate) w.file = (*w.locate)(w.pointer);
+  return w;
+}
+Where Where::child(const std::string& key) const { return located(*this, pointer + "/" + escape_pointer_token(key)); }
+Where Where::child(std::size_t index) const { return located(*this, pointer + "/" + std::to_string(index)); }
 std::string Where::str() const {
   std::string p = pointer.empty() ? "/" : pointer;
   return file.empty() ? p : file + ": " + p;

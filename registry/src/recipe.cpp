@@ -15,16 +15,25 @@ namespace fs = std::filesystem;
 
 namespace isp {
 
-Where Recipe::where(const std::string& pointer) const {
+// The origin of `pointer`: the entry for it or for its closest ancestor (a value written whole).
+static std::string origin_of(const std::map<std::string, std::string>& origins, const std::string& top_file,
+                             const std::string& pointer) {
   std::string p = pointer;
   while (true) {
     auto it = origins.find(p);
-    if (it != origins.end()) return {it->second, pointer};
+    if (it != origins.end()) return it->second;
     if (p.empty()) break;
     auto slash = p.rfind('/');
     p = slash == std::string::npos ? "" : p.substr(0, slash);
   }
-  return {file, pointer};
+  return top_file;
+}
+
+Where Recipe::where(const std::string& pointer) const {
+  auto snapshot = std::make_shared<const std::map<std::string, std::string>>(origins);
+  auto locate = std::make_shared<const std::function<std::string(const std::string&)>>(
+      [snapshot, top = file](const std::string& p) { return origin_of(*snapshot, top, p); });
+  return Where{origin_of(origins, file, pointer), pointer, std::move(locate)};
 }
 
 static std::string token(const std::string& key) {

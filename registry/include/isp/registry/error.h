@@ -1,4 +1,6 @@
 #pragma once
+#include <functional>
+#include <memory>
 #include <stdexcept>
 #include <string>
 
@@ -10,6 +12,9 @@ namespace isp {
 struct Where {
   std::string file;
   std::string pointer;
+  // Finds the file (or "--set ...") that last wrote a pointer. A Where made by Recipe::where carries it, so a
+  // child location names the source of the child's own value, not the file that created its parent object.
+  std::shared_ptr<const std::function<std::string(const std::string&)>> locate;
   Where child(const std::string& key) const;
   Where child(std::size_t index) const;
   std::string str() const;  // "configs/x.json: /nodes/backbone/depth"
