@@ -6,6 +6,9 @@
 #include <cmath>
 #include <fstream>
 
+#include <fcntl.h>
+#include <sys/file.h>
+
 #include "isp/artifacts.h"
 #include "isp/checkpoint.h"
 #include "isp/cost.h"
@@ -662,4 +665,29 @@ TEST_CASE("stage fingerprints include the plugin file: --resume notices a replac
   isp::Registry reg;
   const std::string err = isp_test::error_of([&] { isp::run_recipe(reg, o); });
   CHECK(err.find("the recipe or a plugin changed for stage(s) classifier") != std::string::npos);
+}
+
+TEST_CASE("one run folder, one writer: a second run on a folder in use is refused, and the lock ends with it") {
+  auto dir = isp_test::temp_dir("lock");
+  json recipe = tiny_pipeline_recipe();
+  recipe["stages"] = {{{"$ref", "classifier"}}};
+  std::ofstream(dir / "r.json") << recipe.dump(2);
+  isp::RunOptions o;
+  o.recipe_path = (dir / "r.json").string();
+  o.work_dir = (dir / "run").string();
+  fs::create_directories(dir / "run");
+  {
+    // Another writer: a lock held through its own open file description, as a second process would hold it.
+    const int fd = ::open((dir / "run" / ".lock").c_str(), O_RDWR | O_CREAT, 0644);
+    REQUIRE(fd >= 0);
+    REQUIRE(::flock(fd, LOCK_EX | LOCK_NB) == 0);
+    REQUIRE(::pwrite(fd, "4242", 4, 0) == 4);
+    const std::string err = isp_test::error_of([&] { isp::run_recipe(registry(), o); });
+    CHECK(err.find("is in use by another isp run (pid 4242") != std::string::npos);
+    CHECK_FALSE(fs::exists(dir / "run" / "state.json"));  // refused before touching anything
+    ::close(fd);  // the other writer exits (a crash releases the lock the same way)
+  }
+  CHECK(isp::run_recipe(registry(), o) == 0);
+  o.resume = true;
+  CHECK(isp::run_recipe(registry(), o) == 0);  // our own lock was released when the run returned
 }

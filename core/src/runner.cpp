@@ -6,6 +6,10 @@
 #include <torch/cuda.h>
 #include <torch/utils.h>
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <chrono>
 #include <csignal>
@@ -13,6 +17,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <set>
 #include <thread>
 
@@ -88,9 +93,40 @@ Runtime apply_runtime(const Recipe& r) {
 
 namespace {
 
+// One writer per run folder: an exclusive flock on <work>/.lock for as long as the run lives. The kernel drops
+// the lock when the process ends however it ends (kill -9 included), so a crash never leaves a stale lock; the
+// pid written into the file only serves the error message.
+class RunFolderLock {
+ public:
+  explicit RunFolderLock(const std::string& dir) {
+    const std::string path = dir + "/.lock";
+    fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd_ < 0) throw Error(path + ": cannot open the run folder's lock file");
+    if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+      char buf[32] = {0};
+      const ssize_t n = ::pread(fd_, buf, sizeof buf - 1, 0);
+      ::close(fd_);
+      const std::string pid = n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string("?");
+      throw Error(dir + " is in use by another isp run (pid " + pid + ", lock " + path +
+                  "); wait for it to finish or use another --work-dir");
+    }
+    const std::string pid = std::to_string(::getpid());
+    if (::ftruncate(fd_, 0) == 0 && ::pwrite(fd_, pid.data(), pid.size(), 0) < 0) {
+      // the pid is informative only
+    }
+  }
+  ~RunFolderLock() { ::close(fd_); }  // releases the flock
+  RunFolderLock(const RunFolderLock&) = delete;
+  RunFolderLock& operator=(const RunFolderLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
 // The run folder's bookkeeping: which stages finished, under which fingerprints, and what they reported.
 struct RunFolder {
   std::string dir;
+  std::unique_ptr<RunFolderLock> lock;
   json state, summary;
   void save_state() const { save(dir + "/state.json", state); }
   void save_summary() const { save(dir + "/summary.json", summary); }
@@ -100,6 +136,7 @@ RunFolder open_run_folder(const RunOptions& o, const std::string& work) {
   RunFolder f;
   f.dir = work;
   fs::create_directories(work);
+  f.lock = std::make_unique<RunFolderLock>(work);
   const std::string state_path = work + "/state.json";
   const bool existing = fs::exists(state_path);
   if (existing && !o.resume)
