@@ -138,3 +138,35 @@ TEST_CASE("atomic file writes leave no temporary files and replace the old conte
   for (auto& e : fs::directory_iterator(d)) files += e.path().filename().string().rfind("atomic.txt", 0) == 0;
   CHECK(files == 1);
 }
+
+TEST_CASE("input decides no recursion depth: deep nesting, long _base_ chains and long $ref chains are bounded") {
+  auto d = scratch();
+  // 100 000 nested arrays once crashed `isp validate` with SIGSEGV.
+  std::ofstream(d / "deep.json") << "{\"nodes\": {\"x\": " << std::string(100000, '[') << std::string(100000, ']') << "}}";
+  std::string e = error_of([&] { isp::load_recipe((d / "deep.json").string()); });
+  CHECK(e.find("deep.json: /: nested deeper than " + std::to_string(isp::kMaxRecipeNesting)) != std::string::npos);
+  // The same through --set.
+  write(d / "flat.json", {{"nodes", json::object()}});
+  e = error_of([&] { isp::load_recipe((d / "flat.json").string(), {"nodes.x=" + std::string(100, '[') + std::string(100, ']')}); });
+  CHECK(e.find("nested deeper than") != std::string::npos);
+  // Brackets inside strings do not count.
+  write(d / "strings.json", {{"nodes", {{"a", {{"type", "X"}, {"doc", std::string(200, '[')}}}}}});
+  CHECK_NOTHROW(isp::load_recipe((d / "strings.json").string()));
+  // A _base_ chain longer than the limit.
+  for (int i = 0; i <= isp::kMaxBaseChain + 2; ++i)
+    write(d / ("chain" + std::to_string(i) + ".json"),
+          i == isp::kMaxBaseChain + 2 ? json{{"nodes", json::object()}} : json{{"_base_", "chain" + std::to_string(i + 1) + ".json"}});
+  e = error_of([&] { isp::load_recipe((d / "chain0.json").string()); });
+  CHECK(e.find("_base_ chain longer than " + std::to_string(isp::kMaxBaseChain)) != std::string::npos);
+  // A $ref chain of 100 000 nodes is checked without recursion (and a cycle at its end is still found).
+  json nodes = json::object();
+  const int n = 100000;
+  for (int i = 0; i < n; ++i) nodes["n" + std::to_string(i)] = {{"type", "X"}, {"in", {{"$ref", "n" + std::to_string(i + 1)}}}};
+  nodes["n" + std::to_string(n)] = {{"type", "X"}};
+  write(d / "refs.json", {{"nodes", nodes}});
+  CHECK_NOTHROW(isp::load_recipe((d / "refs.json").string()));
+  nodes["n" + std::to_string(n)]["in"] = {{"$ref", "n0"}};
+  write(d / "ref_cycle.json", {{"nodes", nodes}});
+  e = error_of([&] { isp::load_recipe((d / "ref_cycle.json").string()); });
+  CHECK(e.find("reference cycle") != std::string::npos);
+}

@@ -1,6 +1,7 @@
 // Building recipe nodes: $ref resolution, memoisation by node name, strict option schemas, and a record of
 // the component (type, version, library) behind every spec.
 #include "isp/registry/build_context.h"
+#include "isp/registry/recipe.h"
 
 #include <algorithm>
 
@@ -55,6 +56,8 @@ std::shared_ptr<void> BuildContext::build_node(const std::string& name, const st
   if (!nodes.contains(name)) throw RecipeError(where("/nodes"), "no node named '" + name + "'");
   if (std::find(building_.begin(), building_.end(), name) != building_.end())
     throw RecipeError(where("/nodes/" + name), "reference cycle through node '" + name + "'");
+  if (static_cast<int>(building_.size()) >= kMaxRefChain)
+    throw RecipeError(where("/nodes/" + name), "$ref chain longer than " + std::to_string(kMaxRefChain) + " nodes");
   // Trace this node's own subtree separately, then hand it to the enclosing trace.
   BuildTrace sub;
   sub.nodes.push_back(name);

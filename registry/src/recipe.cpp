@@ -29,11 +29,39 @@ static std::string origin_of(const std::map<std::string, std::string>& origins, 
   return top_file;
 }
 
+// Input decides how deep recipes nest, so every recursion over them is bounded: nesting, `_base_` chains
+// and `$ref` chains stop with an error at these limits instead of overflowing the stack.
+static json parse_bounded(const std::string& text, const std::string& file) {
+  // A linear pre-scan (strings skipped) rather than a parser callback: nlohmann's callback parser rescans the
+  // enclosing object at every member's end, which is quadratic in the number of nodes.
+  int depth = 0;
+  bool in_string = false;
+  for (std::size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      if (++depth > kMaxRecipeNesting)
+        throw RecipeError({file, ""}, "nested deeper than " + std::to_string(kMaxRecipeNesting) +
+                                          " objects/arrays; recipes are limited to that depth");
+    } else if (c == '}' || c == ']') {
+      --depth;
+    }
+  }
+  return json::parse(text);
+}
+
 Where Recipe::where(const std::string& pointer) const {
-  auto snapshot = std::make_shared<const std::map<std::string, std::string>>(origins);
-  auto locate = std::make_shared<const std::function<std::string(const std::string&)>>(
-      [snapshot, top = file](const std::string& p) { return origin_of(*snapshot, top, p); });
-  return Where{origin_of(origins, file, pointer), pointer, std::move(locate)};
+  if (!locate_ || located_size_ != origins.size()) {
+    auto snapshot = std::make_shared<const std::map<std::string, std::string>>(origins);
+    locate_ = std::make_shared<const std::function<std::string(const std::string&)>>(
+        [snapshot, top = file](const std::string& p) { return origin_of(*snapshot, top, p); });
+    located_size_ = origins.size();
+  }
+  return Where{origin_of(origins, file, pointer), pointer, locate_};
 }
 
 static std::string token(const std::string& key) {
@@ -161,10 +189,12 @@ static json load_with_bases(const fs::path& file, json doc, std::vector<std::str
         if (s == canon) throw RecipeError({fname, where_ptr}, "_base_ cycle: " + canon + " includes itself");
       json bdoc;
       try {
-        bdoc = json::parse(read_text_file(bp.string()));
+        bdoc = parse_bounded(read_text_file(bp.string()), bp.string());
       } catch (const json::parse_error& e) {
         throw RecipeError({bp.string(), ""}, std::string("invalid JSON: ") + e.what());
       }
+      if (static_cast<int>(stack.size()) >= kMaxBaseChain)
+        throw RecipeError({fname, where_ptr}, "_base_ chain longer than " + std::to_string(kMaxBaseChain) + " files");
       stack.push_back(canon);
       json b = load_with_bases(bp, std::move(bdoc), stack, origins);
       stack.pop_back();
@@ -187,7 +217,7 @@ static void track_origins(const fs::path& file, const json& raw, std::vector<std
     else for (const auto& b : *bases) list.push_back(b.get<std::string>());
     for (const auto& b : list) {
       fs::path bp = base_path(file, b, {file.string(), "/_base_"});
-      json bdoc = json::parse(read_text_file(bp.string()));
+      json bdoc = parse_bounded(read_text_file(bp.string()), bp.string());
       stack.push_back(fs::weakly_canonical(bp).string());
       track_origins(bp, bdoc, stack, acc, origins);
       stack.pop_back();
@@ -205,7 +235,7 @@ void apply_override(json& doc, const std::string& assignment, std::map<std::stri
   std::string path = assignment.substr(0, eq), text = assignment.substr(eq + 1);
   json value;
   try {
-    value = json::parse(text);
+    value = parse_bounded(text, "--set " + assignment);
   } catch (const json::parse_error&) {
     value = text;  // bare words are strings: --set nodes.backbone.type=ResNetCifar
   }
@@ -326,25 +356,37 @@ void check_references(const Recipe& r) {
     collect_refs(it.value(), "/nodes/" + token(it.key()), out, r);
     edges[it.key()] = out;
   }
-  std::map<std::string, int> state;  // 0 new, 1 on stack, 2 done
+  // Iterative depth-first search: a chain of 10^5 nodes must not overflow the stack.
+  std::map<std::string, int> state;  // 0 new, 1 on the path, 2 done
   std::vector<std::string> path;
-  std::function<void(const std::string&)> dfs = [&](const std::string& n) {
-    state[n] = 1;
-    path.push_back(n);
-    for (const auto& [to, ptr] : edges[n]) {
+  std::vector<std::size_t> next;  // per path entry: the next edge to follow
+  for (auto it = nodes.begin(); it != nodes.end(); ++it) {
+    if (state[it.key()] != 0) continue;
+    path.push_back(it.key());
+    next.push_back(0);
+    state[it.key()] = 1;
+    while (!path.empty()) {
+      const auto& out = edges[path.back()];
+      if (next.back() == out.size()) {
+        state[path.back()] = 2;
+        path.pop_back();
+        next.pop_back();
+        continue;
+      }
+      const auto& [to, ptr] = out[next.back()++];
       if (state[to] == 1) {
         std::string cyc;
         bool on = false;
         for (const auto& p : path) { if (p == to) on = true; if (on) cyc += p + " -> "; }
         throw RecipeError(r.where(ptr + "/$ref"), "reference cycle: " + cyc + to);
       }
-      if (state[to] == 0) dfs(to);
+      if (state[to] == 0) {
+        state[to] = 1;
+        path.push_back(to);
+        next.push_back(0);
+      }
     }
-    path.pop_back();
-    state[n] = 2;
-  };
-  for (auto it = nodes.begin(); it != nodes.end(); ++it)
-    if (state[it.key()] == 0) dfs(it.key());
+  }
 }
 
 Recipe recipe_from_json(json doc, const std::string& pretend_file, const std::string& base_dir,
@@ -364,6 +406,7 @@ Recipe recipe_from_json(json doc, const std::string& pretend_file, const std::st
   std::map<std::string, std::string> vars{{"RECIPE_DIR", fs::absolute(base_dir).string()}};
   expand_variables(r.doc, vars, r);
   for (const auto& o : overrides) apply_override(r.doc, o, &r.origins);
+  r.origins_changed();
   check_references(r);
   return r;
 }
@@ -372,7 +415,7 @@ Recipe load_recipe(const std::string& path, const std::vector<std::string>& over
   if (!fs::exists(path)) throw Error(path + ": recipe file not found");
   json doc;
   try {
-    doc = json::parse(read_text_file(path));
+    doc = parse_bounded(read_text_file(path), path);
   } catch (const json::parse_error& e) {
     throw RecipeError({path, ""}, std::string("invalid JSON: ") + e.what());
   }

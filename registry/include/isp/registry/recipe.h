@@ -1,7 +1,9 @@
 #pragma once
 // JSON recipes: `_base_` inheritance, `_delete_`, `${VAR}` expansion, `--set a.b.0=1` overrides and
 // `{"$ref": "node"}` links between nodes (a DAG; cycles and dangling references are errors).
+#include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -9,12 +11,25 @@
 
 namespace isp {
 
+// Limits on what input decides the depth of (an error past them, never a stack overflow): nesting of objects
+// and arrays in one file or --set value, the length of a `_base_` chain, and the length of a `$ref` chain.
+constexpr int kMaxRecipeNesting = 64;
+constexpr int kMaxBaseChain = 16;
+constexpr int kMaxRefChain = 64;
+
 struct Recipe {
   json doc;                                   // fully resolved
   std::string file;                           // the top-level recipe file
   std::map<std::string, std::string> origins;  // JSON pointer -> file (or "--set") that last set it
   // The file that set `pointer` (or its closest set ancestor) together with the pointer.
   Where where(const std::string& pointer) const;
+  // After changing `origins` directly (the loader does), so Wheres handed out later see the change.
+  void origins_changed() const { locate_.reset(); }
+
+ private:
+  // A shared copy of `origins` that the Wheres handed out consult (made once, redone if origins changed).
+  mutable std::shared_ptr<const std::function<std::string(const std::string&)>> locate_;
+  mutable std::size_t located_size_ = 0;
 };
 
 // Loads, merges bases, expands variables, applies overrides and checks references.
