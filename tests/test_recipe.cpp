@@ -1,5 +1,8 @@
 // Recipe engine: _base_ merge rules, _delete_, list replacement, --set, ${VAR}, $ref checks, error locations.
+#include <sys/resource.h>
 #include <unistd.h>
+
+#include <csignal>
 
 #include <cstdlib>
 #include <filesystem>
@@ -169,4 +172,25 @@ TEST_CASE("input decides no recursion depth: deep nesting, long _base_ chains an
   write(d / "ref_cycle.json", {{"nodes", nodes}});
   e = error_of([&] { isp::load_recipe((d / "ref_cycle.json").string()); });
   CHECK(e.find("reference cycle") != std::string::npos);
+}
+
+TEST_CASE("a write that fails (file size limit, as on a full disk) is a clear error and keeps the previous file") {
+  auto d = scratch() / "fsize";
+  fs::create_directories(d);
+  const std::string path = (d / "checkpoint.pt").string();
+  isp::write_file_atomic(path, std::string(1000, 'a'));
+  struct rlimit old {};
+  REQUIRE(::getrlimit(RLIMIT_FSIZE, &old) == 0);
+  auto previous_handler = std::signal(SIGXFSZ, SIG_IGN);  // EFBIG instead of the signal
+  struct rlimit small = old;
+  small.rlim_cur = 4096;
+  REQUIRE(::setrlimit(RLIMIT_FSIZE, &small) == 0);
+  const std::string e = error_of([&] { isp::write_file_atomic(path, std::string(100000, 'b')); });
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  std::signal(SIGXFSZ, previous_handler);
+  CHECK(e.find(path + ": write failed (File too large); the previous version of the file is unchanged") != std::string::npos);
+  CHECK(isp::read_text_file(path) == std::string(1000, 'a'));
+  int files = 0;
+  for (const auto& entry : fs::directory_iterator(d)) files += entry.is_regular_file();
+  CHECK(files == 1);  // no temporary file left behind
 }

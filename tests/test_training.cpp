@@ -113,6 +113,36 @@ TEST_CASE("resume after an interruption mid-epoch equals an uninterrupted run") 
     max_diff = std::max(max_diff, (kv.value().to(at::kDouble) - b->named_buffers()[kv.key()].to(at::kDouble)).abs().max().item<double>());
   MESSAGE("max |weight difference| resumed vs uninterrupted: " << max_diff);
   CHECK(max_diff == 0.0);
+  // The last epoch's weights too, not only the validation-selected ones (which may predate the interruption).
+  auto last_epoch = [&](const fs::path& run) {
+    auto m = load_final(run, recipe);  // the architecture; the weights come from checkpoint.pt below
+    isp::CheckpointReader((run / "classifier" / "checkpoint.pt").string()).module("model", *m);
+    return m;
+  };
+  auto la = last_epoch(dir / "straight"), lb = last_epoch(dir / "broken");
+  double last_diff = 0;
+  for (const auto& kv : la->named_parameters())
+    last_diff = std::max(last_diff, (kv.value() - lb->named_parameters()[kv.key()]).abs().max().item<double>());
+  CHECK(last_diff == 0.0);
   // Resuming a finished run restores instead of retraining.
   CHECK(isp::run_recipe(registry(), broken) == 0);
+
+  // A damaged checkpoint.pt: resume falls back to checkpoint.prev.pt and still ends bit-identical.
+  isp::RunOptions damaged = straight;
+  damaged.work_dir = (dir / "damaged").string();
+  ::setenv("ISP_INTERRUPT_AFTER_STEPS", "8", 1);
+  CHECK(isp::run_recipe(registry(), damaged) == 130);
+  ::unsetenv("ISP_INTERRUPT_AFTER_STEPS");
+  const fs::path ck_path = dir / "damaged" / "classifier" / "checkpoint.pt";
+  REQUIRE(fs::exists(dir / "damaged" / "classifier" / "checkpoint.prev.pt"));
+  fs::resize_file(ck_path, fs::file_size(ck_path) / 3);
+  CHECK(isp_test::error_of([&] { isp::CheckpointReader r(ck_path.string()); }).find(ck_path.string() + ": not a readable isp checkpoint") !=
+        std::string::npos);
+  damaged.resume = true;
+  REQUIRE(isp::run_recipe(registry(), damaged) == 0);
+  auto c = load_final(dir / "damaged", recipe);
+  double damaged_diff = 0;
+  for (const auto& kv : a->named_parameters())
+    damaged_diff = std::max(damaged_diff, (kv.value() - c->named_parameters()[kv.key()]).abs().max().item<double>());
+  CHECK(damaged_diff == 0.0);
 }

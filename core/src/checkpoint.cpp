@@ -72,11 +72,13 @@ CheckpointReader::CheckpointReader(const std::string& path) : impl_(std::make_un
     impl_->archive.read("meta", v);
     impl_->meta = json::parse(v.toStringRef());
   } catch (const std::exception& e) {
-    throw Error(path + ": not a readable isp checkpoint (" + std::string(e.what()).substr(0, 200) + ")");
+    const std::string why = e.what();
+    throw Error(path + ": not a readable isp checkpoint (" + why.substr(0, std::min<std::size_t>(why.find('\n'), 200)) + ")");
   }
   impl_->entries = impl_->meta.value("_entries", std::vector<std::string>{});
 }
 CheckpointReader::~CheckpointReader() = default;
+const std::string& CheckpointReader::path() const { return impl_->path; }
 bool CheckpointReader::has(const std::string& name) const {
   return std::find(impl_->entries.begin(), impl_->entries.end(), name) != impl_->entries.end();
 }

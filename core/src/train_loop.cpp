@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <limits>
+#include <memory>
 #include <sstream>
 
 #include "isp/checkpoint.h"
@@ -87,8 +88,23 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
   std::vector<double> sums(k, 0.0);  // host copies of this epoch's running sums (batch-size weighted)
   int64_t start_epoch = 0, start_step = 0, seen_in_epoch = 0;
 
-  if (ctx.resume && fs::exists(ckpt_path)) {
-    CheckpointReader r(ckpt_path);
+  // The previous checkpoint is kept as checkpoint.prev.pt: a damaged (or, after a crash between the two
+  // renames, missing) checkpoint.pt falls back to it, and replaying from there gives the same result.
+  const std::string prev_path = ctx.stage_dir + "/checkpoint.prev.pt";
+  std::unique_ptr<CheckpointReader> resumed;
+  if (ctx.resume && (fs::exists(ckpt_path) || fs::exists(prev_path))) {
+    try {
+      resumed = std::make_unique<CheckpointReader>(ckpt_path);
+    } catch (const Error& e) {
+      if (!fs::exists(prev_path)) throw;
+      std::fprintf(stderr, "[%s] WARNING: %s; resuming from the previous checkpoint %s\n", ctx.stage_name.c_str(),
+                   e.what(), prev_path.c_str());
+      resumed = std::make_unique<CheckpointReader>(prev_path);
+      fs::remove(ckpt_path);  // so the next save does not rotate the damaged file over the good one
+    }
+  }
+  if (resumed) {
+    CheckpointReader& r = *resumed;
     h.load(r);
     const json& m = r.meta();
     start_epoch = m.at("epoch");
@@ -103,7 +119,7 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
     if (r.has("rng")) at::Generator(at::detail::getDefaultCPUGenerator()).set_state(r.tensor("rng"));
     if (!ctx.device.is_cpu() && r.has("rng_device"))
       at::Generator(at::globalContext().defaultGenerator(ctx.device)).set_state(r.tensor("rng_device"));
-    std::fprintf(stderr, "[%s] resuming from %s at epoch %lld step %lld\n", ctx.stage_name.c_str(), ckpt_path.c_str(),
+    std::fprintf(stderr, "[%s] resuming from %s at epoch %lld step %lld\n", ctx.stage_name.c_str(), r.path().c_str(),
                  static_cast<long long>(start_epoch), static_cast<long long>(start_step));
   }
 
@@ -117,6 +133,7 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
             {"best_score", std::isfinite(res.best_score) ? json(res.best_score) : json(nullptr)}, {"sums", sums},
             {"seen_in_epoch", seen_in_epoch}, {"images_seen", res.images_seen}, {"train_seconds", res.train_seconds},
             {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}});
+    if (fs::exists(ckpt_path)) fs::rename(ckpt_path, prev_path);
     w.save_atomic(ckpt_path);
   };
 

@@ -3,6 +3,9 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstring>
+
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -27,17 +30,28 @@ void write_file_atomic(const std::string& path, const std::string& content) {
   std::string tmp = path + ".tmp." + std::to_string(::getpid());
   {
     int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd < 0) throw Error(tmp + ": cannot create file");
+    if (fd < 0) throw Error(tmp + ": cannot create file (" + std::strerror(errno) + ")");
     const char* data = content.data();
     std::size_t left = content.size();
     while (left > 0) {
       ssize_t n = ::write(fd, data, left);
-      if (n <= 0) { ::close(fd); ::unlink(tmp.c_str()); throw Error(tmp + ": write failed"); }
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        const std::string why = n < 0 ? std::strerror(errno) : "no progress";
+        ::close(fd);
+        ::unlink(tmp.c_str());
+        throw Error(path + ": write failed (" + why + "); the previous version of the file is unchanged");
+      }
       data += n;
       left -= static_cast<std::size_t>(n);
     }
-    ::fsync(fd);
-    ::close(fd);
+    const int synced = ::fsync(fd) == 0 ? 0 : errno;
+    const int closed = ::close(fd) == 0 ? 0 : errno;
+    if (synced != 0 || closed != 0) {
+      const std::string why = std::strerror(synced != 0 ? synced : closed);
+      ::unlink(tmp.c_str());
+      throw Error(path + ": write failed (" + why + "); the previous version of the file is unchanged");
+    }
   }
   fs::rename(tmp, path);
 }

@@ -32,6 +32,7 @@ class ISP_API CheckpointReader {
   explicit CheckpointReader(const std::string& path);  // throws isp::Error naming the file when unreadable
   ~CheckpointReader();
   bool has(const std::string& name) const;
+  const std::string& path() const;
   void module(const std::string& name, torch::nn::Module& m);
   void optimizer(const std::string& name, torch::optim::Optimizer& o);
   at::Tensor tensor(const std::string& name);
