@@ -16,7 +16,7 @@ RegistryFrozen::~RegistryFrozen() = default;
 DataError::~DataError() = default;
 RecipeError::~RecipeError() = default;
 
-static std::string escape_pointer_token(const std::string& key) {
+std::string escape_pointer_token(const std::string& key) {
   std::string out;
   for (char c : key) {
     if (c == '~') out += "~0";

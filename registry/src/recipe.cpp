@@ -1,4 +1,5 @@
-// Recipe loading: mmengine-style `_base_` inheritance in JSON, overrides, variables and $ref checks.
+// Recipe loading: mmengine-style `_base_` inheritance in JSON, overrides and variables ($ref checks are in
+// references.cpp).
 #include "isp/registry/recipe.h"
 
 #include <fcntl.h>
@@ -64,12 +65,6 @@ Where Recipe::where(const std::string& pointer) const {
   return Where{origin_of(origins, file, pointer), pointer, locate_};
 }
 
-static std::string token(const std::string& key) {
-  std::string out;
-  for (char c : key) out += c == '~' ? std::string("~0") : c == '/' ? std::string("~1") : std::string(1, c);
-  return out;
-}
-
 static void record_all(const json& v, const std::string& file, const std::string& pointer,
                        std::map<std::string, std::string>* origins) {
   if (!origins) return;
@@ -78,7 +73,7 @@ static void record_all(const json& v, const std::string& file, const std::string
     it = origins->erase(it);
   (*origins)[pointer] = file;
   if (v.is_object())
-    for (auto it = v.begin(); it != v.end(); ++it) record_all(it.value(), file, pointer + "/" + token(it.key()), origins);
+    for (auto it = v.begin(); it != v.end(); ++it) record_all(it.value(), file, pointer + "/" + escape_pointer_token(it.key()), origins);
   else if (v.is_array())
     for (std::size_t i = 0; i < v.size(); ++i) record_all(v[i], file, pointer + "/" + std::to_string(i), origins);
 }
@@ -117,7 +112,7 @@ void merge_into(json& base, const json& child, const std::string& file, const st
   if (origins && !origins->count(pointer)) (*origins)[pointer] = file;
   for (auto it = child.begin(); it != child.end(); ++it) {
     if (it.key() == "_delete_") continue;
-    std::string p = pointer + "/" + token(it.key());
+    std::string p = pointer + "/" + escape_pointer_token(it.key());
     auto bit = base.find(it.key());
     if (bit != base.end() && bit->is_object() && it->is_object()) {
       merge_into(*bit, it.value(), file, p, origins);
@@ -260,7 +255,7 @@ void apply_override(json& doc, const std::string& assignment, std::map<std::stri
       if (!cur->is_object())
         throw Error("--set " + assignment + ": " + (pointer.empty() ? "/" : pointer) + " is a " + cur->type_name() +
                     ", cannot set key '" + k + "' inside it");
-      pointer += "/" + token(k);
+      pointer += "/" + escape_pointer_token(k);
       cur = &(*cur)[k];
     }
     if (last) {
@@ -302,7 +297,7 @@ static void expand_rec(json& v, const std::map<std::string, std::string>& vars, 
     std::string s = v.get<std::string>();
     if (s.find("${") != std::string::npos) v = expand_string(s, vars, r, ptr);
   } else if (v.is_object()) {
-    for (auto it = v.begin(); it != v.end(); ++it) expand_rec(it.value(), vars, r, ptr + "/" + token(it.key()));
+    for (auto it = v.begin(); it != v.end(); ++it) expand_rec(it.value(), vars, r, ptr + "/" + escape_pointer_token(it.key()));
   } else if (v.is_array()) {
     for (std::size_t i = 0; i < v.size(); ++i) expand_rec(v[i], vars, r, ptr + "/" + std::to_string(i));
   }
@@ -316,77 +311,6 @@ void expand_variables(json& doc, const std::map<std::string, std::string>& vars_
       vars[v.key()] = v->is_string() ? v->get<std::string>() : v->dump();
   }
   expand_rec(doc, vars, r, "");
-}
-
-static void collect_refs(const json& v, const std::string& ptr, std::vector<std::pair<std::string, std::string>>& out,
-                         const Recipe& r) {
-  if (v.is_object()) {
-    if (auto it = v.find("$ref"); it != v.end()) {
-      if (!it->is_string()) throw RecipeError(r.where(ptr + "/$ref"), "expected a node name string, got " + it->dump());
-      if (v.size() != 1) throw RecipeError(r.where(ptr), "a {\"$ref\": ...} object may not carry other keys");
-      out.emplace_back(it->get<std::string>(), ptr);
-      return;
-    }
-    for (auto it = v.begin(); it != v.end(); ++it) collect_refs(it.value(), ptr + "/" + token(it.key()), out, r);
-  } else if (v.is_array()) {
-    for (std::size_t i = 0; i < v.size(); ++i) collect_refs(v[i], ptr + "/" + std::to_string(i), out, r);
-  }
-}
-
-void check_references(const Recipe& r) {
-  const json& doc = r.doc;
-  json nodes = doc.value("nodes", json::object());
-  if (!nodes.is_object()) throw RecipeError(r.where("/nodes"), "expected an object mapping node names to specs");
-  std::vector<std::pair<std::string, std::string>> refs;
-  collect_refs(doc, "", refs, r);
-  for (const auto& [name, ptr] : refs) {
-    if (!nodes.contains(name)) {
-      std::vector<std::string> names;
-      for (auto it = nodes.begin(); it != nodes.end(); ++it) names.push_back(it.key());
-      std::string msg = "dangling reference to node '" + name + "'";
-      std::string near = closest_match(name, names);
-      if (!near.empty()) msg += "; did you mean '" + near + "'?";
-      throw RecipeError(r.where(ptr + "/$ref"), msg);
-    }
-  }
-  // Cycle detection over node -> referenced nodes.
-  std::map<std::string, std::vector<std::pair<std::string, std::string>>> edges;
-  for (auto it = nodes.begin(); it != nodes.end(); ++it) {
-    std::vector<std::pair<std::string, std::string>> out;
-    collect_refs(it.value(), "/nodes/" + token(it.key()), out, r);
-    edges[it.key()] = out;
-  }
-  // Iterative depth-first search: a chain of 10^5 nodes must not overflow the stack.
-  std::map<std::string, int> state;  // 0 new, 1 on the path, 2 done
-  std::vector<std::string> path;
-  std::vector<std::size_t> next;  // per path entry: the next edge to follow
-  for (auto it = nodes.begin(); it != nodes.end(); ++it) {
-    if (state[it.key()] != 0) continue;
-    path.push_back(it.key());
-    next.push_back(0);
-    state[it.key()] = 1;
-    while (!path.empty()) {
-      const auto& out = edges[path.back()];
-      if (next.back() == out.size()) {
-        state[path.back()] = 2;
-        path.pop_back();
-        next.pop_back();
-        continue;
-      }
-      const auto& [to, ptr] = out[next.back()++];
-      if (state[to] == 1) {
-        std::string cyc;
-        bool on = false;
-        for (const auto& p : path) { if (p == to) on = true; if (on) cyc += p + " -> "; }
-        throw RecipeError(r.where(ptr + "/$ref"), "reference cycle: " + cyc + to);
-      }
-      if (state[to] == 0) {
-        state[to] = 1;
-        path.push_back(to);
-        next.push_back(0);
-      }
-    }
-  }
 }
 
 Recipe recipe_from_json(json doc, const std::string& pretend_file, const std::string& base_dir,

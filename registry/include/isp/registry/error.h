@@ -20,6 +20,9 @@ struct Where {
   std::string str() const;  // "configs/x.json: /nodes/backbone/depth"
 };
 
+// A JSON-pointer reference token for `key` ("~" -> "~0", "/" -> "~1").
+ISP_API std::string escape_pointer_token(const std::string& key);
+
 // Every error the toolkit raises on purpose derives from isp::Error, so apps print one clean line.
 class ISP_API Error : public std::runtime_error {
  public:
