@@ -1,6 +1,7 @@
 # The plugin SDK as a newcomer uses it: install isp into a fresh prefix, build examples/mask_head_plugin against
 # that install with find_package(isp), and run a recipe that _base_s a shipped config ("isp://...") and swaps in
 # the out-of-tree mask head. Checks the run finished, the report exists, and the head that ran is the plugin's.
+include(${CMAKE_CURRENT_LIST_DIR}/build_plugin_project.cmake)
 file(REMOVE_RECURSE ${WORK})
 set(PREFIX ${WORK}/prefix)
 execute_process(COMMAND ${CMAKE_COMMAND} --install ${BUILD} --prefix ${PREFIX} RESULT_VARIABLE rc OUTPUT_QUIET ERROR_VARIABLE err)
@@ -12,15 +13,7 @@ foreach(f bin/isp share/isp/configs/isp/quick_fmnist.json include/isp/registry/p
     message(FATAL_ERROR "the install lacks ${f}")
   endif()
 endforeach()
-execute_process(COMMAND ${CMAKE_COMMAND} -S ${SRC} -B ${WORK}/build -DCMAKE_PREFIX_PATH=${PREFIX} -DCMAKE_CXX_COMPILER=${CXX}
-  -DCMAKE_BUILD_TYPE=RelWithDebInfo RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "configuring the mask head against the install failed: ${out}${err}")
-endif()
-execute_process(COMMAND ${CMAKE_COMMAND} --build ${WORK}/build RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "building the mask head failed: ${out}${err}")
-endif()
+build_plugin_project(${SRC} ${WORK}/build -DCMAKE_PREFIX_PATH=${PREFIX})
 set(ENV{MASK_HEAD_PLUGIN_DIR} ${WORK}/build/plugins)
 unset(ENV{ISP_PLUGIN_PATH})
 unset(ENV{ISP_CONFIG_DIR})

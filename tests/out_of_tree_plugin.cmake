@@ -1,15 +1,8 @@
 # Builds examples/out_of_tree_plugin as a separate CMake project against the exported isp package, then
 # runs a recipe that uses its component, without rebuilding the host.
+include(${CMAKE_CURRENT_LIST_DIR}/build_plugin_project.cmake)
 file(REMOVE_RECURSE ${WORK})
-execute_process(COMMAND ${CMAKE_COMMAND} -S ${SRC} -B ${WORK}/build -Disp_DIR=${ISP_DIR} -DCMAKE_CXX_COMPILER=${CXX}
-  -DCMAKE_BUILD_TYPE=RelWithDebInfo RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "configure failed: ${out}${err}")
-endif()
-execute_process(COMMAND ${CMAKE_COMMAND} --build ${WORK}/build RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
-if(NOT rc EQUAL 0)
-  message(FATAL_ERROR "build failed: ${out}${err}")
-endif()
+build_plugin_project(${SRC} ${WORK}/build -Disp_DIR=${ISP_DIR})
 set(ENV{EXAMPLE_PLUGIN_DIR} ${WORK}/build/plugins)
 execute_process(COMMAND ${ISP} run ${SRC}/recipe.json --work-dir ${WORK}/run RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 if(NOT rc EQUAL 0)
