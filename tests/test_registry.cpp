@@ -117,6 +117,19 @@ TEST_CASE("plugins: wrong plugin ABI or LibTorch version is refused before any p
   CHECK(reg.find("stage", "FixtureBad") == nullptr);
 }
 
+TEST_CASE("plugins: a plugin built for the other CUDA setting (CPU-only vs CUDA LibTorch) is refused") {
+  ::unsetenv("ISP_FIXTURE_BAD_RAN");
+  isp::Registry reg;
+  const std::string e = error_of([&] { reg.load_library(fixture("other_cuda")); });
+  CHECK(e.find("refused") != std::string::npos);
+  const std::string plugin_cuda = ISP_DESCRIPTOR_CUDA ? "CUDA off" : "CUDA on";
+  const std::string host_cuda = ISP_DESCRIPTOR_CUDA ? "CUDA on" : "CUDA off";
+  CHECK(e.find(plugin_cuda) < e.find("host is"));
+  CHECK(e.find(host_cuda, e.find("host is")) != std::string::npos);
+  CHECK(std::getenv("ISP_FIXTURE_BAD_RAN") == nullptr);
+  CHECK(reg.find("stage", "FixtureBad") == nullptr);
+}
+
 TEST_CASE("plugins: a throwing registration leaves no entries behind") {
   isp::Registry reg;
   auto e = error_of([&] { reg.load_library(fixture("throwing")); });

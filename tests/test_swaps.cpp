@@ -20,6 +20,7 @@
 #include <set>
 
 #include "isp/checkpoint.h"
+#include "isp/optim.h"
 #include "isp/cost.h"
 #include "isp/interfaces/aem.h"
 #include "isp/interfaces/backbone.h"
@@ -191,18 +192,17 @@ void check_finished_run(const fs::path& run_dir) {
   }
   isp::CheckpointReader ck((run_dir / "prune" / "checkpoint.pt").string());
   ck.module("pruner", *pruner);
-  torch::optim::AdamW opt(pruner->parameters(), torch::optim::AdamWOptions(1e-3));
+  // Gate learning's optimizer: AdamW over a flat buffer (isp/optim.h), its moments saved as tensors.
+  isp::FlatAdam opt(pruner->parameters(), isp::FlatAdamOptions{1e-3, 0.9, 0.999, 1e-8, 0.0, true});
+  opt.relink();
   ck.optimizer("optimizer", opt);
   double grad_mass = 0;
   int64_t stepped = 0;
-  for (const auto& p : pruner->parameters()) {
-    CHECK(p.isfinite().all().item<bool>());
-    auto it = opt.state().find(c10::guts::to_string(p.unsafeGetTensorImpl()));
-    if (it == opt.state().end()) continue;
-    auto& s = static_cast<torch::optim::AdamWParamState&>(*it->second);
-    stepped += s.step() > 0;
-    CHECK(s.exp_avg().isfinite().all().item<bool>());
-    grad_mass += s.exp_avg().abs().sum().item<double>();
+  for (const auto& p : pruner->parameters()) CHECK(p.isfinite().all().item<bool>());
+  for (const auto& [name, t] : opt.state()) {
+    CHECK(t.isfinite().all().item<bool>());
+    if (name == "step") stepped = t.item<int64_t>();
+    if (name == "exp_avg") grad_mass = t.abs().sum().item<double>();
   }
   CHECK(stepped > 0);
   CHECK(grad_mass > 0.0);  // gradients reached the gate parameters
@@ -359,8 +359,9 @@ TEST_CASE("GRU hypernetwork gates: weight-norm g and v are leaf parameters that 
   // g starts at the row norms of v, so the head's initial weight is v itself.
   auto params = pruner->named_parameters();
   CHECK(at::allclose(params["head0_g"], params["head0_v"].norm(2, {1}, true)));
-  torch::optim::AdamW opt(pruner->parameters(), torch::optim::AdamWOptions(0.1));
+  isp::FlatAdam opt(pruner->parameters(), isp::FlatAdamOptions{0.1, 0.9, 0.999, 1e-8, 0.0, true});
   at::Tensor before = params["head0_g"].detach().clone();
+  opt.zero_grad();
   pruner->hard_gates().sum().backward();
   opt.step();
   CHECK_FALSE(at::equal(before, params["head0_g"]));

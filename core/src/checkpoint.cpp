@@ -13,6 +13,7 @@
 #include <sstream>
 
 #include "isp/checkpoint.h"
+#include "isp/optim.h"
 #include "isp/interfaces/backbone.h"
 #include "isp/registry/build_context.h"
 #include "isp/registry/recipe.h"
@@ -42,6 +43,9 @@ void CheckpointWriter::optimizer(const std::string& name, const torch::optim::Op
   o.save(sub);
   impl_->archive.write(name, sub);
   impl_->entries.push_back(name);
+}
+void CheckpointWriter::optimizer(const std::string& name, const FlatOptimizer& o) {
+  for (const auto& [key, t] : o.state()) tensor(name + "." + key, t);
 }
 void CheckpointWriter::tensor(const std::string& name, const at::Tensor& t) {
   impl_->archive.write(name, t.detach().cpu());
@@ -98,6 +102,20 @@ void CheckpointReader::optimizer(const std::string& name, torch::optim::Optimize
   torch::serialize::InputArchive sub;
   impl_->archive.read(name, sub);
   o.load(sub);
+}
+void CheckpointReader::optimizer(const std::string& name, FlatOptimizer& o) {
+  std::vector<std::pair<std::string, at::Tensor>> saved;
+  for (const auto& [key, t] : o.state()) {
+    if (!has(name + "." + key))
+      throw Error(impl_->path + ": checkpoint has no optimizer state '" + name + "." + key +
+                  "' (written by another optimizer type?)");
+    saved.emplace_back(key, tensor(name + "." + key));
+  }
+  try {
+    o.load_state(saved);
+  } catch (const Error& e) {
+    throw Error(impl_->path + ": " + e.what());
+  }
 }
 at::Tensor CheckpointReader::tensor(const std::string& name) {
   if (!has(name)) throw Error(impl_->path + ": checkpoint has no tensor '" + name + "'");

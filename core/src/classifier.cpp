@@ -11,7 +11,9 @@
 #include <limits>
 #include <sstream>
 
+#include "isp/accel.h"
 #include "isp/checkpoint.h"
+#include "isp/optim.h"
 #include "isp/data.h"
 #include "isp/registry/recipe.h"
 #include "isp/train.h"
@@ -99,10 +101,8 @@ CpuRngGuard::~CpuRngGuard() { at::Generator(at::detail::getDefaultCPUGenerator()
 json fit_classifier(const Classifier& c, const DataBundle& data, const SgdScheduleOptions& opt, RunContext& ctx) {
   torch::nn::Module& model = *c.module;
   model.to(ctx.device);
-  torch::optim::SGD sgd(model.parameters(), torch::optim::SGDOptions(opt.lr)
-                                                .momentum(opt.momentum)
-                                                .weight_decay(opt.weight_decay)
-                                                .nesterov(opt.nesterov));
+  apply_memory_format(model, ctx.speed);
+  FlatSgd sgd(model.parameters(), FlatSgdOptions{opt.lr, opt.momentum, opt.weight_decay, opt.nesterov});
   BatchLoader train(data.train, opt.batch_size, /*shuffle=*/true, data.augmentation, ctx.device);
   const bool has_val = data.val.size() > 0;
 
@@ -114,19 +114,19 @@ json fit_classifier(const Classifier& c, const DataBundle& data, const SgdSchedu
   TrainLoopHooks hooks;
   hooks.start_epoch = [&](int64_t epoch) {
     const double lr = lr_at_epoch(opt, epoch);
-    for (auto& g : sgd.param_groups()) static_cast<torch::optim::SGDOptions&>(g.options()).lr(lr);
+    sgd.set_lr(lr);  // a device tensor: a captured step reads the new value
     model.train();
     return json{{"lr", lr}};
   };
-  hooks.step = [&](const Batch& b) {
-    at::Tensor x = b.x.to(ctx.device), y = b.y.to(ctx.device);
+  TrainStep step(ctx, [&](const Batch& b) {
     sgd.zero_grad();
-    at::Tensor logits = c.forward(x);
-    at::Tensor loss = torch::nn::functional::cross_entropy(logits, y);
+    at::Tensor logits = c.forward(b.x);
+    at::Tensor loss = torch::nn::functional::cross_entropy(logits, b.y);
     loss.backward();
     sgd.step();
-    return torch::stack({loss.detach().to(torch::kDouble), logits.detach().argmax(1).eq(y).to(torch::kDouble).mean()});
-  };
+    return torch::stack({loss.detach().to(torch::kDouble), logits.detach().argmax(1).eq(b.y).to(torch::kDouble).mean()});
+  });
+  hooks.step = [&](const Batch& b) { return step(b); };
   hooks.checkpoint(model, sgd);
   if (has_val) {
     hooks.evaluate = [&](int64_t) {

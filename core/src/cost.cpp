@@ -148,38 +148,64 @@ CostSummary CostModel::count(const std::vector<int64_t>& widths) const {
   return s;
 }
 
+// Both FLOPs formulas are quadratic forms in the kept counts k: c0 + Σ a_l·k_l + Σ q_t·k_i(t)·k_j(t). Their
+// coefficients depend only on the layer list, so they are built once and kept on each device they are used
+// on: an evaluation is then five kernels with no host data (a CUDA graph can capture it).
+struct CostModel::QuadraticForm {
+  double c0 = 0;
+  std::vector<double> lin;
+  std::vector<int64_t> qi, qj;
+  std::vector<double> qw;
+  struct OnDevice { at::Tensor lin, qi, qj, qw; };
+  std::map<std::string, OnDevice> cache;  // by device
+  at::Tensor evaluate(const at::Tensor& kept) {
+    const std::string key = kept.device().str();
+    auto it = cache.find(key);
+    if (it == cache.end()) {
+      const auto dopt = at::TensorOptions().dtype(at::kDouble);
+      OnDevice d;
+      d.lin = at::tensor(at::ArrayRef<double>(lin), dopt).to(kept.device());
+      if (!qw.empty()) {
+        d.qi = at::tensor(at::ArrayRef<int64_t>(qi), at::kLong).to(kept.device());
+        d.qj = at::tensor(at::ArrayRef<int64_t>(qj), at::kLong).to(kept.device());
+        d.qw = at::tensor(at::ArrayRef<double>(qw), dopt).to(kept.device());
+      }
+      it = cache.emplace(key, std::move(d)).first;
+    }
+    const OnDevice& d = it->second;
+    at::Tensor k = kept.to(at::kDouble);
+    at::Tensor out = (k * d.lin).sum() + c0;
+    if (d.qw.defined()) out = out + (d.qw * k.index_select(0, d.qi) * k.index_select(0, d.qj)).sum();
+    return out;
+  }
+};
+
+CostModel::~CostModel() = default;
+CostModel::CostModel(const CostModel& o) : layers_(o.layers_), gated_(o.gated_), full_(o.full_) {}
+
 at::Tensor CostModel::flops(const at::Tensor& kept) const {
   const int64_t L = static_cast<int64_t>(gated_.size());
   if (kept.dim() != 1 || kept.size(0) != L)
     throw Error("CostModel::flops: expected kept counts of shape [" + std::to_string(L) + "], got " + shape_str(kept));
-  // const + coeff·kept (+ Σ q·kept_i·kept_j for a conv between two different gated layers, absent in the
-  // shipped backbones). Coefficients are recomputed per call from the layer list (a few hundred doubles).
-  double c0 = 0;
-  std::vector<double> coeff(static_cast<std::size_t>(L), 0.0);
-  std::vector<int64_t> qi, qj;
-  std::vector<double> qw;
-  for (const auto& l : layers_) {
-    LinearCost lc = linear_flops(l);
-    c0 += lc.c0;
-    if (lc.in_gate >= 0) coeff[static_cast<std::size_t>(lc.in_gate)] += lc.a;
-    if (lc.out_gate >= 0) coeff[static_cast<std::size_t>(lc.out_gate)] += lc.b;
-    if (lc.q != 0) {
-      qi.push_back(lc.in_gate);
-      qj.push_back(lc.out_gate);
-      qw.push_back(lc.q);
+  if (!flops_form_) {
+    // const + coeff·kept (+ Σ q·kept_i·kept_j for a conv between two different gated layers, absent in the
+    // shipped backbones).
+    auto f = std::make_unique<QuadraticForm>();
+    f->lin.assign(static_cast<std::size_t>(L), 0.0);
+    for (const auto& l : layers_) {
+      LinearCost lc = linear_flops(l);
+      f->c0 += lc.c0;
+      if (lc.in_gate >= 0) f->lin[static_cast<std::size_t>(lc.in_gate)] += lc.a;
+      if (lc.out_gate >= 0) f->lin[static_cast<std::size_t>(lc.out_gate)] += lc.b;
+      if (lc.q != 0) {
+        f->qi.push_back(lc.in_gate);
+        f->qj.push_back(lc.out_gate);
+        f->qw.push_back(lc.q);
+      }
     }
+    flops_form_ = std::move(f);
   }
-  const auto opts = at::TensorOptions().dtype(at::kDouble);
-  at::Tensor k = kept.to(at::kDouble);
-  at::Tensor w = at::tensor(at::ArrayRef<double>(coeff), opts).to(kept.device());
-  at::Tensor out = (k * w).sum() + c0;
-  if (!qw.empty()) {
-    at::Tensor i = at::tensor(at::ArrayRef<int64_t>(qi), at::kLong).to(kept.device());
-    at::Tensor j = at::tensor(at::ArrayRef<int64_t>(qj), at::kLong).to(kept.device());
-    at::Tensor q = at::tensor(at::ArrayRef<double>(qw), opts).to(kept.device());
-    out = out + (q * k.index_select(0, i) * k.index_select(0, j)).sum();
-  }
-  return out.to(kept.scalar_type());
+  return flops_form_->evaluate(kept).to(kept.scalar_type());
 }
 
 at::Tensor CostModel::official_flops_ratio(const at::Tensor& kept) const {
@@ -187,37 +213,50 @@ at::Tensor CostModel::official_flops_ratio(const at::Tensor& kept) const {
   if (kept.dim() != 1 || kept.size(0) != L)
     throw Error("CostModel::official_flops_ratio: expected kept counts of shape [" + std::to_string(L) + "], got " +
                 shape_str(kept));
-  // Family: MobileNetV2-style when a gated depthwise conv exists (numerator over every gated-block conv, with the
-  // quadratic depthwise term 9·(c/G)·c·HW), else ResNet-style (numerator = convs whose outputs are gated only).
-  bool mobilenet = false;
-  for (const auto& l : layers_)
-    if (is_depthwise(l) && l.in_gate >= 0) mobilenet = true;
-  // F(conv) = k²·(Cin/g)·Cout·HW + 3·Cout·HW; T_total over the convs touching a gate, at full width.
-  double total = 0;
-  std::vector<at::Tensor> terms;
-  at::Tensor k = kept.to(at::kDouble);
-  for (const auto& l : layers_) {
-    if (l.op != LayerOp::Conv || (l.in_gate < 0 && l.out_gate < 0)) continue;
-    const double k2 = static_cast<double>(l.kernel * l.kernel), hw = static_cast<double>(l.out_h * l.out_w);
-    const double cin = static_cast<double>(l.in_channels), cout = static_cast<double>(l.out_channels);
-    const double g = static_cast<double>(l.groups);
-    total += k2 * (cin / g) * cout * hw + 3.0 * cout * hw;
-    if (is_depthwise(l)) {
-      if (!mobilenet) continue;
-      at::Tensor c = k[l.in_gate];
-      terms.push_back(k2 * (c / g) * c * hw + 3.0 * c * hw);
-    } else if (l.out_gate >= 0) {
-      at::Tensor co = k[l.out_gate];
-      at::Tensor ci = l.in_gate >= 0 ? k[l.in_gate] : at::scalar_tensor(cin, k.options());
-      terms.push_back(k2 * ci / g * co * hw + 3.0 * co * hw);
-    } else if (mobilenet) {  // conv3: gated input, fixed output
-      at::Tensor ci = k[l.in_gate];
-      terms.push_back(k2 * ci / g * cout * hw + 3.0 * cout * hw);
+  if (!official_form_) {
+    // Family: MobileNetV2-style when a gated depthwise conv exists (numerator over every gated-block conv, with
+    // the quadratic depthwise term 9·(c/G)·c·HW), else ResNet-style (numerator = convs whose outputs are gated
+    // only). F(conv) = k²·(Cin/g)·Cout·HW + 3·Cout·HW; the denominator T_total sums the convs touching a gate
+    // at full width. The form holds numerator / T_total.
+    bool mobilenet = false;
+    for (const auto& l : layers_)
+      if (is_depthwise(l) && l.in_gate >= 0) mobilenet = true;
+    auto f = std::make_unique<QuadraticForm>();
+    f->lin.assign(static_cast<std::size_t>(L), 0.0);
+    double total = 0;
+    auto quad = [&](int64_t i, int64_t j, double w) {
+      f->qi.push_back(i);
+      f->qj.push_back(j);
+      f->qw.push_back(w);
+    };
+    for (const auto& l : layers_) {
+      if (l.op != LayerOp::Conv || (l.in_gate < 0 && l.out_gate < 0)) continue;
+      const double k2 = static_cast<double>(l.kernel * l.kernel), hw = static_cast<double>(l.out_h * l.out_w);
+      const double cin = static_cast<double>(l.in_channels), cout = static_cast<double>(l.out_channels);
+      const double g = static_cast<double>(l.groups);
+      total += k2 * (cin / g) * cout * hw + 3.0 * cout * hw;
+      const auto in = static_cast<std::size_t>(std::max<int64_t>(l.in_gate, 0));
+      const auto out = static_cast<std::size_t>(std::max<int64_t>(l.out_gate, 0));
+      if (is_depthwise(l)) {
+        if (!mobilenet) continue;
+        quad(l.in_gate, l.in_gate, k2 * hw / g);  // k2·(c/g)·c·hw + 3·c·hw, c = kept[in_gate]
+        f->lin[in] += 3.0 * hw;
+      } else if (l.out_gate >= 0) {
+        if (l.in_gate >= 0) quad(l.in_gate, l.out_gate, k2 * hw / g);
+        else f->lin[out] += k2 * cin / g * hw;
+        f->lin[out] += 3.0 * hw;
+      } else if (mobilenet) {  // conv3: gated input, fixed output
+        f->lin[in] += k2 * cout * hw / g;
+        f->c0 += 3.0 * cout * hw;
+      }
     }
+    if (total <= 0) throw Error("CostModel::official_flops_ratio: no gated conv in the layer list");
+    f->c0 /= total;
+    for (auto& a : f->lin) a /= total;
+    for (auto& q : f->qw) q /= total;
+    official_form_ = std::move(f);
   }
-  if (total <= 0) throw Error("CostModel::official_flops_ratio: no gated conv in the layer list");
-  at::Tensor num = terms.empty() ? at::zeros({}, k.options()) : at::stack(terms).sum();
-  return (num / total).to(kept.scalar_type());
+  return official_form_->evaluate(kept).to(kept.scalar_type());
 }
 
 at::Tensor CostModel::kept_per_layer(const at::Tensor& gates) const {

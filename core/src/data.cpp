@@ -178,9 +178,25 @@ BatchLoader::BatchLoader(const ImageSplit& split, int64_t batch_size, bool shuff
     // Keep the split on the device whole: batches are then gathered there without host copies.
     images_ = images_.contiguous().to(device_);
     labels_ = labels_.to(device_);
+    use_gather_path();
   }
   order_.resize(static_cast<std::size_t>(n_));
   std::iota(order_.begin(), order_.end(), 0);
+}
+
+void BatchLoader::use_gather_path() {
+  gather_ = true;
+  {
+    const int64_t C = images_.dim() == 4 ? images_.size(1) : 0;
+    std::vector<float> pad(static_cast<std::size_t>(C), 0.f);
+    for (int64_t c = 0; c < C && c < static_cast<int64_t>(aug_.pad_value.size()); ++c)
+      pad[static_cast<std::size_t>(c)] = static_cast<float>(aug_.pad_value[static_cast<std::size_t>(c)]);
+    pad_ = at::tensor(pad, at::kFloat).to(device_).view({1, C, 1, 1});
+    if (images_.dim() == 4) {
+      rows_ = at::arange(images_.size(2), at::TensorOptions().dtype(at::kLong).device(device_));
+      cols_ = at::arange(images_.size(3), at::TensorOptions().dtype(at::kLong).device(device_));
+    }
+  }
 }
 
 int64_t BatchLoader::num_batches() const {
@@ -193,12 +209,31 @@ void BatchLoader::start_epoch(uint64_t seed, int64_t epoch) {
   epoch_ = epoch;
   std::iota(order_.begin(), order_.end(), 0);
   if (shuffle_) shuffle(order_, mix_seed(seed, 0xE90C, static_cast<uint64_t>(epoch)));
+  if (!gather_) return;
+  // On an accelerator the whole epoch's plan goes over once: order, crop offsets and flips for every sample
+  // (the same numbers the CPU path draws per batch), so get() makes no host-to-device copy and no
+  // synchronisation.
+  const int64_t nb = num_batches();
+  std::vector<int64_t> plan(static_cast<std::size_t>(4 * n_), 0);
+  const int64_t p = aug_.crop_padding;
+  for (int64_t i = 0; i < nb; ++i) {
+    const int64_t begin = i * batch_size_, end = std::min(n_, begin + batch_size_);
+    SplitMix r{mix_seed(seed_, static_cast<uint64_t>(epoch_), static_cast<uint64_t>(i) + 0xA11CE)};
+    for (int64_t k = begin; k < end; ++k) {
+      plan[static_cast<std::size_t>(k)] = order_[static_cast<std::size_t>(k)];
+      plan[static_cast<std::size_t>(n_ + k)] = p ? static_cast<int64_t>(r.below(2 * p + 1)) - p : 0;
+      plan[static_cast<std::size_t>(2 * n_ + k)] = p ? static_cast<int64_t>(r.below(2 * p + 1)) - p : 0;
+      plan[static_cast<std::size_t>(3 * n_ + k)] = aug_.horizontal_flip ? static_cast<int64_t>(r.below(2)) : 0;
+    }
+  }
+  plan_ = at::tensor(plan, at::kLong).view({4, n_}).to(device_);
 }
 
 Batch BatchLoader::get(int64_t i) const {
   int64_t begin = i * batch_size_;
   int64_t end = std::min(n_, begin + batch_size_);
   int64_t b = end - begin;
+  if (gather_) return get_on_device(begin, b);
   std::vector<int64_t> idx(order_.begin() + begin, order_.begin() + end);
   bool augment = aug_.crop_padding > 0 || aug_.horizontal_flip;
   at::Tensor index = at::tensor(idx, at::kLong).to(labels_.device());
@@ -247,21 +282,28 @@ Batch BatchLoader::get(int64_t i) const {
 #endif
     return {out, y, index};
   }
-  // On an accelerator: one gather over index grids, no per-sample kernels.
-  auto dev = images_.device();
-  auto ix = at::tensor(idx, at::kLong).to(dev);
-  auto opt_l = at::TensorOptions().dtype(at::kLong).device(dev);
-  auto hs = at::arange(H, opt_l).view({1, H}) + at::tensor(dy, at::kLong).to(dev).view({b, 1});
-  auto ws0 = at::arange(W, opt_l).view({1, W});
-  auto fl = at::tensor(std::vector<int64_t>(flip.begin(), flip.end()), at::kLong).to(dev).view({b, 1});
-  auto ws = at::where(fl.to(at::kBool), (W - 1) - ws0, ws0) + at::tensor(dx, at::kLong).to(dev).view({b, 1});
-  auto valid = ((hs >= 0) & (hs < H)).view({b, 1, H, 1}) & ((ws >= 0) & (ws < W)).view({b, 1, 1, W});
-  auto hc = hs.clamp(0, H - 1), wc = ws.clamp(0, W - 1);
-  auto src = images_.index_select(0, ix);  // [b,C,H,W]
-  auto rows = src.gather(2, hc.view({b, 1, H, 1}).expand({b, C, H, W}));
-  auto x = rows.gather(3, wc.view({b, 1, 1, W}).expand({b, C, H, W}));
-  auto padv = at::tensor(pad, at::kFloat).to(dev).view({1, C, 1, 1}).expand({b, C, H, W});
-  return {at::where(valid.expand({b, C, H, W}), x, padv), y, index};
+  throw Error("BatchLoader: unreachable");
+}
+
+// On an accelerator: slices of the epoch plan, then one gather over index grids; no per-sample kernels, no
+// host data.
+Batch BatchLoader::get_on_device(int64_t begin, int64_t b) const {
+  if (!plan_.defined()) throw Error("BatchLoader::get before start_epoch");
+  at::Tensor plan = plan_.narrow(1, begin, b);
+  at::Tensor index = plan[0];
+  at::Tensor y = labels_.index_select(0, index);
+  const bool augment = aug_.crop_padding > 0 || aug_.horizontal_flip;
+  at::Tensor src = images_.index_select(0, index);  // [b,C,H,W]
+  if (!augment) return {src, y, index};
+  const int64_t C = images_.size(1), H = images_.size(2), W = images_.size(3);
+  at::Tensor hs = rows_.view({1, H}) + plan[1].view({b, 1});
+  at::Tensor ws0 = cols_.view({1, W});
+  at::Tensor ws = at::where(plan[3].view({b, 1}).to(at::kBool), (W - 1) - ws0, ws0) + plan[2].view({b, 1});
+  at::Tensor valid = ((hs >= 0) & (hs < H)).view({b, 1, H, 1}) & ((ws >= 0) & (ws < W)).view({b, 1, 1, W});
+  at::Tensor hc = hs.clamp(0, H - 1), wc = ws.clamp(0, W - 1);
+  at::Tensor rows = src.gather(2, hc.view({b, 1, H, 1}).expand({b, C, H, W}));
+  at::Tensor x = rows.gather(3, wc.view({b, 1, 1, W}).expand({b, C, H, W}));
+  return {at::where(valid.expand({b, C, H, W}), x, pad_.expand({b, C, H, W})), y, index};
 }
 
 }  // namespace isp

@@ -1,7 +1,9 @@
 // Pipeline runner: recipe -> plugins -> frozen registry -> nodes and stages -> stages executed in order, with
 // resume (--resume), reruns of changed stages (--force) and reuse of another run's stages (--reuse).
+#include "isp/accel.h"
 #include "isp/runner.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <torch/cuda.h>
 #include <torch/utils.h>
@@ -66,9 +68,13 @@ void load_recipe_plugins(Registry& reg, const Recipe& r) {
 Runtime apply_runtime(const Recipe& r) {
   json rt = r.doc.value("runtime", json::object());
   if (!rt.is_object()) throw RecipeError(r.where("/runtime"), "expected an object");
+  static const std::set<std::string> known = {"threads", "device", "deterministic", "precision", "channels_last",
+                                               "cuda_graphs"};
   for (auto it = rt.begin(); it != rt.end(); ++it)
-    if (it.key() != "threads" && it.key() != "device" && it.key() != "deterministic")
-      throw RecipeError(r.where("/runtime/" + it.key()), "unknown runtime setting (known: threads, device, deterministic)");
+    if (!known.count(it.key()))
+      throw RecipeError(r.where("/runtime/" + it.key()),
+                        "unknown runtime setting (known: threads, device, deterministic, precision, channels_last, "
+                        "cuda_graphs)");
   Runtime out;
   out.threads = 0;
   if (rt.contains("threads")) {
@@ -88,6 +94,41 @@ Runtime apply_runtime(const Recipe& r) {
   }
   if (out.device.is_cuda() && !torch::cuda::is_available())
     throw RecipeError(r.where("/runtime/device"), "CUDA requested but this LibTorch sees no CUDA device");
+  bool deterministic = false;
+  if (rt.contains("deterministic")) {
+    if (!rt["deterministic"].is_boolean())
+      throw RecipeError(r.where("/runtime/deterministic"), "expected true or false, got " + rt["deterministic"].dump());
+    deterministic = rt["deterministic"];
+  }
+  // Speed settings (docs/performance.md). "auto" = what bench/gpu_phases.sh measured fastest at the same
+  // accuracy: on CUDA channels_last and CUDA graphs, on the CPU neither; precision stays fp32 unless asked.
+  const bool cuda = out.device.is_cuda();
+  auto on_off_auto = [&](const char* key, bool auto_value) {
+    if (!rt.contains(key)) return auto_value;
+    const json& v = rt[key];
+    if (v.is_boolean()) return v.get<bool>();
+    if (v.is_string() && v.get<std::string>() == "auto") return auto_value;
+    throw RecipeError(r.where(std::string("/runtime/") + key), "expected true, false or \"auto\", got " + v.dump());
+  };
+  out.speed.channels_last = on_off_auto("channels_last", cuda);
+  out.speed.cuda_graphs = on_off_auto("cuda_graphs", cuda && cuda_graphs_supported() && !deterministic);
+  if (out.speed.cuda_graphs && !cuda)
+    throw RecipeError(r.where("/runtime/cuda_graphs"), "CUDA graphs need runtime.device cuda; the device is " +
+                                                           out.device.str());
+  if (out.speed.cuda_graphs && !cuda_graphs_supported())
+    throw RecipeError(r.where("/runtime/cuda_graphs"), "this build of isp has no CUDA support");
+  const std::string precision = rt.value("precision", std::string("fp32"));
+  if (precision != "fp32" && precision != "bf16")
+    throw RecipeError(r.where("/runtime/precision"), "expected \"fp32\" or \"bf16\", got " + rt["precision"].dump());
+  out.speed.bf16 = precision == "bf16";
+  if (out.speed.bf16 && !cuda)
+    throw RecipeError(r.where("/runtime/precision"), "bf16 autocast is implemented for CUDA devices only; the device is " +
+                                                         out.device.str());
+  if (cuda) {
+    // cuDNN autotuning picks the fastest convolution algorithms; its choice can differ run to run.
+    at::globalContext().setBenchmarkCuDNN(!deterministic);
+    at::globalContext().setDeterministicCuDNN(deterministic);
+  }
   return out;
 }
 
@@ -235,6 +276,7 @@ int execute(RunFolder& f, std::vector<detail::PlannedStage>& plan, const Runtime
     rc.stage_type = p.type;
     rc.stage_dir = f.dir + "/" + p.name;
     rc.device = rt.device;
+    rc.speed = rt.speed;
     rc.seed = p.seed;
     rc.resume = resume;
     rc.resolved_recipe = resolved;
@@ -267,6 +309,8 @@ int execute(RunFolder& f, std::vector<detail::PlannedStage>& plan, const Runtime
     for (auto it = rc.summary.begin(); it != rc.summary.end(); ++it) f.summary[it.key()] = it.value();
     f.summary["device"] = rt.device.str();
     f.summary["threads"] = at::get_num_threads();
+    f.summary["speed"] = {{"precision", rt.speed.bf16 ? "bf16" : "fp32"}, {"channels_last", rt.speed.channels_last},
+                          {"cuda_graphs", rt.speed.cuda_graphs}};
     f.save_summary();
     f.state["completed"].push_back(p.name);
     f.save_state();

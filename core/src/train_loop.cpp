@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -14,6 +15,7 @@
 
 #include "isp/checkpoint.h"
 #include "isp/data.h"
+#include "isp/optim.h"
 #include "isp/registry/recipe.h"
 #include "isp/train.h"
 
@@ -61,6 +63,13 @@ std::string describe_metric(const std::string& name, double v) {
   else std::snprintf(b, sizeof b, "%s %.4f", name.c_str(), v);
   return b;
 }
+constexpr int64_t kTimingWarmupSteps = 20;
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
 }  // namespace
 
 void TrainLoopHooks::checkpoint(torch::nn::Module& module, torch::optim::Optimizer& optimizer, const std::string& name) {
@@ -70,6 +79,19 @@ void TrainLoopHooks::checkpoint(torch::nn::Module& module, torch::optim::Optimiz
   };
   load = [&module, &optimizer, name](CheckpointReader& r) {
     r.module(name, module);
+    r.optimizer("optimizer", optimizer);
+  };
+  save_best = [&module, name](CheckpointWriter& w) { w.module(name, module); };
+}
+
+void TrainLoopHooks::checkpoint(torch::nn::Module& module, FlatOptimizer& optimizer, const std::string& name) {
+  save = [&module, &optimizer, name](CheckpointWriter& w) {
+    w.module(name, module);
+    w.optimizer("optimizer", optimizer);
+  };
+  load = [&module, &optimizer, name](CheckpointReader& r) {
+    r.module(name, module);  // Module::load replaces the parameters' storage ...
+    optimizer.relink();      // ... so they become views into the optimizer's buffer again
     r.optimizer("optimizer", optimizer);
   };
   save_best = [&module, name](CheckpointWriter& w) { w.module(name, module); };
@@ -152,6 +174,12 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
     loader.start_epoch(ctx.seed, epoch);
     const double t_epoch = now_seconds();
     at::Tensor dev_sums = torch::zeros({static_cast<int64_t>(k)}, dopt);
+    // Step timing between progress reads (each one a host synchronisation): windows that start after the
+    // process's first kTimingWarmupSteps steps (CUDA-graph capture, cuDNN autotuning) give the medians.
+    double t_window = -1;
+    int64_t window_steps = 0, window_images = 0, window_first_step = 0;
+    std::vector<double> window_step_ms, window_images_per_s;
+    int64_t timed_steps = 0;
     for (int64_t step = (epoch == start_epoch ? start_step : 0); step < steps_per_epoch; ++step) {
       Batch b = loader.get(step);
       dev_sums += h.step(b).detach().to(torch::kDouble).reshape({static_cast<int64_t>(k)}) * static_cast<double>(b.size());
@@ -159,10 +187,21 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
       res.images_seen += b.size();
       if (++steps_this_process == interrupt_after && ctx.interrupted) ctx.interrupted->store(true);
       const bool last_step = step + 1 == steps_per_epoch;
+      ++window_steps;
+      window_images += b.size();
       if (last_step || step % spec.progress_every == 0 || ctx.stop_requested()) {
         at::Tensor host = dev_sums.cpu();
         for (std::size_t j = 0; j < k; ++j) sums[j] += host[static_cast<int64_t>(j)].item<double>();
         dev_sums.zero_();
+        const double t_now = now_seconds();
+        if (t_window >= 0 && window_first_step >= kTimingWarmupSteps && window_steps > 0) {
+          window_step_ms.push_back(1000.0 * (t_now - t_window) / static_cast<double>(window_steps));
+          window_images_per_s.push_back(static_cast<double>(window_images) / std::max(1e-9, t_now - t_window));
+          timed_steps += window_steps;
+        }
+        t_window = t_now;
+        window_steps = window_images = 0;
+        window_first_step = steps_this_process;
         const int64_t done = epoch * steps_per_epoch + step + 1;
         const double per_step = (now_seconds() - t_process) /
                                 static_cast<double>(std::max<int64_t>(1, done - start_epoch * steps_per_epoch - start_step));
@@ -193,6 +232,11 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
       text += " " + describe_metric(spec.metrics[j], sums[j] / denom);
     }
     line["images_per_s"] = static_cast<double>(seen_in_epoch) / std::max(1e-9, epoch_seconds);
+    if (!window_step_ms.empty()) {
+      line["step_ms_median"] = median_of(window_step_ms);
+      line["images_per_s_median"] = median_of(window_images_per_s);
+      line["timed_steps"] = timed_steps;
+    }
     const bool eval_now = (epoch + 1) % spec.eval_every == 0 || epoch + 1 == spec.epochs;
     if (eval_now && h.evaluate) {
       json val = h.evaluate(epoch);

@@ -13,12 +13,15 @@ namespace torch { namespace nn { class Module; } namespace optim { class Optimiz
 
 namespace isp {
 
+class FlatOptimizer;
+
 class ISP_API CheckpointWriter {
  public:
   CheckpointWriter();
   ~CheckpointWriter();
   void module(const std::string& name, const torch::nn::Module& m);
   void optimizer(const std::string& name, const torch::optim::Optimizer& o);
+  void optimizer(const std::string& name, const FlatOptimizer& o);  // its state as tensors "<name>.<entry>"
   void tensor(const std::string& name, const at::Tensor& t);
   void meta(const json& j);
   void save_atomic(const std::string& path);
@@ -35,6 +38,7 @@ class ISP_API CheckpointReader {
   const std::string& path() const;
   void module(const std::string& name, torch::nn::Module& m);
   void optimizer(const std::string& name, torch::optim::Optimizer& o);
+  void optimizer(const std::string& name, FlatOptimizer& o);
   at::Tensor tensor(const std::string& name);
   const json& meta() const;
  private:

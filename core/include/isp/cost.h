@@ -1,6 +1,7 @@
 #pragma once
 // FLOPs and parameter counting (docs/method.md §1e, §3.3, §8) from the layer list a backbone declares, and the
 // channel surgery that turns a gated network into a physically smaller one (docs/method.md §1e).
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,9 @@ struct CostSummary {
 class ISP_API CostModel {
  public:
   explicit CostModel(std::vector<LayerShape> layers, std::vector<GatedLayer> gated);
+  ~CostModel();
+  CostModel(const CostModel& o);  // copies the layer list; coefficient caches are rebuilt on use
+  CostModel& operator=(const CostModel&) = delete;
   // Exact counts when gated layer l keeps widths[l] channels (empty = full widths).
   CostSummary count(const std::vector<int64_t>& widths = {}) const;
   // Differentiable whole-network FLOPs: `kept` is [L] (float; kept channels per gated layer, e.g. the sum of
@@ -48,6 +52,8 @@ class ISP_API CostModel {
   std::vector<LayerShape> layers_;
   std::vector<GatedLayer> gated_;
   CostSummary full_;
+  struct QuadraticForm;
+  mutable std::unique_ptr<QuadraticForm> flops_form_, official_form_;  // built on first use, per device
 };
 
 // Builds the smaller network: gated.with_widths(kept counts), every channel group sliced to the kept indices,

@@ -27,6 +27,9 @@ class ISP_API BatchLoader {
   void start_epoch(uint64_t seed, int64_t epoch);
   // Batch i of the current epoch; augmentation noise derived from (seed, epoch, i).
   Batch get(int64_t i) const;
+  // The accelerator's path (the epoch's plan uploaded once, batches gathered by index grids) on any device;
+  // automatic off the CPU. Tests use it to check that both paths give the same batches.
+  void use_gather_path();
 
  private:
   at::Tensor images_, labels_;
@@ -34,7 +37,11 @@ class ISP_API BatchLoader {
   bool shuffle_, drop_last_;
   Augmentation aug_;
   c10::Device device_;
+  Batch get_on_device(int64_t begin, int64_t b) const;
   std::vector<int64_t> order_;
+  bool gather_ = false;
+  at::Tensor plan_;               // accelerator: [4, n] order, row offset, column offset, flip for the epoch
+  at::Tensor pad_, rows_, cols_;  // accelerator: pad values [1,C,1,1], arange(H), arange(W)
   uint64_t seed_ = 0;
   int64_t epoch_ = 0;
 };

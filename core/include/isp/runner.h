@@ -32,6 +32,7 @@ struct RunOptions {
 struct Runtime {
   c10::Device device = c10::Device(c10::kCPU);
   int threads = 1;
+  SpeedSettings speed;
 };
 
 // Loads the recipe's `plugins` entries (files or folders, relative to the recipe) into `reg`.

@@ -19,6 +19,7 @@ namespace optim { class Optimizer; }
 namespace isp {
 
 class CheckpointWriter;
+class FlatOptimizer;
 class CheckpointReader;
 class BatchLoader;
 struct Batch;
@@ -46,6 +47,8 @@ struct TrainLoopHooks {
   std::function<void(CheckpointWriter&)> save_best;   // what best.pt holds (required with score)
   // The common case: save/load = the module (as `name`) and its optimiser, save_best = the module.
   ISP_API void checkpoint(torch::nn::Module& module, torch::optim::Optimizer& optimizer, const std::string& name = "model");
+  // The same for a flat optimizer; after loading the module, its parameters are linked back into the buffer.
+  ISP_API void checkpoint(torch::nn::Module& module, FlatOptimizer& optimizer, const std::string& name = "model");
 };
 struct TrainLoopResult {
   int64_t best_epoch = -1;  // -1: no evaluated epoch was a candidate (best.pt absent)

@@ -2,6 +2,8 @@
 
 #include "isp/checkpoint.h"
 #include "isp/train.h"
+#include "isp/accel.h"
+#include "isp/optim.h"
 
 namespace isp_prune {
 
@@ -17,7 +19,10 @@ at::Tensor PruneChannels::learn_gates(const isp::ImageSplit& subset, isp::RunCon
   const double max_ratio = o_.max_flops_ratio > 0 ? o_.max_flops_ratio
                            : budget_->active()    ? budget_->spec().target + o_.budget_tolerance
                                                   : 1.0;
-  torch::optim::AdamW opt(pruner_->parameters(), torch::optim::AdamWOptions(o_.lr).weight_decay(o_.weight_decay));
+  isp::apply_memory_format(*gated_, ctx.speed);
+  if (gated_selector_) isp::apply_memory_format(*gated_selector_, ctx.speed);
+  // torch.optim.AdamW's defaults (betas 0.9/0.999, eps 1e-8), decoupled weight decay.
+  isp::FlatAdam opt(pruner_->parameters(), isp::FlatAdamOptions{o_.lr, 0.9, 0.999, 1e-8, o_.weight_decay, true});
   isp::BatchLoader loader(subset, o_.batch_size, true, isp::Augmentation{}, dev);
   isp::TrainLoopSpec spec;
   spec.epochs = o_.epochs;
@@ -40,8 +45,8 @@ at::Tensor PruneChannels::learn_gates(const isp::ImageSplit& subset, isp::RunCon
   };
   // Everything stays on the device: gate noise, the FLOPs terms and the interpretation term are batched tensor
   // ops, and nothing is read back inside a step.
-  hooks.step = [&](const isp::Batch& b) {
-    at::Tensor x = b.x.to(dev), y = b.y.to(dev), bi = b.index.to(dev);
+  isp::TrainStep step(ctx, [&](const isp::Batch& b) {
+    const at::Tensor &x = b.x, &y = b.y, &bi = b.index;
     isp::LossInputs in;
     gated_->set_gates(pruner_->soft_gates());
     isp::BackboneFeatures f = gated_->forward_features(x);
@@ -80,7 +85,8 @@ at::Tensor PruneChannels::learn_gates(const isp::ImageSplit& subset, isp::RunCon
     loss.backward();
     opt.step();
     return torch::stack(parts);
-  };
+  });
+  hooks.step = [&](const isp::Batch& b) { return step(b); };
   hooks.checkpoint(*pruner_, opt, "pruner");
   // The terms' own state (e.g. the Lagrange multiplier) travels with the checkpoint, restored in place.
   hooks.save = [&, base = hooks.save](isp::CheckpointWriter& w) {

@@ -22,6 +22,8 @@
 #include "isp/registry/plugin.h"
 #include "isp/registry/recipe.h"
 #include "isp/train.h"
+#include "isp/accel.h"
+#include "isp/optim.h"
 
 namespace fs = std::filesystem;
 
@@ -107,9 +109,10 @@ class TrainPredictor : public isp::Stage {
     classifier_->to(ctx.device);
     classifier_->eval();
     predictor_->to(ctx.device);
-    torch::optim::Adam adam(predictor_->parameters(), torch::optim::AdamOptions(opt_.adam.lr)
-                                                          .betas({opt_.adam.beta1, opt_.adam.beta2})
-                                                          .weight_decay(opt_.adam.weight_decay));
+    isp::apply_memory_format(*classifier_, ctx.speed);
+    isp::apply_memory_format(*predictor_, ctx.speed);
+    isp::FlatAdam adam(predictor_->parameters(), isp::FlatAdamOptions{opt_.adam.lr, opt_.adam.beta1, opt_.adam.beta2,
+                                                                      1e-8, opt_.adam.weight_decay, false});
     isp::BatchLoader train(data.train, opt_.batch_size, /*shuffle=*/true, isp::augmentation_by_name(opt_.augmentation, data),
                            ctx.device);
     const bool has_val = data.val.size() > 0;
@@ -125,8 +128,8 @@ class TrainPredictor : public isp::Stage {
       predictor_->train();
       return isp::json{{"lr", opt_.adam.lr}};
     };
-    hooks.step = [&](const isp::Batch& b) {
-      at::Tensor x = b.x.to(ctx.device);
+    isp::TrainStep step(ctx, [&](const isp::Batch& b) {
+      const at::Tensor& x = b.x;
       at::Tensor target;
       {
         torch::NoGradGuard ng;
@@ -138,7 +141,8 @@ class TrainPredictor : public isp::Stage {
       loss.backward();
       adam.step();
       return loss.detach().reshape({1});
-    };
+    });
+    hooks.step = [&](const isp::Batch& b) { return step(b); };
     hooks.checkpoint(*predictor_, adam);
     if (has_val) {
       hooks.evaluate = [&](int64_t) {

@@ -21,6 +21,8 @@
 #include "isp/registry/plugin.h"
 #include "isp/registry/recipe.h"
 #include "isp/train.h"
+#include "isp/accel.h"
+#include "isp/optim.h"
 
 namespace fs = std::filesystem;
 
@@ -111,9 +113,11 @@ class TrainSelector : public isp::Stage {
     predictor_->eval();
     isp::FrozenParameters frozen_pred(*predictor_), frozen_cls(*classifier_);
     // selector_->parameters(): filter + decoder + head; the encoder is not a registered submodule.
-    torch::optim::Adam adam(selector_->parameters(), torch::optim::AdamOptions(opt_.adam.lr)
-                                                         .betas({opt_.adam.beta1, opt_.adam.beta2})
-                                                         .weight_decay(opt_.adam.weight_decay));
+    isp::apply_memory_format(*classifier_, ctx.speed);
+    isp::apply_memory_format(*predictor_, ctx.speed);
+    isp::apply_memory_format(*selector_, ctx.speed);
+    isp::FlatAdam adam(selector_->parameters(), isp::FlatAdamOptions{opt_.adam.lr, opt_.adam.beta1, opt_.adam.beta2,
+                                                                     1e-8, opt_.adam.weight_decay, false});
     isp::BatchLoader train(data.train, opt_.batch_size, /*shuffle=*/true, isp::augmentation_by_name(opt_.augmentation, data),
                            ctx.device);
     const bool has_val = data.val.size() > 0;
@@ -129,8 +133,8 @@ class TrainSelector : public isp::Stage {
       selector_->train();
       return isp::json{{"lr", opt_.adam.lr}};
     };
-    hooks.step = [&](const isp::Batch& b) {
-      at::Tensor x = b.x.to(ctx.device), y = b.y.to(ctx.device);
+    isp::TrainStep step(ctx, [&](const isp::Batch& b) {
+      const at::Tensor &x = b.x, &y = b.y;
       at::Tensor z;
       {
         torch::NoGradGuard ng;
@@ -159,7 +163,8 @@ class TrainSelector : public isp::Stage {
       loss.backward();
       adam.step();
       return torch::stack(parts);
-    };
+    });
+    hooks.step = [&](const isp::Batch& b) { return step(b); };
     hooks.checkpoint(*selector_, adam);
     if (has_val) {
       hooks.evaluate = [&](int64_t) {

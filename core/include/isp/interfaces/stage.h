@@ -26,12 +26,20 @@ struct StageRecord {
   json summary = json::object();
 };
 
+// The recipe's runtime speed settings (docs/performance.md), resolved for the run's device.
+struct SpeedSettings {
+  bool bf16 = false;           // runtime.precision "bf16": bfloat16 autocast in training steps (CUDA)
+  bool channels_last = false;  // runtime.channels_last: NHWC weights and inputs
+  bool cuda_graphs = false;    // runtime.cuda_graphs: each training step captured once, then replayed (CUDA)
+};
+
 struct RunContext {
   std::string run_dir;     // the work dir of the whole run
   std::string stage_dir;   // run_dir/<stage name>
   std::string stage_name;
   std::string stage_type;  // the registered type of the stage ("isp::PruneChannels")
   c10::Device device = c10::Device(c10::kCPU);
+  SpeedSettings speed;
   uint64_t seed = 1;       // this stage's seed: the runner seeds torch with it before run()
   bool resume = false;
   json resolved_recipe;

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Times every training phase of the ISP pipeline (classifier, AEM predictor, AEM selector, gate learning,
+# finetuning) for ResNet-56 and MobileNetV2 on CIFAR-sized synthetic data, under each speed setting, and prints
+# one table beside the official PyTorch code's figures (docs/performance.md).
+#
+#   bench/gpu_phases.sh              # CUDA: builds with scripts/build_cuda.sh unless ISP_BIN is set
+#   bench/gpu_phases.sh --cpu        # the same phases on the CPU, eager fp32 (uses build/bin/isp)
+#
+# Environment: ISP_BIN (the isp binary), OUT_DIR (default work_dirs/gpu_phases), STEPS (steps per phase;
+# default 100 on CUDA, 50 on the CPU), ARCHS (default "resnet56 mobilenetv2"), CONFIGS (names below).
+# Each phase runs STEPS steps of one epoch; the training loop times windows of 10 steps between its
+# progress reads (each a device synchronisation) after 20 warm-up steps, and reports the median
+# (step_ms_median, images_per_s_median in <run>/metrics.jsonl).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode=cuda
+[ "${1:-}" = "--cpu" ] && mode=cpu
+OUT_DIR=${OUT_DIR:-work_dirs/gpu_phases}
+ARCHS=${ARCHS:-resnet56 mobilenetv2}
+if [ "$mode" = cuda ]; then
+  STEPS=${STEPS:-100}
+  CONFIGS=${CONFIGS:-eager_fp32 graphs_fp32 graphs_cl_fp32 graphs_cl_bf16 eager_cl_bf16}
+  if [ -z "${ISP_BIN:-}" ]; then
+    bash scripts/build_cuda.sh build-cuda
+    ISP_BIN=build-cuda/bin/isp
+  fi
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+else
+  STEPS=${STEPS:-50}
+  CONFIGS=${CONFIGS:-cpu_eager_fp32}
+  ISP_BIN=${ISP_BIN:-build/bin/isp}
+fi
+[ -x "$ISP_BIN" ] || { echo "error: $ISP_BIN not found (build first)" >&2; exit 2; }
+
+settings() {  # runtime settings of a configuration, as --set arguments
+  case "$1" in
+    eager_fp32)     echo 'runtime.device="cuda" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="fp32"' ;;
+    eager_cl_bf16)  echo 'runtime.device="cuda" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="bf16"' ;;
+    graphs_fp32)    echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=false runtime.precision="fp32"' ;;
+    graphs_cl_fp32) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="fp32"' ;;
+    graphs_cl_bf16) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="bf16"' ;;
+    cpu_eager_fp32) echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="fp32"' ;;
+    *) echo "unknown configuration $1" >&2; exit 2 ;;
+  esac
+}
+
+mkdir -p "$OUT_DIR"
+failed=0
+for arch in $ARCHS; do
+  for cfg in $CONFIGS; do
+    dir="$OUT_DIR/$arch-$cfg"
+    rm -rf "$dir"
+    sets=()
+    for s in $(settings "$cfg"); do sets+=(--set "$s"); done
+    for stage in classifier predictor selector prune finetune; do
+      sets+=(--set "nodes.$stage.max_steps_per_epoch=$STEPS")
+    done
+    t0=$SECONDS
+    if "$ISP_BIN" run "bench/recipes/gpu_phases_$arch.json" --work-dir "$dir" "${sets[@]}" >"$OUT_DIR/$arch-$cfg.log" 2>&1; then
+      printf '%-12s %-16s ok   %4d s\n' "$arch" "$cfg" "$((SECONDS - t0))"
+    else
+      failed=1
+      printf '%-12s %-16s FAILED (log: %s)\n' "$arch" "$cfg" "$OUT_DIR/$arch-$cfg.log"
+      tail -n 15 "$OUT_DIR/$arch-$cfg.log" | sed 's/^/    /'
+    fi
+  done
+done
+python3 bench/phase_table.py "$OUT_DIR" --archs $ARCHS --configs $CONFIGS | tee "$OUT_DIR/table.md"
+exit $failed

@@ -1,0 +1,55 @@
+#pragma once
+// The speed path of training steps (docs/performance.md): channels_last layout, bfloat16 autocast and CUDA
+// graphs. Each is a runtime setting (RunContext::speed); on the CPU only channels_last applies.
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include <ATen/core/Tensor.h>
+
+#include "isp/data.h"
+#include "isp/interfaces/stage.h"
+
+namespace torch { namespace nn { class Module; } }
+
+namespace isp {
+
+// Makes the 4-D parameters and buffers of `m` channels_last (NHWC) when `speed.channels_last`; otherwise does
+// nothing. Call before building an optimizer over `m` (FlatOptimizer keeps the layout it finds).
+ISP_API void apply_memory_format(torch::nn::Module& m, const SpeedSettings& speed);
+// The input layout that goes with it.
+ISP_API at::Tensor apply_memory_format(const at::Tensor& x, const SpeedSettings& speed);
+
+// One training step: forward, backward and optimizer update, returning detached metrics on the device.
+//
+// Eager by default. With speed.cuda_graphs on a CUDA device the body runs eagerly for a few warm-up calls on a
+// side stream (cuDNN picks its algorithms, optimizer state and autocast caches exist), is then captured once
+// into a CUDA graph over static input tensors, and every later call copies the batch into those tensors and
+// replays the graph: one launch instead of a thousand. A batch of another shape (the last, smaller batch of
+// an epoch) runs eagerly. The body must therefore be capturable: no host reads (.item(), .cpu()), no tensors
+// made from host data, random numbers only from the device generator, learning rates held in device tensors
+// (FlatOptimizer). With speed.bf16 the body runs under bfloat16 autocast.
+class ISP_API TrainStep {
+ public:
+  using Body = std::function<at::Tensor(const Batch&)>;
+  TrainStep(const RunContext& ctx, Body body);
+  ~TrainStep();
+  TrainStep(const TrainStep&) = delete;
+  TrainStep& operator=(const TrainStep&) = delete;
+  at::Tensor operator()(const Batch& b);
+  bool captured() const;
+  // Number of calls that ran eagerly before capture.
+  static constexpr int kWarmupCalls = 3;
+
+  struct Graph;  // CUDA only (accel_cuda.cpp)
+ private:
+  SpeedSettings speed_;
+  c10::Device device_;
+  Body body_;
+  std::unique_ptr<Graph> graph_;
+};
+
+// Whether this build can capture CUDA graphs (LibTorch with CUDA).
+ISP_API bool cuda_graphs_supported();
+
+}  // namespace isp

@@ -1,0 +1,191 @@
+// Speed settings of training steps: channels_last, bfloat16 autocast and CUDA-graph capture (isp/accel.h).
+#include "isp/accel.h"
+
+#include <torch/nn/module.h>
+#include <torch/version.h>
+
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <string>
+
+#if ISP_TORCH_WITH_CUDA
+#include <ATen/autocast_mode.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "isp/registry/error.h"
+
+namespace isp {
+
+void apply_memory_format(torch::nn::Module& m, const SpeedSettings& speed) {
+  if (!speed.channels_last) return;
+  at::NoGradGuard ng;
+  for (auto& p : m.parameters())
+    if (p.dim() == 4) p.set_data(p.detach().contiguous(at::MemoryFormat::ChannelsLast));
+  for (auto& b : m.buffers())
+    if (b.dim() == 4) b.set_data(b.contiguous(at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor apply_memory_format(const at::Tensor& x, const SpeedSettings& speed) {
+  return speed.channels_last && x.dim() == 4 ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
+}
+
+#if ISP_TORCH_WITH_CUDA
+
+bool cuda_graphs_supported() { return true; }
+
+namespace {
+// bfloat16 autocast on CUDA for a scope. The cast cache is off under graph capture: cached casts would live
+// outside the graph's memory pool.
+class Bf16Autocast {
+ public:
+  Bf16Autocast(bool on, bool cache) : on_(on) {
+    if (!on_) return;
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    prev_enabled_ = at::autocast::is_autocast_enabled(at::kCUDA);
+    prev_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
+    at::autocast::set_autocast_enabled(at::kCUDA, true);
+    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+#else
+    prev_enabled_ = at::autocast::is_enabled();
+    prev_dtype_ = at::autocast::get_autocast_gpu_dtype();
+    at::autocast::set_enabled(true);
+    at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+#endif
+    prev_cache_ = at::autocast::is_autocast_cache_enabled();
+    at::autocast::set_autocast_cache_enabled(cache);
+    at::autocast::increment_nesting();
+  }
+  ~Bf16Autocast() {
+    if (!on_) return;
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_cache_enabled(prev_cache_);
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_enabled(at::kCUDA, prev_enabled_);
+    at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype_);
+#else
+    at::autocast::set_enabled(prev_enabled_);
+    at::autocast::set_autocast_gpu_dtype(prev_dtype_);
+#endif
+  }
+  Bf16Autocast(const Bf16Autocast&) = delete;
+  Bf16Autocast& operator=(const Bf16Autocast&) = delete;
+
+ private:
+  bool on_;
+  bool prev_enabled_ = false, prev_cache_ = true;
+  at::ScalarType prev_dtype_ = at::kHalf;
+};
+}  // namespace
+
+struct TrainStep::Graph {
+  explicit Graph(c10::DeviceIndex index) : side(c10::cuda::getStreamFromPool(false, index)) {}
+  at::cuda::CUDAGraph graph;
+  c10::cuda::CUDAStream side;  // warm-up and capture run here (CUDA cannot capture the legacy default stream)
+  std::vector<int64_t> shape;  // the batch shape the graph is for
+  Batch statics;               // the graph reads its inputs from these tensors ...
+  at::Tensor out;              // ... and writes its metrics here
+  int calls = 0;
+  bool captured = false;
+};
+
+TrainStep::TrainStep(const RunContext& ctx, Body body)
+    : speed_(ctx.speed), device_(ctx.device), body_(std::move(body)) {
+  if (speed_.cuda_graphs && device_.is_cuda()) graph_ = std::make_unique<Graph>(device_.index());
+}
+
+at::Tensor TrainStep::operator()(const Batch& batch) {
+  const Batch in{apply_memory_format(batch.x, speed_), batch.y, batch.index};
+  const bool bf16 = speed_.bf16 && device_.is_cuda();
+  if (!graph_) {
+    Bf16Autocast autocast(bf16, /*cache=*/true);
+    return body_(in);
+  }
+  Graph& g = *graph_;
+  const std::vector<int64_t> shape = in.x.sizes().vec();
+  if (g.shape.empty()) g.shape = shape;
+  if (shape != g.shape) {  // another batch shape (an epoch's last batch): eagerly
+    Bf16Autocast autocast(bf16, /*cache=*/true);
+    return body_(in);
+  }
+  c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device_.index());
+  if (!g.captured && g.calls < kWarmupCalls) {
+    ++g.calls;
+    current.synchronize();
+    at::Tensor out;
+    {
+      c10::cuda::CUDAStreamGuard on_side(g.side);
+      Bf16Autocast autocast(bf16, /*cache=*/false);
+      out = body_(in);
+    }
+    g.side.synchronize();
+    return out;
+  }
+  if (!g.captured) {
+    g.statics = Batch{in.x.clone(), in.y.clone(), in.index.clone()};
+    current.synchronize();
+    std::string failure;
+    {
+      c10::cuda::CUDAStreamGuard on_side(g.side);
+      Bf16Autocast autocast(bf16, /*cache=*/false);
+      g.graph.capture_begin();
+      try {
+        g.out = body_(g.statics);
+      } catch (const std::exception& e) {
+        failure = e.what();
+      }
+      try {
+        g.graph.capture_end();  // also ends an invalidated capture (and then throws)
+      } catch (const std::exception& e) {
+        if (failure.empty()) failure = e.what();
+      }
+    }
+    if (!failure.empty()) {
+      // A body that cannot be captured (a plugin that reads a value back, say) still trains, eagerly.
+      (void)cudaGetLastError();
+      graph_.reset();
+      std::fprintf(stderr, "WARNING: CUDA graph capture of the training step failed (%s); steps run eagerly\n",
+                   failure.substr(0, failure.find('\n')).c_str());
+      Bf16Autocast autocast(bf16, /*cache=*/true);
+      return body_(in);
+    }
+    g.side.synchronize();
+    g.captured = true;
+    g.graph.replay();  // capture records the work without running it: run it for this batch
+    return g.out.clone();
+  }
+  g.statics.x.copy_(in.x);
+  g.statics.y.copy_(in.y);
+  g.statics.index.copy_(in.index);
+  g.graph.replay();
+  return g.out.clone();
+}
+
+bool TrainStep::captured() const { return graph_ && graph_->captured; }
+
+#else  // LibTorch without CUDA
+
+bool cuda_graphs_supported() { return false; }
+
+struct TrainStep::Graph {};
+
+TrainStep::TrainStep(const RunContext& ctx, Body body)
+    : speed_(ctx.speed), device_(ctx.device), body_(std::move(body)) {
+  if (speed_.cuda_graphs && device_.is_cuda())
+    throw Error("runtime.cuda_graphs: this build of isp has no CUDA support");
+}
+
+at::Tensor TrainStep::operator()(const Batch& batch) {
+  return body_(Batch{apply_memory_format(batch.x, speed_), batch.y, batch.index});
+}
+
+bool TrainStep::captured() const { return false; }
+
+#endif
+
+TrainStep::~TrainStep() = default;
+
+}  // namespace isp
