@@ -99,6 +99,13 @@ args=(-S "$repo" -B "$build"
   -DCMAKE_PREFIX_PATH="$torch_prefix"
   -DISP_HEADER_DEPS_DIR="$deps"
   -DISP_BUILD_TESTS="$tests")
+if [[ -d $deps ]]; then
+  # One version of each header-only library in every translation unit: when the packed folder is there, it is
+  # used for all of them (a system nlohmann_json 3.11.3 beside the packed 3.11.2 gives two inline ABI
+  # namespaces and undefined symbols at link time).
+  args+=(-DCMAKE_DISABLE_FIND_PACKAGE_nlohmann_json=ON -DCMAKE_DISABLE_FIND_PACKAGE_CLI11=ON
+         -DCMAKE_DISABLE_FIND_PACKAGE_Boost=ON -DCMAKE_DISABLE_FIND_PACKAGE_doctest=ON)
+fi
 if [[ $torch_cuda != None ]]; then
   # isp compiles no .cu files. A fixed arch list skips torch's GPU arch auto-detection; CMAKE_CUDA_ARCHITECTURES
   # fixes enable_language(CUDA)'s test compile (torch then warns that it ignores it: expected).

@@ -5,6 +5,7 @@
 #include <torch/version.h>
 
 #include <ATen/ATen.h>
+#include <c10/core/GradMode.h>
 
 #include <cstdio>
 #include <string>
@@ -22,7 +23,7 @@ namespace isp {
 
 void apply_memory_format(torch::nn::Module& m, const SpeedSettings& speed) {
   if (!speed.channels_last) return;
-  at::NoGradGuard ng;
+  c10::NoGradGuard ng;
   for (auto& p : m.parameters())
     if (p.dim() == 4) p.set_data(p.detach().contiguous(at::MemoryFormat::ChannelsLast));
   for (auto& b : m.buffers())

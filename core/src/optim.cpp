@@ -2,6 +2,9 @@
 #include "isp/optim.h"
 
 #include <ATen/ATen.h>
+
+#include <algorithm>
+#include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include "isp/registry/error.h"
@@ -28,12 +31,15 @@ FlatOptimizer::FlatOptimizer(std::vector<at::Tensor> params, double lr) : lr_val
                   std::string(c10::toString(p.scalar_type())) + " on " + p.device().str() + " beside " +
                   std::string(c10::toString(opts.dtype().toScalarType())) + " on " + opts.device().str() + ")");
     offsets_.push_back(total);
-    total += p.numel();
+    // Every parameter starts 256-byte aligned, as a tensor of its own would (cudaMalloc's guarantee): vectorised
+    // kernels (cuDNN's NHWC convolutions among them) fault on a misaligned weight. The gaps stay zero.
+    const int64_t align = std::max<int64_t>(1, 256 / static_cast<int64_t>(p.element_size()));
+    total += (p.numel() + align - 1) / align * align;
     // Keep each parameter's own memory layout (contiguous or channels_last): its view gets these strides.
     const at::Tensor layout = p.is_non_overlapping_and_dense() ? p : p.contiguous();
     strides_.push_back(layout.strides().vec());
   }
-  flat_param_ = at::empty({total}, opts.requires_grad(false));
+  flat_param_ = at::zeros({total}, opts.requires_grad(false));
   flat_grad_ = at::zeros({total}, opts.requires_grad(false));
   lr_ = at::full({}, lr, opts.dtype(at::kDouble).requires_grad(false));
   relink();
@@ -42,7 +48,7 @@ FlatOptimizer::FlatOptimizer(std::vector<at::Tensor> params, double lr) : lr_val
 FlatOptimizer::~FlatOptimizer() = default;
 
 void FlatOptimizer::relink() {
-  at::NoGradGuard ng;
+  c10::NoGradGuard ng;
   for (std::size_t i = 0; i < params_.size(); ++i) {
     at::Tensor& p = params_[i];
     const int64_t n = p.numel();
@@ -71,7 +77,7 @@ std::vector<std::pair<std::string, at::Tensor>> FlatOptimizer::state() const {
 }
 
 void FlatOptimizer::load_state(const std::vector<std::pair<std::string, at::Tensor>>& saved) {
-  at::NoGradGuard ng;
+  c10::NoGradGuard ng;
   for (const auto& [name, t] : state()) {
     const at::Tensor* src = nullptr;
     for (const auto& [n2, t2] : saved)
@@ -99,7 +105,7 @@ FlatSgd::FlatSgd(std::vector<at::Tensor> params, const FlatSgdOptions& o) : Flat
 #define ISP_NO_AUTOCAST c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset)
 
 void FlatSgd::step() {
-  at::NoGradGuard ng;
+  c10::NoGradGuard ng;
   ISP_NO_AUTOCAST;
   at::Tensor d = o_.weight_decay != 0 ? flat_grad_.add(flat_param_, o_.weight_decay) : flat_grad_;
   if (o_.momentum > 0) {
@@ -122,7 +128,7 @@ FlatAdam::FlatAdam(std::vector<at::Tensor> params, const FlatAdamOptions& o) : F
 }
 
 void FlatAdam::step() {
-  at::NoGradGuard ng;
+  c10::NoGradGuard ng;
   ISP_NO_AUTOCAST;
   step_.add_(1);
   at::Tensor g = flat_grad_;
