@@ -135,13 +135,16 @@ class TrainSelector : public isp::Stage {
     };
     isp::TrainStep step(ctx, [&](const isp::Batch& b) {
       const at::Tensor &x = b.x, &y = b.y;
-      at::Tensor z;
+      // The selector's encoder is the frozen classifier: one pass gives both the target logits and the features
+      // the decoder starts from (it runs without grad, as SelectorNet::forward would run it).
+      isp::BackboneFeatures f;
       {
         torch::NoGradGuard ng;
-        z = classifier_->forward(x);
+        f = classifier_->forward_features(x);
       }
-      // Ground-truth labels condition the filter in training (docs/method.md §1c); the encoder runs without grad.
-      isp::MaskDistribution dist = selector_->forward(x, y, /*encoder_grad=*/false);
+      const at::Tensor z = f.logits;
+      // Ground-truth labels condition the filter in training (docs/method.md §1c).
+      isp::MaskDistribution dist = selector_->decode(std::move(f.scales), y);
       at::Tensor s = selector_->sampler->sample(dist.probs);
       at::Tensor kl = isp::kl_per_sample(z, predictor_->forward(x * s)).mean();
       isp::LossInputs in;
