@@ -123,6 +123,26 @@ at::Tensor CheckpointReader::tensor(const std::string& name) {
   impl_->archive.read(name, t);
   return t;
 }
+namespace {
+void collect_tensors(torch::serialize::InputArchive& a, const std::string& prefix, std::map<std::string, at::Tensor>& out) {
+  for (const auto& key : a.keys()) {
+    at::Tensor t;
+    if (a.try_read(key, t)) {
+      out[prefix + key] = t;
+      continue;
+    }
+    torch::serialize::InputArchive sub;
+    if (a.try_read(key, sub)) collect_tensors(sub, prefix + key + ".", out);
+  }
+}
+}  // namespace
+
+std::map<std::string, at::Tensor> CheckpointReader::all_tensors() {
+  std::map<std::string, at::Tensor> out;
+  collect_tensors(impl_->archive, "", out);
+  return out;
+}
+
 const json& CheckpointReader::meta() const { return impl_->meta; }
 
 void save_state_dict_for_python(const torch::nn::Module& m, const std::string& path) {

@@ -141,6 +141,14 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
     if (r.has("rng")) at::Generator(at::detail::getDefaultCPUGenerator()).set_state(r.tensor("rng"));
     if (!ctx.device.is_cpu() && r.has("rng_device"))
       at::Generator(at::globalContext().defaultGenerator(ctx.device)).set_state(r.tensor("rng_device"));
+    // The selected weights so far must still be readable: find out now, not at model selection after the
+    // remaining epochs (CheckpointReader names the file and what is wrong with it).
+    if (res.best_epoch > 0) {
+      if (!fs::exists(res.best_path))
+        throw Error(res.best_path + ": missing, but " + r.path() + " records epoch " + std::to_string(res.best_epoch) +
+                    " as the best so far; restore the file or rerun the stage (--resume --force after a recipe change)");
+      CheckpointReader check(res.best_path);
+    }
     std::fprintf(stderr, "[%s] resuming from %s at epoch %lld step %lld\n", ctx.stage_name.c_str(), r.path().c_str(),
                  static_cast<long long>(start_epoch), static_cast<long long>(start_step));
   }

@@ -4,6 +4,9 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include <filesystem>
@@ -24,7 +27,21 @@ std::string read_text_file(const std::string& path) {
   return ss.str();
 }
 
+namespace {
+// Fault injection for the kill -9 test: ISP_KILL_DURING_WRITE=N makes the N-th atomic write of this process die
+// by SIGKILL halfway through its temporary file, the worst moment for a crash.
+bool kill_now() {
+  static const long target = [] {
+    const char* v = std::getenv("ISP_KILL_DURING_WRITE");
+    return v ? std::atol(v) : 0L;
+  }();
+  static long count = 0;
+  return target > 0 && ++count == target;
+}
+}  // namespace
+
 void write_file_atomic(const std::string& path, const std::string& content) {
+  const bool die_halfway = kill_now();
   fs::path p(path);
   if (p.has_parent_path()) fs::create_directories(p.parent_path());
   std::string tmp = path + ".tmp." + std::to_string(::getpid());
@@ -33,6 +50,10 @@ void write_file_atomic(const std::string& path, const std::string& content) {
     if (fd < 0) throw Error(tmp + ": cannot create file (" + std::strerror(errno) + ")");
     const char* data = content.data();
     std::size_t left = content.size();
+    if (die_halfway) {
+      if (::write(fd, data, left / 2) < 0) std::perror(tmp.c_str());
+      ::raise(SIGKILL);
+    }
     while (left > 0) {
       ssize_t n = ::write(fd, data, left);
       if (n < 0 && errno == EINTR) continue;

@@ -40,6 +40,8 @@ class ISP_API CheckpointReader {
   void optimizer(const std::string& name, torch::optim::Optimizer& o);
   void optimizer(const std::string& name, FlatOptimizer& o);
   at::Tensor tensor(const std::string& name);
+  // Every tensor in the file (modules, optimizers, named tensors), by dotted path: for comparing checkpoints.
+  std::map<std::string, at::Tensor> all_tensors();
   const json& meta() const;
  private:
   struct Impl;
