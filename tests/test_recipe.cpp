@@ -82,6 +82,17 @@ TEST_CASE("--set overrides with dotted paths and list indices, values parsed as 
   CHECK(error_of([&] { isp::load_recipe((d / "set.json").string(), {"stages.5.epochs=1"}); }).find("not a valid index") != std::string::npos);
   CHECK(error_of([&] { isp::load_recipe((d / "set.json").string(), {"nodes.b.depth.x=1"}); }).find("cannot set key") != std::string::npos);
   CHECK(error_of([&] { isp::load_recipe((d / "set.json").string(), {"novalue"}); }).find("KEY.PATH=VALUE") != std::string::npos);
+  // Found by bench/fuzz.sh: bytes that are not UTF-8 in a --set value (kept as a bare string) or key used to
+  // escape as nlohmann's type_error at the next dump(); now a clear error at the source.
+  CHECK(error_of([&] { isp::load_recipe((d / "set.json").string(), {"nodes.b.tag=\xa5\xa2"}); })
+            .find("--set argument: not valid UTF-8") != std::string::npos);
+  CHECK(error_of([&] { isp::load_recipe((d / "set.json").string(), {"nodes.\xff.tag=1"}); })
+            .find("not valid UTF-8") != std::string::npos);
+  write(d / "env.json", {{"nodes", {{"b", {{"type", "${ISP_TEST_BAD_BYTES}"}}}}}, {"stages", json::array()}});
+  ::setenv("ISP_TEST_BAD_BYTES", "\xc3\x28", 1);
+  CHECK(error_of([&] { isp::load_recipe((d / "env.json").string()); }).find("environment variable ISP_TEST_BAD_BYTES: not valid UTF-8") !=
+        std::string::npos);
+  ::unsetenv("ISP_TEST_BAD_BYTES");
 }
 
 TEST_CASE("${VAR} expansion from the environment, recipe vars and defaults") {
@@ -121,6 +132,21 @@ TEST_CASE("bad files: missing base, invalid JSON, base cycles") {
   std::string e = error_of([&] { isp::load_recipe((d / "nobase.json").string()); });
   CHECK(e.find("nobase.json: /_base_/0") != std::string::npos);
   CHECK(e.find("not found") != std::string::npos);
+  // Found by bench/fuzz.sh: a number beyond double escaped as nlohmann's out_of_range.
+  std::ofstream(d / "huge.json") << R"({"nodes": {"a": {"type": "X", "lr": 1e99999}}})";
+  e = error_of([&] { isp::load_recipe((d / "huge.json").string()); });
+  CHECK(e.find("huge.json: /: invalid JSON") != std::string::npos);
+  CHECK(e.find("number overflow") != std::string::npos);
+  std::ofstream(d / "small.json") << R"({"nodes": {"a": {"type": "X", "lr": 0.1}}})";
+  e = error_of([&] { isp::load_recipe((d / "small.json").string(), {"nodes.a.lr=-2e400"}); });
+  CHECK(e.find("--set nodes.a.lr=-2e400: /: invalid JSON") != std::string::npos);
+  CHECK(e.find("number overflow") != std::string::npos);
+  // Found by bench/fuzz.sh: a base path the OS rejects (name too long) escaped as std::filesystem_error.
+  write(d / "longbase.json", {{"_base_", std::string(5000, 'x') + ".json"}});
+  e = error_of([&] { isp::load_recipe((d / "longbase.json").string()); });
+  CHECK(e.find("longbase.json: /_base_: base recipe not found (File name too long)") != std::string::npos);
+  e = error_of([&] { isp::load_recipe((d / (std::string(5000, 'y') + ".json")).string()); });
+  CHECK(e.find("recipe file not found (File name too long)") != std::string::npos);
   std::ofstream(d / "broken.json") << "{ \"nodes\": ";
   e = error_of([&] { isp::load_recipe((d / "broken.json").string()); });
   CHECK(e.find("broken.json") != std::string::npos);

@@ -16,6 +16,14 @@ namespace fs = std::filesystem;
 
 namespace isp {
 
+namespace {
+std::string canonical_or_normal(const fs::path& p) {
+  std::error_code ec;
+  fs::path c = fs::weakly_canonical(p, ec);
+  return ec ? p.lexically_normal().string() : c.string();
+}
+}  // namespace
+
 // The origin of `pointer`: the entry for it or for its closest ancestor (a value written whole).
 static std::string origin_of(const std::map<std::string, std::string>& origins, const std::string& top_file,
                              const std::string& pointer) {
@@ -52,7 +60,14 @@ static json parse_bounded(const std::string& text, const std::string& file) {
       --depth;
     }
   }
-  return json::parse(text);
+  try {
+    return json::parse(text);
+  } catch (const json::parse_error&) {
+    throw;  // callers add their context (a --set value that is not JSON is a bare string)
+  } catch (const json::exception& e) {
+    // Syntactically JSON but not representable, e.g. a number beyond double (found by bench/fuzz.sh).
+    throw RecipeError({file, ""}, std::string("invalid JSON: ") + e.what());
+  }
 }
 
 Where Recipe::where(const std::string& pointer) const {
@@ -178,8 +193,13 @@ static json load_with_bases(const fs::path& file, json doc, std::vector<std::str
     for (std::size_t i = 0; i < list.size(); ++i) {
       std::string where_ptr = bases->is_array() ? "/_base_/" + std::to_string(i) : "/_base_";
       fs::path bp = base_path(file, list[i], {fname, where_ptr});
-      if (!fs::exists(bp)) throw RecipeError({fname, where_ptr}, "base recipe not found: " + bp.string());
-      std::string canon = fs::weakly_canonical(bp).string();
+      // error_code overloads: a path the OS rejects (too long, say) is "not found" with its reason, not a
+      // filesystem_error escaping (found by bench/fuzz.sh).
+      std::error_code ec;
+      if (!fs::is_regular_file(bp, ec))
+        throw RecipeError({fname, where_ptr}, "base recipe not found" + (ec ? " (" + ec.message() + ")" : std::string()) +
+                                                  ": " + bp.string());
+      std::string canon = canonical_or_normal(bp);
       for (const auto& s : stack)
         if (s == canon) throw RecipeError({fname, where_ptr}, "_base_ cycle: " + canon + " includes itself");
       json bdoc;
@@ -213,7 +233,7 @@ static void track_origins(const fs::path& file, const json& raw, std::vector<std
     for (const auto& b : list) {
       fs::path bp = base_path(file, b, {file.string(), "/_base_"});
       json bdoc = parse_bounded(read_text_file(bp.string()), bp.string());
-      stack.push_back(fs::weakly_canonical(bp).string());
+      stack.push_back(canonical_or_normal(bp));
       track_origins(bp, bdoc, stack, acc, origins);
       stack.pop_back();
     }
@@ -223,7 +243,22 @@ static void track_origins(const fs::path& file, const json& raw, std::vector<std
   merge_into(acc, body, file.string(), "", &origins);
 }
 
+namespace {
+// JSON strings must be UTF-8 (nlohmann checks only when writing): text from the command line or the environment
+// is checked when it enters a recipe, so a bad byte is an error naming its source, not a crash at the next dump.
+void require_utf8(const std::string& text, const std::string& what) {
+  try {
+    (void)json(text).dump();
+  } catch (const json::type_error& e) {
+    const std::string why = e.what();
+    const auto at = why.find("invalid UTF-8");
+    throw Error(what + ": not valid UTF-8 (" + (at == std::string::npos ? why : why.substr(at)) + ")");
+  }
+}
+}  // namespace
+
 void apply_override(json& doc, const std::string& assignment, std::map<std::string, std::string>* origins) {
+  require_utf8(assignment, "--set argument");
   auto eq = assignment.find('=');
   if (eq == std::string::npos || eq == 0)
     throw Error("--set " + assignment + ": expected KEY.PATH=VALUE (e.g. nodes.backbone.depth=20)");
@@ -280,7 +315,10 @@ static std::string expand_string(const std::string& s, const std::map<std::strin
       if (dflt != std::string::npos) name = inner.substr(0, dflt), fallback = inner.substr(dflt + 2), has_default = true;
       std::string value;
       if (auto it = vars.find(name); it != vars.end()) value = it->second;
-      else if (const char* env = std::getenv(name.c_str())) value = env;
+      else if (const char* env = std::getenv(name.c_str())) {
+        value = env;
+        require_utf8(value, r.where(pointer).str() + ": environment variable " + name);
+      }
       else if (has_default) value = fallback;
       else throw RecipeError(r.where(pointer), "undefined variable ${" + name + "} (set it in the environment, in the recipe's \"vars\", or write ${" + name + ":-default})");
       out += value;
@@ -318,7 +356,7 @@ Recipe recipe_from_json(json doc, const std::string& pretend_file, const std::st
   Recipe r;
   r.file = pretend_file;
   fs::path file = fs::path(base_dir) / fs::path(pretend_file).filename();
-  std::vector<std::string> stack{fs::weakly_canonical(file).string()};
+  std::vector<std::string> stack{canonical_or_normal(file)};
   json merged = load_with_bases(file, doc, stack, nullptr);
   (void)merged;
   json acc = json::object();
@@ -336,7 +374,9 @@ Recipe recipe_from_json(json doc, const std::string& pretend_file, const std::st
 }
 
 Recipe load_recipe(const std::string& path, const std::vector<std::string>& overrides) {
-  if (!fs::exists(path)) throw Error(path + ": recipe file not found");
+  std::error_code ec;
+  if (!fs::is_regular_file(path, ec))
+    throw Error(path + ": recipe file not found" + (ec ? " (" + ec.message() + ")" : std::string()));
   json doc;
   try {
     doc = parse_bounded(read_text_file(path), path);
