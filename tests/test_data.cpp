@@ -117,6 +117,24 @@ TEST_CASE("IDX datasets: missing, truncated, corrupt and inconsistent files are 
   write_raw(dir / "train-labels-idx1-ubyte", idx_bytes(1, {20}, std::vector<uint8_t>(20, 42)));
   e = error_of([&] { build(reg, {{"type", "MNIST"}, {"root", dir.string()}}); });
   CHECK(e.find("label 42") != std::string::npos);
+  // Headers whose dimensions multiply past any real dataset (2^72 wrapped to 0 in the unchecked product, and
+  // 2^44 asked for an allocation the header alone decided): a clear error before any memory is taken.
+  write_idx_set(dir, "train", 20, false);
+  for (const std::vector<uint32_t>& dims : {std::vector<uint32_t>{1u << 24, 1u << 24, 1u << 24},
+                                            std::vector<uint32_t>{1u << 24, 1u << 12, 1u << 8}}) {
+    write_raw(p, idx_bytes(3, dims, std::vector<uint8_t>(64, 1)));
+    e = error_of([&] { build(reg, {{"type", "MNIST"}, {"root", dir.string()}}); });
+    CHECK(e.find("train-images-idx3-ubyte: header claims more than 64 GiB") != std::string::npos);
+  }
+  // A plausible header over a short file: memory follows the bytes read, and the error says how many there were.
+  write_raw(p, idx_bytes(3, {1u << 20, 28, 28}, std::vector<uint8_t>(1000, 1)));
+  e = error_of([&] { build(reg, {{"type", "MNIST"}, {"root", dir.string()}}); });
+  CHECK(e.find("truncated: expected 822083584 bytes of data after the header, got 1000") != std::string::npos);
+  // A folder where a file should be.
+  fs::remove(p);
+  fs::create_directory(p);
+  e = error_of([&] { build(reg, {{"type", "MNIST"}, {"root", dir.string()}}); });
+  CHECK(e.find("train-images-idx3-ubyte: not a regular file") != std::string::npos);
 }
 
 TEST_CASE("CIFAR binary batches: parsing, class names, truncated files") {
@@ -143,6 +161,11 @@ TEST_CASE("CIFAR binary batches: parsing, class names, truncated files") {
   auto e = error_of([&] { build(reg, {{"type", "CIFAR10"}, {"root", dir.string()}}); });
   CHECK(e.find("test_batch.bin: size") != std::string::npos);
   CHECK(e.find("not a multiple of the 3073-byte record") != std::string::npos);
+  // A folder named like a batch file (std::filesystem threw a non-isp error here before).
+  fs::remove(dir / "test_batch.bin");
+  fs::create_directory(dir / "test_batch.bin");
+  e = error_of([&] { build(reg, {{"type", "CIFAR10"}, {"root", dir.string()}}); });
+  CHECK(e.find("test_batch.bin: not a regular file") != std::string::npos);
 }
 
 TEST_CASE("stratified subsets are seeded, proportional and deterministic") {

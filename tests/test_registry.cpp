@@ -2,7 +2,9 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <cstddef>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
@@ -288,4 +290,29 @@ TEST_CASE("recipe errors name the file or --set that wrote the offending value")
                      {"nodes", {{"backbone", {{"_delete_", true}, {"type", "ResNetCifar"}, {"depth", 62}}}}}});
   CHECK(culprit("del.json") == (dir / "del.json").string());
   fs::remove_all(dir);
+}
+
+TEST_CASE("plugins: the descriptor check reads only the bytes the symbol has, ABI number first, and no pointer") {
+  const IspPluginDescriptor& host = isp::host_descriptor();
+  std::vector<unsigned char> bytes(sizeof(IspPluginDescriptor), 0xff);  // pointers: garbage, never followed
+  std::memcpy(bytes.data(), &host, offsetof(IspPluginDescriptor, json_minor) + sizeof host.json_minor);
+  CHECK(isp::check_descriptor_bytes(bytes.data(), bytes.size(), host).empty());
+  CHECK(isp::check_descriptor_bytes(bytes.data(), bytes.size() + 64, host).empty());  // ASan/padding may add bytes
+  CHECK(isp::check_descriptor_bytes(bytes.data(), 3, host).find("3 bytes, too few to hold an ABI number") != std::string::npos);
+  CHECK(isp::check_descriptor_bytes(nullptr, 0, host).find("too few") != std::string::npos);
+  const std::string short_one = isp::check_descriptor_bytes(bytes.data(), 32, host);
+  CHECK(short_one.find("has 32 bytes, ABI " + std::to_string(host.abi_version) + " needs " +
+                       std::to_string(sizeof(IspPluginDescriptor))) != std::string::npos);
+  // Another ABI: only its number is read -- a 4-byte symbol suffices to say so.
+  const uint32_t other = host.abi_version + 1;
+  std::memcpy(bytes.data(), &other, sizeof other);
+  const std::string abi = isp::check_descriptor_bytes(bytes.data(), 4, host);
+  CHECK(abi.find("refused: built for ISP plugin ABI " + std::to_string(other) + ", host is ISP plugin ABI " +
+                 std::to_string(host.abi_version)) != std::string::npos);
+  // Same ABI, another LibTorch patch level.
+  std::memcpy(bytes.data(), &host.abi_version, sizeof other);
+  const uint32_t patch = host.torch_patch + 1;
+  std::memcpy(bytes.data() + offsetof(IspPluginDescriptor, torch_patch), &patch, sizeof patch);
+  const std::string torch = isp::check_descriptor_bytes(bytes.data(), bytes.size(), host);
+  CHECK(torch.find("." + std::to_string(patch) + ", C++11 ABI") < torch.find("host is"));
 }

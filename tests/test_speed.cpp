@@ -152,8 +152,8 @@ TEST_CASE("speed: flat optimizer state survives a checkpoint, and reloaded weigh
   isp::FlatAdam opt_b(b->parameters(), isp::FlatAdamOptions{1e-2, 0.9, 0.999, 1e-8, 0.0, false});
   {
     isp::CheckpointReader r((dir / "c.pt").string());
-    r.module("model", *b);  // replaces the parameters' storage ...
-    opt_b.relink();         // ... and relink makes them views of the optimizer's buffer again
+    r.module("model", *b);  // copies into the parameters' storage (views of the optimizer's buffer) ...
+    opt_b.relink();         // ... so relink, needed after code that replaces storage, changes nothing here
     r.optimizer("optimizer", opt_b);
   }
   train(*b, [&](const at::Tensor& l) { opt_b.zero_grad(); l.backward(); opt_b.step(); }, 5, 2);

@@ -146,3 +146,129 @@ TEST_CASE("resume after an interruption mid-epoch equals an uninterrupted run") 
     damaged_diff = std::max(damaged_diff, (kv.value() - c->named_parameters()[kv.key()]).abs().max().item<double>());
   CHECK(damaged_diff == 0.0);
 }
+
+namespace {
+struct TwoLayer : torch::nn::Module {
+  torch::nn::Conv2d conv{nullptr};
+  torch::nn::BatchNorm2d bn{nullptr};
+  explicit TwoLayer(int64_t out) {
+    conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, out, 3).bias(false)));
+    bn = register_module("bn", torch::nn::BatchNorm2d(out));
+  }
+};
+std::string slurp(const fs::path& p) { return isp::read_text_file(p.string()); }
+void spit(const fs::path& p, const std::string& s) { std::ofstream(p, std::ios::binary | std::ios::trunc) << s; }
+}  // namespace
+
+TEST_CASE("checkpoints: every dtype round-trips exactly, a module keeps its storage and memory layout") {
+  const auto dir = isp_test::temp_dir("ckpt_format");
+  torch::manual_seed(1);
+  TwoLayer a(4), b(4);
+  a.bn->running_mean.uniform_();
+  at::Tensor ints = at::arange(-5, 7, at::kLong).reshape({3, 4});
+  at::Tensor half = at::randn({5}).to(at::kBFloat16);
+  at::Tensor flags = at::rand({7}) > 0.5;
+  at::Tensor scalar = at::tensor(3.25, at::kDouble).reshape({});
+  at::Tensor empty = at::empty({0, 3}, at::kFloat);
+  at::Tensor strided = at::randn({4, 6}).t();  // not contiguous: stored in logical order
+  {
+    isp::CheckpointWriter w;
+    w.module("model", a);
+    for (const auto& [n, t] : std::vector<std::pair<std::string, at::Tensor>>{
+             {"ints", ints}, {"half", half}, {"flags", flags}, {"scalar", scalar}, {"empty", empty}, {"strided", strided}})
+      w.tensor(n, t);
+    w.meta({{"epoch", 7}, {"note", "ünïcode"}});
+    w.save_atomic((dir / "c.pt").string());
+  }
+  b.conv->weight.set_data(b.conv->weight.contiguous(at::MemoryFormat::ChannelsLast));
+  const void* storage = b.conv->weight.data_ptr();
+  isp::CheckpointReader r((dir / "c.pt").string());
+  r.module("model", b);
+  CHECK(b.conv->weight.data_ptr() == storage);
+  CHECK(b.conv->weight.is_contiguous(at::MemoryFormat::ChannelsLast));
+  CHECK(at::equal(b.conv->weight, a.conv->weight));
+  CHECK(at::equal(b.bn->running_mean, a.bn->running_mean));
+  CHECK(at::equal(b.bn->num_batches_tracked, a.bn->num_batches_tracked));
+  CHECK(at::equal(r.tensor("ints"), ints));
+  CHECK((r.tensor("half").scalar_type() == at::kBFloat16));
+  CHECK(at::equal(r.tensor("half"), half));
+  CHECK(at::equal(r.tensor("flags"), flags));
+  CHECK(r.tensor("scalar").dim() == 0);
+  CHECK(r.tensor("scalar").item<double>() == 3.25);
+  CHECK(r.tensor("empty").sizes() == empty.sizes());
+  CHECK(at::equal(r.tensor("strided"), strided));
+  CHECK(r.meta().at("epoch").get<int>() == 7);
+  CHECK(r.meta().at("note").get<std::string>() == "ünïcode");
+  CHECK(r.all_tensors().size() == 6 + 6);  // conv weight, bn weight/bias/mean/var/count; 6 named
+}
+
+TEST_CASE("checkpoints: damaged, foreign and mismatched files are refused with the file and the reason") {
+  const auto dir = isp_test::temp_dir("ckpt_damage");
+  TwoLayer a(4);
+  {
+    isp::CheckpointWriter w;
+    w.module("model", a);
+    w.tensor("rng", at::arange(16, at::kByte));
+    w.save_atomic((dir / "c.pt").string());
+  }
+  const std::string good = slurp(dir / "c.pt");
+  auto error_for = [&](const std::string& bytes) {
+    spit(dir / "bad.pt", bytes);
+    return isp_test::error_of([&] { isp::CheckpointReader r((dir / "bad.pt").string()); });
+  };
+  const std::string prefix = (dir / "bad.pt").string() + ": not a readable isp checkpoint (";
+  // One flipped bit anywhere -- header, tensor bytes, trailer -- is caught by the CRC before anything is parsed.
+  for (std::size_t at : {std::size_t(20), good.size() / 2, good.size() - 20}) {
+    std::string flipped = good;
+    flipped[at] = static_cast<char>(flipped[at] ^ 0x10);
+    const std::string e = error_for(flipped);
+    CHECK(e.find(prefix + "damaged: CRC-32 mismatch") != std::string::npos);
+  }
+  CHECK(error_for(good.substr(0, good.size() - 1)).find("truncated or overwritten") != std::string::npos);
+  CHECK(error_for(good.substr(0, good.size() / 3)).find("truncated or overwritten") != std::string::npos);
+  CHECK(error_for("").find(prefix + "not an isp checkpoint") != std::string::npos);
+  CHECK(error_for(std::string("PK\x03\x04", 4) + std::string(100, 'x')).find("a LibTorch archive") != std::string::npos);
+  // The architecture must match exactly: shapes, and no tensor left over.
+  isp::CheckpointReader r((dir / "c.pt").string());
+  TwoLayer wider(5);
+  std::string e = isp_test::error_of([&] { r.module("model", wider); });
+  CHECK(e.find("module 'model' does not match the recipe's architecture: 'conv.weight' has shape [4, 3, 3, 3] in the "
+               "checkpoint, [5, 3, 3, 3] in the model") != std::string::npos);
+  struct ConvOnly : torch::nn::Module {
+    ConvOnly() { register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 4, 3).bias(false))); }
+  } smaller;
+  e = isp_test::error_of([&] { r.module("model", smaller); });
+  CHECK(e.find("the checkpoint holds 6 tensors for it, the model has 1") != std::string::npos);
+  e = isp_test::error_of([&] { r.tensor("nothing"); });
+  CHECK(e.find("checkpoint has no tensor 'nothing'") != std::string::npos);
+}
+
+TEST_CASE("checkpoints: a torch::optim optimizer's state round-trips inside the CRC-checked file") {
+  const auto dir = isp_test::temp_dir("ckpt_torch_optim");
+  torch::manual_seed(2);
+  auto make = [] { return torch::nn::Linear(4, 3); };
+  auto a = make(), b = make();
+  b->weight.data().copy_(a->weight.data());
+  b->bias.data().copy_(a->bias.data());
+  torch::optim::SGD sa(a->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  torch::optim::SGD sb(b->parameters(), torch::optim::SGDOptions(0.1).momentum(0.9));
+  const at::Tensor x = torch::randn({8, 4});
+  auto step = [&](torch::nn::Linear& m, torch::optim::SGD& s) {
+    s.zero_grad();
+    m->forward(x).pow(2).sum().backward();
+    s.step();
+  };
+  for (int i = 0; i < 3; ++i) step(a, sa);
+  {
+    isp::CheckpointWriter w;
+    w.module("model", *a);
+    w.optimizer("optimizer", sa);
+    w.save_atomic((dir / "c.pt").string());
+  }
+  isp::CheckpointReader r((dir / "c.pt").string());
+  r.module("model", *b);
+  r.optimizer("optimizer", sb);
+  step(a, sa);
+  step(b, sb);  // same momentum buffers, so the same step
+  CHECK(at::equal(a->weight, b->weight));
+}

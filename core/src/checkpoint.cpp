@@ -8,11 +8,13 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <limits>
 #include <sstream>
 
 #include "isp/checkpoint.h"
+#include "checkpoint_format.h"
 #include "isp/optim.h"
 #include "isp/interfaces/backbone.h"
 #include "isp/registry/build_context.h"
@@ -23,85 +25,161 @@ namespace fs = std::filesystem;
 namespace isp {
 
 // ------------------------------------------------------------------------------------------- checkpoints
+// The file format is checkpoint_format.{h,cpp}; this part maps tensors and modules onto it.
+
+namespace {
+namespace cf = checkpoint_format;
+
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kLong: return "int64";
+    case at::kInt: return "int32";
+    case at::kShort: return "int16";
+    case at::kChar: return "int8";
+    case at::kByte: return "uint8";
+    case at::kBool: return "bool";
+    default: throw Error(std::string("checkpoint: cannot store tensors of type ") + c10::toString(t));
+  }
+}
+at::ScalarType dtype_of(const std::string& name) {
+  static const std::pair<const char*, at::ScalarType> kTypes[] = {
+      {"float32", at::kFloat}, {"float64", at::kDouble}, {"float16", at::kHalf}, {"bfloat16", at::kBFloat16},
+      {"int64", at::kLong},    {"int32", at::kInt},      {"int16", at::kShort},  {"int8", at::kChar},
+      {"uint8", at::kByte},    {"bool", at::kBool}};
+  for (const auto& [n, t] : kTypes)
+    if (name == n) return t;
+  throw Error("checkpoint: unknown dtype " + name);  // decode() already refused it
+}
+// A torch::optim::Optimizer serialises itself only into a LibTorch archive: its bytes are kept as a uint8 tensor
+// (the CRC covers them, so LibTorch's parser sees only bytes isp wrote).
+const char* const kTorchArchiveSuffix = ".torch_archive";
+}  // namespace
 
 struct CheckpointWriter::Impl {
-  torch::serialize::OutputArchive archive;
+  std::vector<std::pair<std::string, at::Tensor>> tensors;  // contiguous, on the CPU
   json meta = json::object();
   std::vector<std::string> entries;
+  void add(const std::string& name, const at::Tensor& t) { tensors.emplace_back(name, t.detach().cpu().contiguous()); }
 };
 CheckpointWriter::CheckpointWriter() : impl_(std::make_unique<Impl>()) {}
 CheckpointWriter::~CheckpointWriter() = default;
 
 void CheckpointWriter::module(const std::string& name, const torch::nn::Module& m) {
-  torch::serialize::OutputArchive sub;
-  m.save(sub);
-  impl_->archive.write(name, sub);
+  for (const auto& p : m.named_parameters(/*recurse=*/true)) impl_->add(name + "." + p.key(), p.value());
+  for (const auto& b : m.named_buffers(/*recurse=*/true)) impl_->add(name + "." + b.key(), b.value());
   impl_->entries.push_back(name);
 }
 void CheckpointWriter::optimizer(const std::string& name, const torch::optim::Optimizer& o) {
-  torch::serialize::OutputArchive sub;
-  o.save(sub);
-  impl_->archive.write(name, sub);
+  torch::serialize::OutputArchive archive;
+  o.save(archive);
+  std::ostringstream os;
+  archive.save_to(os);
+  const std::string bytes = os.str();
+  at::Tensor blob = at::empty({static_cast<int64_t>(bytes.size())}, at::kByte);
+  std::memcpy(blob.data_ptr<uint8_t>(), bytes.data(), bytes.size());
+  impl_->add(name + kTorchArchiveSuffix, blob);
   impl_->entries.push_back(name);
 }
 void CheckpointWriter::optimizer(const std::string& name, const FlatOptimizer& o) {
   for (const auto& [key, t] : o.state()) tensor(name + "." + key, t);
 }
 void CheckpointWriter::tensor(const std::string& name, const at::Tensor& t) {
-  impl_->archive.write(name, t.detach().cpu());
+  impl_->add(name, t);
   impl_->entries.push_back(name);
 }
 void CheckpointWriter::meta(const json& j) { impl_->meta = j; }
 void CheckpointWriter::save_atomic(const std::string& path) {
-  json m = impl_->meta;
-  m["_entries"] = impl_->entries;
-  impl_->archive.write("meta", c10::IValue(m.dump()));
-  std::ostringstream os;
-  impl_->archive.save_to(os);
-  write_file_atomic(path, os.str());
+  std::vector<cf::TensorBytes> parts;
+  parts.reserve(impl_->tensors.size());
+  for (const auto& [name, t] : impl_->tensors)
+    parts.push_back({name, dtype_name(t.scalar_type()), t.sizes().vec(), t.data_ptr(), t.nbytes()});
+  try {
+    write_file_atomic(path, cf::encode(impl_->meta, impl_->entries, parts));
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    throw Error(what.rfind(path, 0) == 0 ? what : path + ": " + what);
+  }
 }
 
 struct CheckpointReader::Impl {
   std::string path;
-  torch::serialize::InputArchive archive;
-  json meta;
-  std::vector<std::string> entries;
+  std::string bytes;  // the whole file; tensors are copied out of it on request
+  cf::Contents contents;
+  std::map<std::string, std::size_t> index;  // tensor name -> position in contents.tensors
+  at::Tensor materialise(const cf::TensorRecord& r) const {
+    at::Tensor t = at::empty(r.shape, at::TensorOptions().dtype(dtype_of(r.dtype)));
+    if (r.nbytes) std::memcpy(t.data_ptr(), bytes.data() + r.offset, r.nbytes);
+    return t;
+  }
+  const cf::TensorRecord* find(const std::string& name) const {
+    auto it = index.find(name);
+    return it == index.end() ? nullptr : &contents.tensors[it->second];
+  }
 };
 CheckpointReader::CheckpointReader(const std::string& path) : impl_(std::make_unique<Impl>()) {
   impl_->path = path;
   if (!fs::exists(path)) throw Error(path + ": checkpoint not found");
+  impl_->bytes = read_text_file(path);
   try {
-    impl_->archive.load_from(path);
-    c10::IValue v;
-    impl_->archive.read("meta", v);
-    impl_->meta = json::parse(v.toStringRef());
-  } catch (const std::exception& e) {
-    const std::string why = e.what();
-    throw Error(path + ": not a readable isp checkpoint (" + why.substr(0, std::min<std::size_t>(why.find('\n'), 200)) + ")");
+    impl_->contents = cf::decode(impl_->bytes, path);
+  } catch (const Error& e) {
+    std::string why = e.what();
+    if (why.rfind(path + ": ", 0) == 0) why.erase(0, path.size() + 2);
+    throw Error(path + ": not a readable isp checkpoint (" + why + ")");
   }
-  impl_->entries = impl_->meta.value("_entries", std::vector<std::string>{});
+  for (std::size_t i = 0; i < impl_->contents.tensors.size(); ++i) impl_->index[impl_->contents.tensors[i].name] = i;
 }
 CheckpointReader::~CheckpointReader() = default;
 const std::string& CheckpointReader::path() const { return impl_->path; }
 bool CheckpointReader::has(const std::string& name) const {
-  return std::find(impl_->entries.begin(), impl_->entries.end(), name) != impl_->entries.end();
+  const auto& e = impl_->contents.entries;
+  return std::find(e.begin(), e.end(), name) != e.end();
 }
 void CheckpointReader::module(const std::string& name, torch::nn::Module& m) {
   if (!has(name)) throw Error(impl_->path + ": checkpoint has no module '" + name + "'");
-  torch::serialize::InputArchive sub;
-  impl_->archive.read(name, sub);
-  try {
-    m.load(sub);
-  } catch (const std::exception& e) {
-    throw Error(impl_->path + ": module '" + name + "' does not match the recipe's architecture (" +
-                std::string(e.what()).substr(0, 300) + ")");
-  }
+  const std::string mismatch = impl_->path + ": module '" + name + "' does not match the recipe's architecture: ";
+  std::vector<std::pair<at::Tensor, const cf::TensorRecord*>> targets;
+  auto match = [&](const std::string& key, const at::Tensor& t) {
+    const cf::TensorRecord* r = impl_->find(name + "." + key);
+    if (!r) throw Error(mismatch + "the checkpoint has no tensor '" + key + "'");
+    if (r->shape != t.sizes().vec())
+      throw Error(mismatch + "'" + key + "' has shape " + c10::str(at::IntArrayRef(r->shape)) + " in the checkpoint, " +
+                  c10::str(t.sizes()) + " in the model");
+    if (dtype_of(r->dtype) != t.scalar_type())
+      throw Error(mismatch + "'" + key + "' is " + r->dtype + " in the checkpoint, " + dtype_name(t.scalar_type()) +
+                  " in the model");
+    targets.emplace_back(t, r);
+  };
+  for (const auto& p : m.named_parameters(true)) match(p.key(), p.value());
+  for (const auto& b : m.named_buffers(true)) match(b.key(), b.value());
+  // Tensors under this module's name that the model lacks: a smaller architecture than the one saved.
+  const std::string prefix = name + ".";
+  std::size_t under = 0;
+  for (const auto& t : impl_->contents.tensors)
+    if (t.name.compare(0, prefix.size(), prefix) == 0 && !has(t.name)) ++under;
+  if (under != targets.size())
+    throw Error(mismatch + "the checkpoint holds " + std::to_string(under) + " tensors for it, the model has " +
+                std::to_string(targets.size()));
+  // Copying keeps the parameters' own storage (and memory layout, e.g. channels_last, and device).
+  torch::NoGradGuard no_grad;
+  for (auto& [t, r] : targets) t.copy_(impl_->materialise(*r));
 }
 void CheckpointReader::optimizer(const std::string& name, torch::optim::Optimizer& o) {
-  if (!has(name)) throw Error(impl_->path + ": checkpoint has no optimizer '" + name + "'");
-  torch::serialize::InputArchive sub;
-  impl_->archive.read(name, sub);
-  o.load(sub);
+  const cf::TensorRecord* r = impl_->find(name + kTorchArchiveSuffix);
+  if (!has(name) || !r) throw Error(impl_->path + ": checkpoint has no optimizer '" + name + "'");
+  std::istringstream in(std::string(impl_->bytes.data() + r->offset, r->nbytes));
+  try {
+    torch::serialize::InputArchive archive;
+    archive.load_from(in);
+    o.load(archive);
+  } catch (const std::exception& e) {
+    throw Error(impl_->path + ": optimizer '" + name + "' cannot be restored (" + std::string(e.what()).substr(0, 300) +
+                ")");
+  }
 }
 void CheckpointReader::optimizer(const std::string& name, FlatOptimizer& o) {
   std::vector<std::pair<std::string, at::Tensor>> saved;
@@ -118,32 +196,18 @@ void CheckpointReader::optimizer(const std::string& name, FlatOptimizer& o) {
   }
 }
 at::Tensor CheckpointReader::tensor(const std::string& name) {
-  if (!has(name)) throw Error(impl_->path + ": checkpoint has no tensor '" + name + "'");
-  at::Tensor t;
-  impl_->archive.read(name, t);
-  return t;
+  const cf::TensorRecord* r = impl_->find(name);
+  if (!has(name) || !r) throw Error(impl_->path + ": checkpoint has no tensor '" + name + "'");
+  return impl_->materialise(*r);
 }
-namespace {
-void collect_tensors(torch::serialize::InputArchive& a, const std::string& prefix, std::map<std::string, at::Tensor>& out) {
-  for (const auto& key : a.keys()) {
-    at::Tensor t;
-    if (a.try_read(key, t)) {
-      out[prefix + key] = t;
-      continue;
-    }
-    torch::serialize::InputArchive sub;
-    if (a.try_read(key, sub)) collect_tensors(sub, prefix + key + ".", out);
-  }
-}
-}  // namespace
 
 std::map<std::string, at::Tensor> CheckpointReader::all_tensors() {
   std::map<std::string, at::Tensor> out;
-  collect_tensors(impl_->archive, "", out);
+  for (const auto& r : impl_->contents.tensors) out[r.name] = impl_->materialise(r);
   return out;
 }
 
-const json& CheckpointReader::meta() const { return impl_->meta; }
+const json& CheckpointReader::meta() const { return impl_->contents.meta; }
 
 void save_state_dict_for_python(const torch::nn::Module& m, const std::string& path) {
   c10::Dict<std::string, at::Tensor> dict;

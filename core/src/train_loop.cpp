@@ -90,8 +90,8 @@ void TrainLoopHooks::checkpoint(torch::nn::Module& module, FlatOptimizer& optimi
     w.optimizer("optimizer", optimizer);
   };
   load = [&module, &optimizer, name](CheckpointReader& r) {
-    r.module(name, module);  // Module::load replaces the parameters' storage ...
-    optimizer.relink();      // ... so they become views into the optimizer's buffer again
+    r.module(name, module);  // copies into the parameters' own storage; relink is for code that replaced it
+    optimizer.relink();
     r.optimizer("optimizer", optimizer);
   };
   save_best = [&module, name](CheckpointWriter& w) { w.module(name, module); };

@@ -1,8 +1,11 @@
 // Loading plugin libraries with Boost.DLL: the descriptor is checked before any plugin code runs.
 #include <dlfcn.h>
+#include <link.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstddef>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -31,6 +34,35 @@ std::string describe(const IspPluginDescriptor& d) {
      << d.torch_patch << ", C++11 ABI " << d.cxx11_abi << ", CUDA " << (d.with_cuda ? "on" : "off")
      << ", nlohmann_json " << d.json_major << "." << d.json_minor;
   return os.str();
+}
+
+std::string check_descriptor_bytes(const void* bytes, std::size_t size, const IspPluginDescriptor& host) {
+  uint32_t abi = 0;
+  if (bytes == nullptr || size < sizeof abi)
+    return "its isp_plugin_descriptor has " + std::to_string(size) + " bytes, too few to hold an ABI number";
+  std::memcpy(&abi, bytes, sizeof abi);
+  if (abi != host.abi_version)
+    return "refused: built for ISP plugin ABI " + std::to_string(abi) + ", host is ISP plugin ABI " +
+           std::to_string(host.abi_version) + " (the rest of its descriptor is not read)";
+  if (size < sizeof(IspPluginDescriptor))
+    return "its isp_plugin_descriptor has " + std::to_string(size) + " bytes, ABI " + std::to_string(abi) + " needs " +
+           std::to_string(sizeof(IspPluginDescriptor));
+  // The integers only: a copy whose pointers are cleared, so nothing below can follow one.
+  IspPluginDescriptor d{};
+  std::memcpy(&d, bytes, offsetof(IspPluginDescriptor, library_name));
+  const bool match = d.torch_major == host.torch_major && d.torch_minor == host.torch_minor &&
+                     d.torch_patch == host.torch_patch && d.cxx11_abi == host.cxx11_abi &&
+                     d.with_cuda == host.with_cuda && d.json_major == host.json_major && d.json_minor == host.json_minor;
+  if (!match) return "refused: built for " + describe(d) + "; host is " + describe(host);
+  return "";
+}
+
+// The size of the exported data symbol at `address`, from the dynamic symbol table (0 if unknown).
+static std::size_t symbol_size(const void* address) {
+  Dl_info info{};
+  void* entry = nullptr;  // receives a const ElfW(Sym)*
+  if (::dladdr1(address, &info, &entry, RTLD_DL_SYMENT) == 0 || entry == nullptr) return 0;
+  return static_cast<std::size_t>(static_cast<const ElfW(Sym)*>(entry)->st_size);
 }
 
 // FNV-1a of a file's bytes: enough to notice a replaced .so (not a security measure).
@@ -69,16 +101,11 @@ void Registry::load_library(const std::string& path_in) {
   }
   if (!loaded->lib.has("isp_plugin_descriptor"))
     throw PluginLoadError(path + ": not an isp plugin (it exports no isp_plugin_descriptor)");
-  // Reading the descriptor runs no plugin code: it is constant-initialised data. Its ABI number is read first,
-  // since the fields after it may differ between ABI versions.
+  // Reading the descriptor runs no plugin code: it is constant-initialised data. Its bytes are checked (ABI number
+  // first, within the symbol's size) before any field of it is used.
   const auto& d = loaded->lib.get<const IspPluginDescriptor>("isp_plugin_descriptor");
-  const auto& h = host_descriptor();
-  bool match = d.abi_version == h.abi_version && d.torch_major == h.torch_major && d.torch_minor == h.torch_minor &&
-               d.torch_patch == h.torch_patch && d.cxx11_abi == h.cxx11_abi && d.with_cuda == h.with_cuda &&
-               d.json_major == h.json_major && d.json_minor == h.json_minor;
-  if (!match)
-    throw PluginLoadError(path + ": refused: built for " + describe(d) + "; host is " + describe(h) +
-                          ". Rebuild the plugin against this isp installation.");
+  const std::string mismatch = check_descriptor_bytes(&d, symbol_size(&d), host_descriptor());
+  if (!mismatch.empty()) throw PluginLoadError(path + ": " + mismatch + ". Rebuild the plugin against this isp installation.");
   loaded->descriptor = d;
   loaded->hash = file_hash(path);
   if (!d.register_components) throw PluginLoadError(path + ": descriptor has no registration function");

@@ -1,6 +1,8 @@
 #pragma once
-// Checkpoints: one torch archive with named modules, optimizers, tensors and a JSON "meta" record (epoch,
-// step, resolved recipe ...). Written atomically: a temporary file in the same folder, then rename.
+// Checkpoints: named modules, optimizers and tensors plus a JSON "meta" record (epoch, step, resolved recipe ...)
+// in isp's own container (core/src/checkpoint_format.h: JSON header, raw tensor bytes, CRC-32). Written
+// atomically: a temporary file in the same folder, then rename. A damaged file is refused before any of it is
+// parsed further, with an error naming it.
 #include <map>
 #include <memory>
 #include <string>

@@ -7,35 +7,14 @@
 
 #include "isp/interfaces/dataset.h"
 #include "isp/registry/plugin.h"
+#include "cifar_reader.h"
 
 namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int64_t kPixels = 3 * 32 * 32;
-
-// Appends the records of one batch file; CIFAR-100 records carry (coarse, fine) labels, we keep the fine one.
-void read_batch(const std::string& path, int64_t label_bytes, int64_t num_classes, std::vector<uint8_t>& images,
-                std::vector<int64_t>& labels) {
-  if (!fs::exists(path)) throw isp::DataError(path + ": missing CIFAR batch file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw isp::DataError(path + ": cannot open");
-  const int64_t record = label_bytes + kPixels;
-  const auto size = static_cast<int64_t>(fs::file_size(path));
-  if (size == 0 || size % record != 0)
-    throw isp::DataError(path + ": size " + std::to_string(size) + " is not a multiple of the " + std::to_string(record) +
-                         "-byte record (truncated or not a CIFAR-" + std::to_string(num_classes) + " batch)");
-  std::vector<uint8_t> buf(static_cast<std::size_t>(size));
-  if (!in.read(reinterpret_cast<char*>(buf.data()), size)) throw isp::DataError(path + ": read failed");
-  for (int64_t off = 0; off < size; off += record) {
-    int64_t label = buf[static_cast<std::size_t>(off + label_bytes - 1)];
-    if (label >= num_classes)
-      throw isp::DataError(path + ": record " + std::to_string(off / record) + " has label " + std::to_string(label) +
-                           " outside 0.." + std::to_string(num_classes - 1));
-    labels.push_back(label);
-    images.insert(images.end(), buf.begin() + off + label_bytes, buf.begin() + off + record);
-  }
-}
+using isp::cifar::kPixels;
+using isp::cifar::read_batch;
 
 std::vector<std::string> read_names(const std::string& path, std::size_t n, std::vector<std::string> fallback) {
   std::ifstream in(path);

@@ -39,6 +39,10 @@ namespace isp {
 // The host's own descriptor values, compiled into libisp_core.so.
 ISP_API const IspPluginDescriptor& host_descriptor();
 ISP_API std::string describe(const IspPluginDescriptor& d);
+// Checks a plugin's descriptor given as the raw bytes of its exported symbol (`size` from the ELF symbol table),
+// before anything in it is trusted: "" when it matches `host`, else why not. Only the leading integers are read,
+// the ABI number first (later fields may differ between ABIs); no pointer in it is followed.
+ISP_API std::string check_descriptor_bytes(const void* bytes, std::size_t size, const IspPluginDescriptor& host);
 using RegistrationFn = void (*)(PluginRegistrar&);
 }  // namespace isp
 
