@@ -13,6 +13,7 @@
 #include "../apps/isp/explain.h"
 #include "isp/registry/recipe.h"
 #include "isp/runner.h"
+#include "isp/saliency_metrics.h"
 
 namespace fs = std::filesystem;
 using isp::json;
@@ -103,6 +104,20 @@ TEST_CASE("AEM stages: predictor and selector train, summary and explain figure"
   CHECK(s["mean_mask_area"].get<double>() > 0.0);
   CHECK(s["mean_mask_area"].get<double>() <= 1.0);
   CHECK(s["stages"]["predictor"].contains("predictor_agreement"));
+  // The selector's saliency metrics (docs/method.md §9): every number where it must lie.
+  const json sal = s["stages"]["selector"]["saliency"];
+  CAPTURE(sal.dump());
+  CHECK(sal["images"].get<int>() == 48);
+  for (const char* order : {"map", "random_order", "centred_gaussian"})
+    for (const char* k : {"deletion_auc", "insertion_auc"}) {
+      CHECK(sal[order][k].get<double>() >= 0.0);
+      CHECK(sal[order][k].get<double>() <= 1.0);
+    }
+  CHECK(sal["map"]["deletion_curve"].size() == 17);
+  CHECK(sal["mass_on_object"].get<double>() >= 0.0);
+  CHECK(sal["mass_on_object"].get<double>() <= 1.0);
+  CHECK(sal["foreground_share"].get<double>() > 0.0);  // synthetic blobs define a foreground
+  CHECK(sal["centre_std_row_px"].get<double>() >= 0.0);
   CHECK(fs::exists(dir / "run" / "predictor" / "final.pt"));
   CHECK(fs::exists(dir / "run" / "selector" / "best.pt"));
 
@@ -132,7 +147,15 @@ TEST_CASE("AEM stages: predictor and selector train, summary and explain figure"
     CHECK(e["c_row"].get<double>() > 0.0);
     CHECK(e["c_row"].get<double>() < 32.0);
     CHECK(fs::exists(out / e["file"].get<std::string>()));
+    CHECK(e["deletion_auc"].get<double>() >= 0.0);
+    CHECK(e["insertion_auc"].get<double>() <= 1.0);
+    CHECK(e["mass_on_object"].get<double>() >= 0.0);
   }
+  // The deletion/insertion figure and the metrics over the images shown.
+  CHECK(fs::exists(out / "curves.png"));
+  const json shown = json::parse(isp::read_text_file((out / "saliency_metrics.json").string()));
+  CHECK(shown["images"].get<int>() == n);
+  CHECK(shown["map"]["insertion_curve"].size() == 17);
   // A checkpoint file stands for the run folder that contains it.
   rc = std::system(("\"" + isp_bin + "\" explain --checkpoint \"" + (dir / "run" / "selector" / "final.pt").string() +
                     "\" --images 2 --label predicted --out \"" + (dir / "explain2").string() + "\" > /dev/null 2>&1")
@@ -140,4 +163,82 @@ TEST_CASE("AEM stages: predictor and selector train, summary and explain figure"
   CHECK(rc == 0);
   CHECK(fs::exists(dir / "explain2" / "saliency.png"));
   fs::remove_all(dir);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Saliency metrics on hand-made maps whose values are known.
+namespace {
+// 8x8 one-channel images whose evidence is the 2x2 block E at the top-left (value 1, the rest 0). The classifier
+// says class 0 with probability s = mean of E (softmax of log s, log(1 - s)): exactly the share of E still there.
+at::Tensor evidence_images(int64_t n) {
+  at::Tensor x = at::zeros({n, 1, 8, 8});
+  x.narrow(2, 0, 2).narrow(3, 0, 2).fill_(1.0);
+  return x;
+}
+at::Tensor evidence_logits(const at::Tensor& x) {
+  const at::Tensor s = x.narrow(2, 0, 2).narrow(3, 0, 2).flatten(1).mean(1).clamp(1e-9, 1 - 1e-9);
+  return at::stack({s.log(), (1 - s).log()}, 1);
+}
+// Maps ranking E first (perfect) or last (reversed), every pixel distinct.
+at::Tensor ranked_map(int64_t n, bool evidence_first) {
+  at::Tensor m = at::arange(64, at::kFloat).div(64).view({1, 1, 8, 8}).repeat({n, 1, 1, 1});
+  m.narrow(2, 0, 2).narrow(3, 0, 2).add_(evidence_first ? 10.0 : -10.0);
+  return m - m.min();
+}
+}  // namespace
+
+TEST_CASE("saliency metrics: deletion and insertion AUC of a perfect and a reversed ordering are known exactly") {
+  const at::Tensor x = evidence_images(3);
+  isp::SaliencyMetricOptions o;
+  o.steps = 16;  // 4 pixels a step: E goes in the first step (perfect) or the last (reversed)
+  const auto perfect = isp::measure_saliency(evidence_logits, {x, ranked_map(3, true), {}, {}}, o);
+  const auto reversed = isp::measure_saliency(evidence_logits, {x, ranked_map(3, false), {}, {}}, o);
+  // Perfect: deletion 1, 0, ..., 0 -> (1 - 1/2)/16; insertion 0, 1, ..., 1 -> (16 - 1/2)/16. Reversed: mirrored.
+  CHECK(perfect.map.deletion_auc == doctest::Approx(0.5 / 16).epsilon(1e-6));
+  CHECK(perfect.map.insertion_auc == doctest::Approx(15.5 / 16).epsilon(1e-6));
+  CHECK(reversed.map.deletion_auc == doctest::Approx(15.5 / 16).epsilon(1e-6));
+  CHECK(reversed.map.insertion_auc == doctest::Approx(0.5 / 16).epsilon(1e-6));
+  CHECK(perfect.map.deletion.size() == 17);
+  CHECK(perfect.map.deletion.front() == doctest::Approx(1.0));
+  CHECK(perfect.map.deletion.back() == doctest::Approx(0.0).epsilon(1e-6));
+  CHECK(perfect.deletion_auc_per_image.size() == 3);
+  // The baselines are the same for both maps (same images, seed), and lie between the two extremes.
+  CHECK(perfect.random.deletion_auc == reversed.random.deletion_auc);
+  CHECK(perfect.random.deletion_auc > perfect.map.deletion_auc);
+  CHECK(perfect.random.deletion_auc < reversed.map.deletion_auc);
+  // The centred Gaussian takes the middle pixels first; E's pixels (a corner block) go in steps 9, 14 and 16:
+  // deletion 1 (x9), 0.75 (x5), 0.25 (x2), 0 -> 12.75/16.
+  CHECK(perfect.centred.deletion_auc == doctest::Approx(12.75 / 16).epsilon(1e-6));
+  // Without a foreground or centres those metrics stay empty.
+  CHECK_FALSE(perfect.mass_on_object.has_value());
+  CHECK_FALSE(perfect.centre_std_row.has_value());
+}
+
+TEST_CASE("saliency metrics: mass on the object for a map on it, off it and flat; centre spread") {
+  const at::Tensor x = evidence_images(2);
+  const at::Tensor fg = x.squeeze(1).gt(0.5);  // E is the object
+  at::Tensor on = at::zeros({2, 1, 8, 8}), off = at::zeros({2, 1, 8, 8});
+  on.narrow(2, 0, 2).narrow(3, 0, 2).fill_(1.0);
+  off.narrow(2, 6, 2).narrow(3, 6, 2).fill_(1.0);
+  const at::Tensor flat = at::full({2, 1, 8, 8}, 0.5);
+  const at::Tensor centres = at::tensor({1.0, 2.0, 3.0, 6.0}).view({2, 2});
+  isp::SaliencyMetricOptions o;
+  o.steps = 4;
+  const auto r_on = isp::measure_saliency(evidence_logits, {x, on, fg, centres}, o);
+  const auto r_off = isp::measure_saliency(evidence_logits, {x, off, fg, {}}, o);
+  const auto r_flat = isp::measure_saliency(evidence_logits, {x, flat, fg, {}}, o);
+  CHECK(*r_on.mass_on_object == doctest::Approx(1.0));
+  CHECK(*r_off.mass_on_object == doctest::Approx(0.0));
+  CHECK(*r_flat.mass_on_object == doctest::Approx(4.0 / 64));
+  CHECK(*r_on.foreground_share == doctest::Approx(4.0 / 64));
+  CHECK(r_on.mass_on_object_per_image.size() == 2);
+  CHECK(r_on.mean_map_area == doctest::Approx(4.0 / 64));
+  // The same-area centred Gaussian sits in the middle, away from the corner object.
+  CHECK(*r_on.mass_on_object_centred < 0.05);
+  // Population std of rows (1, 3) and columns (2, 6).
+  CHECK(*r_on.centre_std_row == doctest::Approx(1.0));
+  CHECK(*r_on.centre_std_col == doctest::Approx(2.0));
+  // The foreground of normalised images: raw = x * std + mean above the threshold.
+  const at::Tensor normalised = (x - 0.25) / 0.5;
+  CHECK(at::equal(isp::foreground_of(normalised, {0.25}, {0.5}, 0.0), fg));
 }

@@ -29,12 +29,20 @@ std::string mega(const json& v) {
   std::snprintf(b, sizeof b, "%.3f", v.get<double>() / 1e6);
   return b;
 }
+// "original→pruned" for one saliency metric of the export report (docs/method.md §9), "-" where absent.
+std::string both(const json& sal, const char* key) {
+  const json o = sal.value("original", json::object()).value(key, json());
+  const json p = sal.value("pruned", json::object()).value(key, json());
+  if (!o.is_number() && !p.is_number()) return "-";
+  return fixed3(o) + "→" + fixed3(p);
+}
 }  // namespace
 
 int compare_runs(const std::vector<std::string>& runs, bool md) {
   std::vector<std::vector<std::string>> rows;
   rows.push_back({"run", "pruner", "baseline %", "pruned %", "finetuned %", "Δ", "MFLOPs", "FLOPs ratio", "budget met", "FLOPs ↓ %", "Mparams",
-                  "params ↓ %", "mask IoU", "centre shift px"});
+                  "params ↓ %", "mask IoU", "centre shift px", "deletion AUC orig→pruned", "insertion AUC orig→pruned",
+                  "mass on object orig→pruned"});
   for (const auto& r : runs) {
     fs::path p = fs::path(r) / "report.json";
     if (!fs::exists(p)) p = fs::path(r) / "summary.json";
@@ -48,7 +56,8 @@ int compare_runs(const std::vector<std::string>& runs, bool md) {
                     j.contains("budget_met") ? (j["budget_met"].get<bool>() ? "yes" : "NO") : "-",
                     pct(j.value("flops_reduction", json())), mega(j.value("params_after", json())),
                     pct(j.value("params_reduction", json())), fixed3(sal.value("mask_iou_at_0.5", json())),
-                    fixed3(sal.value("mean_center_shift_px", json()))});
+                    fixed3(sal.value("mean_center_shift_px", json())), both(sal, "deletion_auc"),
+                    both(sal, "insertion_auc"), both(sal, "mass_on_object")});
   }
   std::vector<std::size_t> w(rows[0].size(), 0);
   auto len = [](const std::string& s) {  // count UTF-8 code points for alignment

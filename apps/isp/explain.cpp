@@ -1,6 +1,8 @@
 // `isp explain`: rebuilds a finished run, takes its last trained AEM selector and writes the saliency figure
 // of the paper (input | mask distribution P | input * P | a sampled mask s ~ P | input * s) for the first N
-// test images, per-row PNGs and the RBF parameters as JSON.
+// test images, per-row PNGs, the RBF parameters as JSON, and how well the maps explain (docs/method.md §9):
+// deletion/insertion curves (curves.png), per-image AUCs and mass on object (params.json, the row captions) and
+// the metrics over the images shown (saliency_metrics.json).
 #include "explain.h"
 
 #include <torch/torch.h>
@@ -22,6 +24,7 @@
 #include "isp/registry/recipe.h"
 #include "isp/registry/registry.h"
 #include "isp/runner.h"
+#include "isp/saliency_metrics.h"
 #include "isp/selector.h"
 
 namespace fs = std::filesystem;
@@ -127,6 +130,59 @@ void mark_rbf(Image& img, int ox, int oy, int tile_px, double c_row, double c_co
   }
 }
 
+void draw_line(Image& img, int x0, int y0, int x1, int y1, const std::array<uint8_t, 3>& c, int thickness = 1) {
+  const int steps = std::max({std::abs(x1 - x0), std::abs(y1 - y0), 1});
+  for (int k = 0; k <= steps; ++k) {
+    const int x = x0 + (x1 - x0) * k / steps, y = y0 + (y1 - y0) * k / steps;
+    img.fill_rect(x - thickness / 2, y - thickness / 2, x - thickness / 2 + thickness, y - thickness / 2 + thickness, c);
+  }
+}
+
+// Deletion and insertion curves (docs/method.md §9) of the map next to a random and a centred-Gaussian ordering:
+// two panels, probability of the predicted class (0..1) against the fraction of pixels removed / revealed.
+Image curves_figure(const isp::SaliencyReport& r) {
+  constexpr int kPanelW = 300, kPanelH = 210, kLeft = 34, kTop = 30, kPlotW = 250, kPlotH = 150;
+  Image img(2 * kPanelW, kPanelH + 34);
+  const std::array<uint8_t, 3> black{0, 0, 0}, grey{170, 170, 170}, colours[3] = {{31, 90, 200}, {140, 140, 140}, {230, 130, 20}};
+  const isp::CurvePair* pairs[3] = {&r.map, &r.random, &r.centred};
+  for (int panel = 0; panel < 2; ++panel) {
+    const int ox = panel * kPanelW + kLeft, oy = kTop;
+    char title[160];
+    std::snprintf(title, sizeof title, "%s AUC: map %.3f, random %.3f, centred %.3f", panel == 0 ? "deletion" : "insertion",
+                  panel == 0 ? r.map.deletion_auc : r.map.insertion_auc,
+                  panel == 0 ? r.random.deletion_auc : r.random.insertion_auc,
+                  panel == 0 ? r.centred.deletion_auc : r.centred.insertion_auc);
+    draw_text(img, panel * kPanelW + 6, 8, title, 1, black);
+    for (int t = 0; t <= 4; ++t) {  // grid every 0.25
+      const int gy = oy + kPlotH - t * kPlotH / 4, gx = ox + t * kPlotW / 4;
+      draw_line(img, ox, gy, ox + kPlotW, gy, grey);
+      draw_line(img, gx, oy, gx, oy + kPlotH, grey);
+      char lab[8];
+      std::snprintf(lab, sizeof lab, "%.2g", t / 4.0);
+      draw_text(img, ox - 24, gy - 4, lab, 1, black);
+      draw_text(img, gx - 6, oy + kPlotH + 6, lab, 1, black);
+    }
+    draw_line(img, ox, oy, ox, oy + kPlotH, black);
+    draw_line(img, ox, oy + kPlotH, ox + kPlotW, oy + kPlotH, black);
+    draw_text(img, ox + 40, oy + kPlotH + 20, panel == 0 ? "fraction of pixels removed" : "fraction of pixels revealed", 1, black);
+    for (int o = 2; o >= 0; --o) {
+      const std::vector<double>& c = panel == 0 ? pairs[o]->deletion : pairs[o]->insertion;
+      for (std::size_t k = 1; k < c.size(); ++k) {
+        auto px = [&](std::size_t i) { return ox + static_cast<int>(std::lround(kPlotW * double(i) / double(c.size() - 1))); };
+        auto py = [&](double v) { return oy + kPlotH - static_cast<int>(std::lround(kPlotH * std::clamp(v, 0.0, 1.0))); };
+        draw_line(img, px(k - 1), py(c[k - 1]), px(k), py(c[k]), colours[o], o == 0 ? 2 : 1);
+      }
+    }
+  }
+  const char* names[3] = {"saliency map", "random order", "centred Gaussian"};
+  for (int o = 0; o < 3; ++o) {
+    const int lx = 40 + o * 170, ly = kPanelH + 18;
+    img.fill_rect(lx, ly, lx + 20, ly + 3, colours[o]);
+    draw_text(img, lx + 26, ly - 3, names[o], 1, black);
+  }
+  return img;
+}
+
 std::string safe_name(const std::string& s) {
   std::string out;
   for (char ch : s) out += (std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_') ? ch : '_';
@@ -200,6 +256,16 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
   at::Tensor img = to_pixels(x), img_p = to_pixels(x * P), img_s = to_pixels(x * s);
   at::Tensor Pc = P.cpu(), sc = s.cpu();
   at::Tensor readable = dist.readable.defined() ? dist.readable.to(at::kCPU).to(at::kDouble) : at::Tensor();
+  // How well these maps explain (docs/method.md §9), per image and over the images shown.
+  isp::SaliencyInputs metric_in;
+  metric_in.images = x;
+  metric_in.maps = P;
+  if (data.foreground_above >= 0) metric_in.foreground = isp::foreground_of(x, data.mean, data.std, data.foreground_above);
+  if (dist.readable.defined() && sel->head->predicts_rbf_parameters()) metric_in.centres = dist.readable.narrow(1, 0, 2);
+  isp::SaliencyMetricOptions metric_opt;
+  metric_opt.seed = o.seed;
+  const isp::SaliencyReport metrics =
+      isp::measure_saliency([&](const at::Tensor& b) { return sel->encoder->forward(b); }, metric_in, metric_opt);
   at::Tensor params = dist.params.defined() ? dist.params.to(at::kCPU).to(at::kDouble).flatten(1) : at::Tensor();
 
   const int side = static_cast<int>(x.size(2));
@@ -219,13 +285,26 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
     std::string caption = "#" + std::to_string(i) + "  " + name_of(label) +
                           (predicted != label ? "  (predicted " + name_of(predicted) + ")" : "");
     draw_text(fig, kGap, row_y + 3, caption, 2, {0, 0, 0});
+    {
+      char right[96];
+      if (metrics.mass_on_object)
+        std::snprintf(right, sizeof right, "mass on object %.2f  deletion AUC %.2f", metrics.mass_on_object_per_image[i],
+                      metrics.deletion_auc_per_image[i]);
+      else
+        std::snprintf(right, sizeof right, "deletion AUC %.2f", metrics.deletion_auc_per_image[i]);
+      const int width = stb_easy_font_width(right);
+      draw_text(fig, fig.w - kGap - width, row_y + 7, right, 1, {60, 60, 60});
+    }
     const int ty = row_y + kStrip;
     Image tiles[5] = {tile(img[i], false), tile(Pc[i], true), tile(img_p[i], false), tile(sc[i], false),
                       tile(img_s[i], false)};
     for (int c = 0; c < 5; ++c) fig.blit(tiles[c], kGap + c * (tile_px + kGap), ty);
     json e = {{"index", i}, {"label", label}, {"class_name", name_of(label)}, {"predicted", predicted},
               {"predicted_name", name_of(predicted)}, {"conditioned_on", o.label},
-              {"mask_area", Pc[i].mean().item<double>()}};
+              {"mask_area", Pc[i].mean().item<double>()},
+              {"deletion_auc", metrics.deletion_auc_per_image[i]},
+              {"insertion_auc", metrics.insertion_auc_per_image[i]},
+              {"mass_on_object", metrics.mass_on_object ? json(metrics.mass_on_object_per_image[i]) : json(nullptr)}};
     if (readable.defined() && readable.size(1) >= 3 && sel->head->predicts_rbf_parameters()) {
       const double cr = readable[i][0].item<double>(), cc = readable[i][1].item<double>(), sg = readable[i][2].item<double>();
       e["c_row"] = cr, e["c_col"] = cc, e["sigma"] = sg;
@@ -243,7 +322,17 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
     out.back()["file"] = row_file;
   }
   fig.save((fs::path(o.out_dir) / "saliency.png").string());
+  curves_figure(metrics).save((fs::path(o.out_dir) / "curves.png").string());
   isp::write_file_atomic((fs::path(o.out_dir) / "params.json").string(), out.dump(2) + "\n");
+  const json summary = metrics.to_json();
+  isp::write_file_atomic((fs::path(o.out_dir) / "saliency_metrics.json").string(), summary.dump(2) + "\n");
+  auto show = [](const std::optional<double>& v) { return v ? *v : std::nan(""); };
+  std::printf("saliency of these %lld images: deletion AUC %.3f (random %.3f, centred %.3f), insertion AUC %.3f (random "
+              "%.3f, centred %.3f), mass on object %.3f (foreground share %.3f), centre spread row %.2f px, col %.2f px\n",
+              static_cast<long long>(n), metrics.map.deletion_auc, metrics.random.deletion_auc,
+              metrics.centred.deletion_auc, metrics.map.insertion_auc, metrics.random.insertion_auc,
+              metrics.centred.insertion_auc, show(metrics.mass_on_object), show(metrics.foreground_share),
+              show(metrics.centre_std_row), show(metrics.centre_std_col));
   std::printf("%s: %lld images from stage '%s' (data '%s'); figure %dx%d\n", o.out_dir.c_str(),
               static_cast<long long>(n), stage_name.c_str(), data_node.c_str(), fig.w, fig.h);
   return 0;

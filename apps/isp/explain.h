@@ -24,7 +24,8 @@ constexpr int kScale = 4, kGap = 4, kHeader = 20, kStrip = 20;
 inline int figure_width(int image_side) { return kGap + 5 * (kScale * image_side + kGap); }
 inline int figure_height(int image_side, int rows) { return kHeader + rows * (kStrip + kScale * image_side + kGap); }
 
-// Writes OUT/saliency.png, OUT/row_<i>_<class>.png and OUT/params.json. Returns the exit code; throws isp::Error.
+// Writes OUT/saliency.png, OUT/row_<i>_<class>.png, OUT/curves.png, OUT/params.json and OUT/saliency_metrics.json.
+// Returns the exit code; throws isp::Error.
 int explain(isp::Registry& reg, const ExplainOptions& o);
 
 }  // namespace isp_app

@@ -75,7 +75,7 @@ int main(int argc, char** argv) {
                                     "folder that contains it, i.e. the parent of the stage folder");
   ex_run->excludes(ex_ck);
   explain->add_option("--images", ex_opt.images, "the first N test images")->check(CLI::Range(1, 1000));
-  explain->add_option("--out", ex_opt.out_dir, "output folder: saliency.png, row_<i>_<class>.png, params.json")->required();
+  explain->add_option("--out", ex_opt.out_dir, "output folder: saliency.png, row_<i>_<class>.png, curves.png, params.json, saliency_metrics.json")->required();
   explain->add_option("--label", ex_opt.label, "class that conditions the feature filter")
       ->check(CLI::IsMember({"ground_truth", "predicted"}));
   explain->add_option("--seed", ex_opt.seed, "seed of the sampled masks s ~ P");

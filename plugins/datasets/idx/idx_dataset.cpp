@@ -54,8 +54,10 @@ template <int Variant>
 std::shared_ptr<isp::Dataset> make_idx(const IdxOptions<Variant>& o, isp::BuildContext&) {
   auto [xtr, ytr] = load_split(o.root, "train", 10);
   auto [xte, yte] = load_split(o.root, "t10k", 10);
-  return std::make_shared<isp::BundleDataset>(isp::make_bundle(xtr, ytr, xte, yte, Variant == 0 ? kFashionClasses : kDigits,
-                                                               o, (Variant == 0 ? "Fashion-MNIST " : "MNIST ") + o.root));
+  isp::DataBundle b = isp::make_bundle(xtr, ytr, xte, yte, Variant == 0 ? kFashionClasses : kDigits, o,
+                                       (Variant == 0 ? "Fashion-MNIST " : "MNIST ") + o.root);
+  b.foreground_above = 0.0;  // objects on a black background: every pixel brighter than black is the object's
+  return std::make_shared<isp::BundleDataset>(std::move(b));
 }
 
 }  // namespace

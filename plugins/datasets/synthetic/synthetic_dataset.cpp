@@ -1,6 +1,7 @@
 // Synthetic, learnable images for tests: each class is a bright blob at its own place plus seeded noise.
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "isp/data.h"
@@ -55,7 +56,9 @@ std::shared_ptr<isp::Dataset> make_synthetic(const SyntheticOptions& o, isp::Bui
   auto [xte, yte] = generate(o.num_test, o, 2);
   std::vector<std::string> names;
   for (int64_t k = 0; k < o.num_classes; ++k) names.push_back("blob_" + std::to_string(k));
-  return std::make_shared<isp::BundleDataset>(isp::make_bundle(xtr, ytr, xte, yte, names, o, "synthetic blobs"));
+  isp::DataBundle b = isp::make_bundle(xtr, ytr, xte, yte, names, o, "synthetic blobs");
+  b.foreground_above = std::min(0.99, o.noise + 0.1);  // the blob where it rises 0.1 above the noise's ceiling
+  return std::make_shared<isp::BundleDataset>(std::move(b));
 }
 
 }  // namespace

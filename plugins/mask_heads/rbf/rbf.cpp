@@ -6,6 +6,8 @@
 //   quirk (official): g = exp(-D/(2 sigma^2)) / (2 pi sigma^2),  P = g / (stopgrad(max g) + 1e-8)
 //                     (forward ~ normalised Gaussian; dP/dsigma = P (D/sigma^3 - 2/sigma))
 //   no quirk:         P = exp(-(D - D_min)/(2 sigma^2))   (exact max 1, gradient of the normalised map)
+// Option centre = "soft_argmax" (isp's, not the paper's): a 1x1 convolution scores every decoder cell, the centre is
+// the softmax-weighted mean cell position, and only sigma comes from the full convolution.
 // Whole batch in one vectorised computation; no host synchronisation.
 #include <torch/torch.h>
 
@@ -25,6 +27,7 @@ struct RbfMaskHeadOptions {
   bool sigma_gradient_quirk = true;
   int64_t kernel_size = -1;
   double center_margin = -1.0;
+  std::string centre = "regression";
   template <class V> void visit(V& v) {
     v("decoder", decoder, "the decoder whose map the head reads (gives its channels)", isp::required(),
       isp::of_kind("decoder"));
@@ -40,18 +43,29 @@ struct RbfMaskHeadOptions {
     v("center_margin", center_margin,
       "centres lie in (margin, S - margin): a = S/2 - margin; -1 = 2 (4 when S >= 224, the official ImageNet "
       "108*tanh(u/108)+112)");
+    v("centre", centre,
+      "how the centre is found: regression = the official spatially-full convolution (u_row, u_col) through "
+      "a*tanh(u/a)+S/2; soft_argmax = a 1x1 convolution scores every decoder cell and the centre is the "
+      "softmax-weighted mean cell position (image-specific by construction; isp's option, docs/method.md §9)",
+      isp::one_of({"regression", "soft_argmax"}));
   }
 };
 
 class RbfMaskHead : public isp::MaskHead {
  public:
   RbfMaskHead(int64_t channels, int64_t grid, const RbfMaskHeadOptions& o)
-      : grid_(grid), kernel_(o.kernel_size > 0 ? o.kernel_size : grid), quirk_(o.sigma_gradient_quirk) {
+      : grid_(grid), kernel_(o.kernel_size > 0 ? o.kernel_size : grid), quirk_(o.sigma_gradient_quirk),
+        soft_argmax_(o.centre == "soft_argmax") {
     const double margin = o.center_margin >= 0 ? o.center_margin : (grid >= 224 ? 4.0 : 2.0);
     b_ = grid / 2.0;
     a_ = grid / 2.0 - margin;
     if (a_ <= 0) throw isp::Error("RbfMaskHead: center_margin leaves no room for the centre");
     conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, 3, kernel_).bias(true)));
+    if (soft_argmax_) {
+      heat = register_module("heat", torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, 1, 1).bias(false)));
+      // Centre of decoder cell k on the S-pixel grid.
+      cell_pos_ = (at::arange(kernel_, at::kFloat) + 0.5) * (static_cast<double>(grid_) / kernel_) - 0.5;
+    }
     const double sigma0 = o.initial_sigma >= 0 ? o.initial_sigma : grid * 10.0 / 32.0;
     torch::NoGradGuard ng;
     conv->bias[2].fill_(sigma0);
@@ -66,8 +80,19 @@ class RbfMaskHead : public isp::MaskHead {
                                             : std::string()));
     const int64_t n = features.size(0);
     at::Tensor u = conv->forward(features).flatten(1);  // [n,3]
-    at::Tensor c_row = a_ * at::tanh(u.select(1, 0) / a_) + b_;
-    at::Tensor c_col = a_ * at::tanh(u.select(1, 1) / a_) + b_;
+    at::Tensor c_row, c_col;
+    if (soft_argmax_) {
+      // Softmax over the decoder cells; the centre is the expected cell position. u's first two entries become the
+      // centre relative to the middle, so the pruning loss compares the same quantities as in regression mode.
+      const at::Tensor w = at::softmax(heat->forward(features).flatten(1).to(at::kFloat), 1).view({n, kernel_, kernel_});
+      const at::Tensor pos = cell_pos_.to(w.device());
+      c_row = (w.sum(2) * pos).sum(1).to(features.scalar_type());
+      c_col = (w.sum(1) * pos).sum(1).to(features.scalar_type());
+      u = at::stack({c_row - b_, c_col - b_, u.select(1, 2)}, 1);
+    } else {
+      c_row = a_ * at::tanh(u.select(1, 0) / a_) + b_;
+      c_col = a_ * at::tanh(u.select(1, 1) / a_) + b_;
+    }
     at::Tensor sigma = at::softplus(u.select(1, 2)) + 1e-8;
     const auto opts = features.options().requires_grad(false);
     at::Tensor i = at::arange(grid_, opts).view({1, 1, grid_, 1});
@@ -94,10 +119,12 @@ class RbfMaskHead : public isp::MaskHead {
   bool predicts_rbf_parameters() const override { return true; }
 
   torch::nn::Conv2d conv{nullptr};
+  torch::nn::Conv2d heat{nullptr};  // soft_argmax only: one score per decoder cell
 
  private:
   int64_t grid_, kernel_;
-  bool quirk_;
+  bool quirk_, soft_argmax_;
+  at::Tensor cell_pos_;
   double a_ = 14, b_ = 16;
 };
 
@@ -109,7 +136,7 @@ std::shared_ptr<isp::MaskHead> make_rbf(const RbfMaskHeadOptions& o, isp::BuildC
 
 }  // namespace
 
-ISP_PLUGIN("0.1.0");
+ISP_PLUGIN("0.2.0");
 ISP_REGISTER(isp::MaskHead, "RbfMaskHead", 1, RbfMaskHeadOptions, make_rbf,
              "one isotropic Gaussian (RBF) keep-probability map per image: centre a*tanh(u/a)+S/2, width "
              "softplus(u)");

@@ -18,6 +18,8 @@
 #include "isp/interfaces/dataset.h"
 #include "isp/registry/plugin.h"
 #include "isp/registry/recipe.h"
+#include "isp/saliency_metrics.h"
+#include "isp/selector.h"
 #include "isp/train.h"
 
 namespace fs = std::filesystem;
@@ -27,12 +29,17 @@ namespace {
 struct ExportOptions {
   isp::NodeRef model, selector, data;
   int64_t agreement_images = 500;
+  int64_t metrics_images = 256;
+  int64_t metrics_steps = 16;
   template <class V> void visit(V& v) {
     v("model", model, "the stage whose pruned network is exported (Finetune or PruneChannels); the before/after "
       "columns compare it with the classifier it was pruned from", isp::required(), isp::of_kind("stage"));
     v("selector", selector, "TrainSelector stage: compare saliency of pruned vs original (optional)", isp::of_kind("stage"));
     v("data", data, "dataset (test split for the saliency comparison)", isp::required(), isp::of_kind("dataset"));
     v("agreement_images", agreement_images, "test images used for the saliency agreement figures", isp::at_least(1));
+    v("metrics_images", metrics_images, "test images for the saliency metrics of the original and the pruned network "
+      "(deletion/insertion AUC, mass on object, centre spread: docs/method.md §9); 0 = skip them", isp::at_least(0));
+    v("metrics_steps", metrics_steps, "deletion/insertion steps", isp::between(2, 1024));
   }
 };
 
@@ -95,7 +102,14 @@ class Export : public isp::Stage {
     isp::json lineage = isp::json::array();
     for (const auto& e : pruned->lineage) lineage.push_back({{"stage", e.stage}, {"type", e.type}});
     report["lineage"] = lineage;
-    if (!aem_.empty()) report["saliency"] = saliency_agreement(*aem_->selector, pruned->network, ctx.device);
+    if (!aem_.empty()) {
+      report["saliency"] = saliency_agreement(*aem_->selector, pruned->network, ctx.device);
+      if (o_.metrics_images > 0) {
+        report["saliency"]["original"] =
+            saliency_metrics(*aem_->selector, pruned->original->network, ctx.device, ctx.seed).to_json(false);
+        report["saliency"]["pruned"] = saliency_metrics(*aem_->selector, pruned->network, ctx.device, ctx.seed).to_json(false);
+      }
+    }
     isp::write_file_atomic(dir + "/summary.json", report.dump(2) + "\n");
     isp::write_file_atomic(ctx.run_dir + "/report.json", report.dump(2) + "\n");
     isp::write_file_atomic(ctx.run_dir + "/report.md", markdown(report));
@@ -151,6 +165,43 @@ class Export : public isp::Stage {
     return out;
   }
 
+  // docs/method.md §9 for one network: its own maps (the AEM's decoder and head on its encoder), scored by its own
+  // classifier, on the first metrics_images test images -- the same images for the original and the pruned one.
+  isp::SaliencyReport saliency_metrics(isp::SelectorNet& original, const std::shared_ptr<isp::Backbone>& network,
+                                       torch::Device dev, uint64_t seed) {
+    torch::NoGradGuard ng;
+    const isp::DataBundle& data = data_->data();
+    const int64_t n = std::min<int64_t>(o_.metrics_images, data.test.size());
+    isp::SelectorNet sel(network, original.filter, original.decoder, original.head, original.sampler);
+    sel.eval();
+    network->eval();
+    const at::Tensor x = data.test.images.narrow(0, 0, n).to(dev), y = data.test.labels.narrow(0, 0, n).to(dev);
+    std::vector<at::Tensor> maps, centres;
+    for (int64_t b0 = 0; b0 < n; b0 += 128) {
+      const int64_t b = std::min<int64_t>(128, n - b0);
+      isp::MaskDistribution d = sel.forward(x.narrow(0, b0, b), y.narrow(0, b0, b), false);
+      maps.push_back(d.probs);
+      if (sel.head->predicts_rbf_parameters() && d.readable.defined()) centres.push_back(d.readable.narrow(1, 0, 2));
+    }
+    isp::SaliencyInputs in;
+    in.images = x;
+    in.maps = at::cat(maps, 0);
+    if (!centres.empty()) in.centres = at::cat(centres, 0);
+    if (data.foreground_above >= 0) in.foreground = isp::foreground_of(x, data.mean, data.std, data.foreground_above);
+    isp::SaliencyMetricOptions mo;
+    mo.steps = o_.metrics_steps;
+    mo.seed = seed;
+    return isp::measure_saliency([&](const at::Tensor& b) { return network->forward(b); }, in, mo);
+  }
+
+  static std::string num(const isp::json& v, int precision = 3) {
+    if (!v.is_number()) return "n/a";
+    std::ostringstream os;
+    os.precision(precision);
+    os << std::fixed << v.get<double>();
+    return os.str();
+  }
+
   static std::string pct(const isp::json& v) {
     if (!v.is_number()) return "n/a";
     std::ostringstream os;
@@ -187,6 +238,24 @@ class Export : public isp::Stage {
         os << ", mean RBF centre shift = " << sal["mean_center_shift_px"].get<double>()
            << " px, mean |Δσ| = " << sal.value("mean_abs_sigma_change", 0.0);
       os << "\n\n";
+      if (sal.contains("original") && sal.contains("pruned")) {
+        os << "How well the maps explain (docs/method.md §9; " << sal["pruned"].value("images", 0)
+           << " test images, each network's maps scored by its own classifier; deletion AUC: lower is better, "
+              "insertion AUC and mass on object: higher is better):\n\n";
+        os << "| network | deletion AUC | insertion AUC | deletion: random / centred | insertion: random / centred | "
+              "mass on object | centred Gaussian's mass | centre spread row / col (px) |\n";
+        os << "|---|---|---|---|---|---|---|---|\n";
+        for (const char* which : {"original", "pruned"}) {
+          const isp::json& m = sal[which];
+          os << "| " << which << " | " << num(m["deletion_auc"]) << " | " << num(m["insertion_auc"]) << " | "
+             << num(m["random_order"]["deletion_auc"]) << " / " << num(m["centred_gaussian"]["deletion_auc"]) << " | "
+             << num(m["random_order"]["insertion_auc"]) << " / " << num(m["centred_gaussian"]["insertion_auc"]) << " | "
+             << num(m["mass_on_object"]) << " (foreground " << num(m["foreground_share"]) << ") | "
+             << num(m["mass_on_object_centred_gaussian"]) << " | " << num(m["centre_std_row_px"], 2) << " / "
+             << num(m["centre_std_col_px"], 2) << " |\n";
+        }
+        os << "\n";
+      }
     }
     if (r.contains("budget_met")) {
       os << "FLOPs budget: target " << r["budget_target"].get<double>() << " (" << r.value("budget_counting", std::string())

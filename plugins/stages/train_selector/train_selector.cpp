@@ -8,6 +8,7 @@
 
 #include <ATen/Context.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -23,6 +24,7 @@
 #include "isp/train.h"
 #include "isp/accel.h"
 #include "isp/optim.h"
+#include "isp/saliency_metrics.h"
 
 namespace fs = std::filesystem;
 
@@ -39,6 +41,8 @@ struct TrainSelectorOptions {
   int64_t max_steps_per_epoch = 0;
   std::string label_source = "ground_truth";
   std::string augmentation = "flip";
+  int64_t metrics_images = 256;
+  int64_t metrics_steps = 16;
   template <class V> void visit(V& v) {
     v("predictor", predictor, "the TrainPredictor stage whose network scores the masked inputs ({\"$ref\": stage}); its "
       "classifier is the frozen black box and the selector's encoder", isp::required(), isp::of_kind("stage"));
@@ -62,6 +66,11 @@ struct TrainSelectorOptions {
       isp::one_of({"ground_truth", "predicted"}));
     v("augmentation", augmentation, "training augmentation: flip = horizontal flip only (docs/method.md §1c), dataset = the "
       "dataset's own augmentation, none", isp::one_of({"flip", "dataset", "none"}));
+    v("metrics_images", metrics_images, "test images for the saliency metrics (deletion/insertion AUC against a random "
+      "and a centred-Gaussian ordering, mass on object, centre spread: docs/method.md §9); 0 = skip them",
+      isp::at_least(0));
+    v("metrics_steps", metrics_steps, "deletion/insertion curves remove or reveal the pixels in this many equal steps",
+      isp::between(2, 1024));
   }
 };
 
@@ -190,6 +199,7 @@ class TrainSelector : public isp::Stage {
       w.save_atomic(ctx.stage_dir + "/final.pt");
     }
     selector_->eval();
+    const isp::json saliency = saliency_metrics(data, ctx.device, ctx.seed);
     ctx.summary = {{"selector_agreement", test.agreement},
                    {"selector_kl", test.kl},
                    {"mean_mask_area", test.area},
@@ -202,10 +212,12 @@ class TrainSelector : public isp::Stage {
                    {"selector_parameters", count_parameters()},
                    {"epochs", opt_.epochs},
                    {"train_seconds", res.train_seconds},
-                   {"images_per_s", static_cast<double>(res.images_seen) / std::max(1e-9, res.train_seconds)}};
+                   {"images_per_s", static_cast<double>(res.images_seen) / std::max(1e-9, res.train_seconds)},
+                   {"saliency", saliency}};
     std::fprintf(stderr, "[%s] selected epoch %s: val agreement %.2f%%, test agreement %.2f%%, KL %.4f, mask area %.3f\n",
                  ctx.stage_name.c_str(), ctx.summary["selector_best_epoch"].dump().c_str(), 100.0 * val.agreement,
                  100.0 * test.agreement, test.kl, test.area);
+    if (saliency.is_object()) print_saliency(ctx.stage_name, saliency);
     isp::write_file_atomic(ctx.stage_dir + "/result.json", ctx.summary.dump(2) + "\n");
     publish_model(ctx.summary);
   }
@@ -243,6 +255,48 @@ class TrainSelector : public isp::Stage {
     int64_t n = 0;
     for (const auto& p : selector_->parameters()) n += p.numel();
     return n;
+  }
+
+  // docs/method.md §9 on the first metrics_images test images, maps conditioned as in evaluation.
+  isp::json saliency_metrics(const isp::DataBundle& data, c10::Device device, uint64_t seed) {
+    const int64_t n = std::min<int64_t>(opt_.metrics_images, data.test.size());
+    if (n == 0) return nullptr;
+    torch::NoGradGuard ng;
+    selector_->eval();
+    classifier_->eval();
+    const at::Tensor x = data.test.images.narrow(0, 0, n).to(device), y = data.test.labels.narrow(0, 0, n).to(device);
+    std::vector<at::Tensor> maps, centres;
+    for (int64_t b0 = 0; b0 < n; b0 += opt_.eval_batch_size) {
+      const int64_t b = std::min(opt_.eval_batch_size, n - b0);
+      const at::Tensor xb = x.narrow(0, b0, b);
+      const at::Tensor labels = opt_.label_source == "predicted" ? classifier_->forward(xb).argmax(1) : y.narrow(0, b0, b);
+      isp::MaskDistribution d = selector_->forward(xb, labels, false);
+      maps.push_back(d.probs);
+      if (head_->predicts_rbf_parameters() && d.readable.defined()) centres.push_back(d.readable.narrow(1, 0, 2));
+    }
+    isp::SaliencyInputs in;
+    in.images = x;
+    in.maps = at::cat(maps, 0);
+    if (!centres.empty()) in.centres = at::cat(centres, 0);
+    if (data.foreground_above >= 0) in.foreground = isp::foreground_of(x, data.mean, data.std, data.foreground_above);
+    isp::SaliencyMetricOptions mo;
+    mo.steps = opt_.metrics_steps;
+    mo.seed = seed;
+    const auto report = isp::measure_saliency([&](const at::Tensor& b) { return classifier_->forward(b); }, in, mo);
+    return report.to_json();
+  }
+
+  static void print_saliency(const std::string& stage, const isp::json& s) {
+    auto num = [](const isp::json& v) { return v.is_number() ? v.get<double>() : std::nan(""); };
+    std::fprintf(stderr,
+                 "[%s] saliency on %lld test images: deletion AUC %.3f (random %.3f, centred Gaussian %.3f), insertion AUC "
+                 "%.3f (random %.3f, centred %.3f), mass on object %.3f (foreground share %.3f, centred Gaussian %.3f), "
+                 "centre spread row %.2f px, col %.2f px\n",
+                 stage.c_str(), static_cast<long long>(s.value("images", 0)), num(s["deletion_auc"]),
+                 num(s["random_order"]["deletion_auc"]), num(s["centred_gaussian"]["deletion_auc"]), num(s["insertion_auc"]),
+                 num(s["random_order"]["insertion_auc"]), num(s["centred_gaussian"]["insertion_auc"]),
+                 num(s["mass_on_object"]), num(s["foreground_share"]), num(s["mass_on_object_centred_gaussian"]),
+                 num(s["centre_std_row_px"]), num(s["centre_std_col_px"]));
   }
 
   // Deterministic evaluation with the mask P itself (docs/method.md §1c): agreement, KL and mean(P).

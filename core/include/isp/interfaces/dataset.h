@@ -27,6 +27,9 @@ struct DataBundle {
   std::vector<double> mean, std;  // per channel, for turning tensors back into pictures
   Augmentation augmentation;       // applied to training batches only
   std::string description;
+  // Where the data set defines its objects' pixels (for the saliency metric "mass on object"): a pixel whose raw
+  // intensity (x * std + mean, in [0,1]) exceeds this in any channel is foreground. < 0: not defined.
+  double foreground_above = -1.0;
   int64_t num_classes() const { return static_cast<int64_t>(class_names.size()); }
 };
 

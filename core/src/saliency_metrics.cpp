@@ -1,0 +1,172 @@
+// Faithfulness and localisation of saliency maps (isp/saliency_metrics.h, docs/method.md §9).
+#include "isp/saliency_metrics.h"
+
+#include <torch/torch.h>
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <cmath>
+
+#include "isp/registry/error.h"
+
+namespace isp {
+namespace {
+
+// Rank of every pixel under an ordering given as scores (higher first; ties by pixel index): [n, HW] int64.
+at::Tensor ranks_of(const at::Tensor& scores) {
+  const at::Tensor order = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
+  at::Tensor ranks = at::empty_like(order);
+  ranks.scatter_(1, order, at::arange(order.size(1), order.options()).expand_as(order).contiguous());
+  return ranks;
+}
+
+// Trapezoidal area under a curve sampled at 0, 1/S, ..., 1: [n, S+1] -> [n].
+at::Tensor auc_of(const at::Tensor& curve) {
+  const int64_t s = curve.size(1) - 1;
+  return (curve.sum(1) - 0.5 * (curve.select(1, 0) + curve.select(1, s))) / static_cast<double>(s);
+}
+
+std::vector<double> to_vector(const at::Tensor& t) {
+  at::Tensor c = t.to(at::kCPU).to(at::kDouble).contiguous();
+  return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
+}
+
+// Deletion and insertion curves [n, steps+1] of one ordering, for the probability of class `cls`.
+std::pair<at::Tensor, at::Tensor> curves(const std::function<at::Tensor(const at::Tensor&)>& logits,
+                                         const at::Tensor& x, const at::Tensor& ranks, const at::Tensor& cls,
+                                         int64_t steps) {
+  const int64_t n = x.size(0), h = x.size(2), w = x.size(3), hw = h * w;
+  std::vector<at::Tensor> del, ins;
+  for (int64_t k = 0; k <= steps; ++k) {
+    // The first round(k*HW/steps) pixels of the ordering are the ones removed (deletion) / revealed (insertion).
+    const int64_t cut = (k * hw + steps / 2) / steps;
+    const at::Tensor first = ranks.lt(cut).view({n, 1, h, w}).to(x.scalar_type());
+    const at::Tensor both = at::cat({x * (1 - first), x * first}, 0);
+    const at::Tensor p = at::softmax(logits(both).to(at::kFloat), 1);
+    const at::Tensor pc = p.gather(1, at::cat({cls, cls}, 0).view({-1, 1})).view({2, n});
+    del.push_back(pc[0]);
+    ins.push_back(pc[1]);
+  }
+  return {at::stack(del, 1), at::stack(ins, 1)};
+}
+
+// A centred isotropic Gaussian exp(-D/(2 sigma^2)) on an h x w grid, per image sigma: [n, h, w].
+at::Tensor centred_gaussian(const at::Tensor& sigma, int64_t h, int64_t w) {
+  const auto opts = sigma.options();
+  const at::Tensor i = at::arange(h, opts).view({1, h, 1}) - (h - 1) / 2.0;
+  const at::Tensor j = at::arange(w, opts).view({1, 1, w}) - (w - 1) / 2.0;
+  const at::Tensor d = i.pow(2) + j.pow(2);
+  return at::exp(-d / (2 * sigma.view({-1, 1, 1}).pow(2)));
+}
+
+}  // namespace
+
+at::Tensor foreground_of(const at::Tensor& images, const std::vector<double>& mean, const std::vector<double>& std,
+                         double above) {
+  const int64_t c = images.size(1);
+  auto per_channel = [&](const std::vector<double>& v, double fallback) {
+    std::vector<float> out(static_cast<std::size_t>(c), static_cast<float>(v.empty() ? fallback : v[0]));
+    for (std::size_t k = 0; k < v.size() && k < out.size(); ++k) out[k] = static_cast<float>(v[k]);
+    return at::tensor(out, images.options().dtype(at::kFloat)).view({1, c, 1, 1});
+  };
+  const at::Tensor raw = images.to(at::kFloat) * per_channel(std, 1.0) + per_channel(mean, 0.0);
+  return std::get<0>(raw.gt(above).max(1));  // any channel
+}
+
+SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&)>& logits, const SaliencyInputs& in,
+                                const SaliencyMetricOptions& opt) {
+  if (!in.images.defined() || in.images.dim() != 4) throw Error("measure_saliency: images must be [n, C, H, W]");
+  const int64_t n = in.images.size(0), h = in.images.size(2), w = in.images.size(3);
+  const at::Tensor maps = in.maps.reshape({n, h, w}).to(at::kFloat);
+  if (opt.steps < 1 || opt.steps > h * w) throw Error("measure_saliency: steps must lie in 1..H*W");
+  SaliencyReport r;
+  r.images = n;
+  r.steps = opt.steps;
+  if (n == 0) return r;
+  torch::NoGradGuard no_grad;
+  const auto fopts = maps.options();
+
+  // Orderings: the maps, random (seeded, independent of the device), a centred Gaussian.
+  at::Generator gen = at::detail::createCPUGenerator(opt.seed);
+  const at::Tensor random_scores = at::rand({n, h * w}, gen, at::TensorOptions().dtype(at::kFloat)).to(fopts.device());
+  const at::Tensor one_sigma = at::full({1}, static_cast<double>(std::max(h, w)), fopts);
+  const at::Tensor centred_scores = centred_gaussian(one_sigma, h, w).view({1, h * w}).expand({n, h * w});
+  const at::Tensor rank_map = ranks_of(maps.view({n, h * w})), rank_random = ranks_of(random_scores),
+                   rank_centred = ranks_of(centred_scores.contiguous());
+
+  std::vector<at::Tensor> cd[3], ci[3];
+  for (int64_t b0 = 0; b0 < n; b0 += opt.batch_size) {
+    const int64_t b = std::min(opt.batch_size, n - b0);
+    const at::Tensor x = in.images.narrow(0, b0, b);
+    const at::Tensor cls = logits(x).argmax(1);  // the class the classifier predicts on the whole image
+    const at::Tensor* ranks[3] = {&rank_map, &rank_random, &rank_centred};
+    for (int o = 0; o < 3; ++o) {
+      auto [d, i] = curves(logits, x, ranks[o]->narrow(0, b0, b), cls, opt.steps);
+      cd[o].push_back(d);
+      ci[o].push_back(i);
+    }
+  }
+  CurvePair* pairs[3] = {&r.map, &r.random, &r.centred};
+  for (int o = 0; o < 3; ++o) {
+    const at::Tensor d = at::cat(cd[o], 0).to(at::kDouble), i = at::cat(ci[o], 0).to(at::kDouble);
+    pairs[o]->deletion = to_vector(d.mean(0));
+    pairs[o]->insertion = to_vector(i.mean(0));
+    pairs[o]->deletion_auc = auc_of(d).mean().item<double>();
+    pairs[o]->insertion_auc = auc_of(i).mean().item<double>();
+    if (o == 0) {
+      r.deletion_auc_per_image = to_vector(auc_of(d));
+      r.insertion_auc_per_image = to_vector(auc_of(i));
+    }
+  }
+
+  const at::Tensor area = maps.view({n, -1}).mean(1);  // [n]
+  r.mean_map_area = area.mean().item<double>();
+  if (in.foreground.defined()) {
+    const at::Tensor fg = in.foreground.reshape({n, h, w}).to(at::kFloat);
+    const at::Tensor mass = (maps * fg).view({n, -1}).sum(1) / maps.view({n, -1}).sum(1).clamp_min(1e-12);
+    r.mass_on_object_per_image = to_vector(mass);
+    r.mass_on_object = mass.mean().item<double>();
+    r.foreground_share = fg.mean().item<double>();
+    // The centred Gaussian whose mean value equals the map's area: sigma by bisection (mean value grows with it).
+    at::Tensor lo = at::full({n}, 0.05, fopts), hi = at::full({n}, 8.0 * static_cast<double>(std::max(h, w)), fopts);
+    const at::Tensor target = area.clamp(1e-6, 1.0 - 1e-6);
+    for (int it = 0; it < 40; ++it) {
+      const at::Tensor mid = 0.5 * (lo + hi);
+      const at::Tensor too_wide = centred_gaussian(mid, h, w).view({n, -1}).mean(1).gt(target);
+      hi = at::where(too_wide, mid, hi);
+      lo = at::where(too_wide, lo, mid);
+    }
+    const at::Tensor g = centred_gaussian(0.5 * (lo + hi), h, w);
+    r.mass_on_object_centred = ((g * fg).view({n, -1}).sum(1) / g.view({n, -1}).sum(1)).mean().item<double>();
+  }
+  if (in.centres.defined() && in.centres.dim() == 2 && in.centres.size(1) >= 2) {
+    const at::Tensor c = in.centres.to(at::kDouble);
+    r.centre_std_row = c.select(1, 0).std(/*unbiased=*/false).item<double>();
+    r.centre_std_col = c.select(1, 1).std(/*unbiased=*/false).item<double>();
+  }
+  return r;
+}
+
+json SaliencyReport::to_json(bool with_curves) const {
+  auto opt = [](const std::optional<double>& v) { return v ? json(*v) : json(nullptr); };
+  auto pair = [&](const CurvePair& p) {
+    json j = {{"deletion_auc", p.deletion_auc}, {"insertion_auc", p.insertion_auc}};
+    if (with_curves) j["deletion_curve"] = p.deletion, j["insertion_curve"] = p.insertion;
+    return j;
+  };
+  return {{"images", images},
+          {"steps", steps},
+          {"deletion_auc", map.deletion_auc},
+          {"insertion_auc", map.insertion_auc},
+          {"map", pair(map)},
+          {"random_order", pair(random)},
+          {"centred_gaussian", pair(centred)},
+          {"mass_on_object", opt(mass_on_object)},
+          {"foreground_share", opt(foreground_share)},
+          {"mass_on_object_centred_gaussian", opt(mass_on_object_centred)},
+          {"centre_std_row_px", opt(centre_std_row)},
+          {"centre_std_col_px", opt(centre_std_col)},
+          {"mean_map_area", mean_map_area}};
+}
+
+}  // namespace isp
