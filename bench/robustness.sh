@@ -2,7 +2,7 @@
 # The README's main job (configs/isp/quick_fmnist.json) over seeds x threads x LibTorch CPU kernels, to show
 # that the FLOPs budget is met whatever the classifier, the thread count and the float rounding turn out to be.
 # One table: seed, threads, kernels, baseline / pruned / finetuned top-1, achieved FLOPs ratio, budget met,
-# wall time. "native" = the kernels LibTorch picks for this CPU; "default" = ATEN_CPU_CAPABILITY=default
+# the saliency metrics of the original and the pruned network (docs/method.md §9), wall time. "native" = the kernels LibTorch picks for this CPU; "default" = ATEN_CPU_CAPABILITY=default
 # (portable kernels that round differently from AVX2/AVX-512).
 #
 # Usage: bench/robustness.sh [WORK_DIR] [SEEDS] [JOBS]
@@ -41,7 +41,8 @@ python3 - "$work" $seeds <<'PY'
 import json, os, sys
 work, seeds = sys.argv[1], sys.argv[2:]
 rows, missed = [], 0
-hdr = "| seed | threads | kernels | baseline % | pruned % (BN recal.) | finetuned % | Δ pts | FLOPs ratio | target | budget met | wall s (stages) |"
+hdr = ("| seed | threads | kernels | baseline % | pruned % (BN recal.) | finetuned % | Δ pts | FLOPs ratio | target | budget met "
+       "| deletion AUC orig→pruned (centred) | mass on object orig→pruned (fg) | centre spread row/col px | wall s (stages) |")
 print(hdr); print("|" + "---|" * (hdr.count("|") - 1))
 out = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
 for s in seeds:
@@ -54,11 +55,20 @@ for s in seeds:
                 line = f"| {s} | {t} | {k} | (no report: see {d}.log) |"; missed += 1
                 print(line); out.append(line); continue
             wall = f"{sum(r.get('wall_seconds', {}).values()):.0f}"
+            sal = r.get("saliency", {})
+            o, p = sal.get("original"), sal.get("pruned")
+            f3 = lambda v: "-" if v is None else f"{v:.3f}"
+            if o and p:
+                dele = f"{f3(o['deletion_auc'])}→{f3(p['deletion_auc'])} ({f3(o['centred_gaussian']['deletion_auc'])})"
+                mass = f"{f3(o['mass_on_object'])}→{f3(p['mass_on_object'])} ({f3(o['foreground_share'])})"
+                spread = f"{o['centre_std_row_px']:.2f}/{o['centre_std_col_px']:.2f}"
+            else:
+                dele = mass = spread = "-"
             met = r.get("budget_met")
             missed += met is not True
             line = (f"| {s} | {t} | {k} | {100*r['baseline_top1']:.2f} | {100*r['pruned_top1']:.2f} | "
                     f"{100*r['finetuned_top1']:.2f} | {100*r['delta_top1']:+.2f} | {r['flops_ratio']:.4f} | "
-                    f"{r.get('budget_target', '-')} | {'yes' if met else 'NO'} | {wall} |")
+                    f"{r.get('budget_target', '-')} | {'yes' if met else 'NO'} | {dele} | {mass} | {spread} | {wall} |")
             print(line); out.append(line)
 open(os.path.join(work, "robustness.md"), "w").write("\n".join(out) + "\n")
 sys.exit(1 if missed else 0)

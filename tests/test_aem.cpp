@@ -326,6 +326,60 @@ TEST_CASE_FIXTURE(AemFixture, "AEM: RbfMaskHead sigma gradient, official quirk a
   }
 }
 
+TEST_CASE_FIXTURE(AemFixture, "AEM: under the official quirk the area term pulls sigma up; exact gradient pulls it down") {
+  // Why the quick recipe turns the quirk off (docs/method.md §9): minimising the mean of P must shrink sigma,
+  // but the quirk's dP/dsigma = P (D/sigma^3 - 2/sigma) nearly integrates to zero, and on a 32 x 32 grid with a
+  // wide map the cut-off tail makes it negative -- gradient descent on the area then *widens* the mask.
+  for (bool quirk : {true, false}) {
+    CAPTURE(quirk);
+    auto c = selector({{"type", "ResNetCifar"}, {"depth", 20}}, {{"type", "RbfMaskHead"}, {"sigma_gradient_quirk", quirk}});
+    auto head = c->node<isp::MaskHead>("head");
+    head->to(torch::kDouble);
+    at::Tensor w = head->named_parameters()["conv.weight"], b = head->named_parameters()["conv.bias"];
+    {
+      torch::NoGradGuard ng;
+      w.zero_();
+      b.copy_(torch::tensor({0.0, 0.0, 10.0}, torch::kDouble));  // centred, sigma 10 (the paper's start)
+    }
+    head->forward(torch::zeros({1, 16, 32, 32}, torch::kDouble)).probs.mean().backward();
+    const double d_area_d_u = b.grad()[2].item<double>();
+    if (quirk) CHECK(d_area_d_u < 0.0);  // descent raises u_sigma: wider masks
+    else CHECK(d_area_d_u > 0.0);        // descent lowers u_sigma: smaller masks
+  }
+}
+
+TEST_CASE_FIXTURE(AemFixture, "AEM: RbfMaskHead min_sigma floors the width; soft_argmax centre is the weighted cell position") {
+  auto c = selector({{"type", "ResNetCifar"}, {"depth", 20}},
+                    {{"type", "RbfMaskHead"}, {"min_sigma", 4.0}, {"centre", "soft_argmax"}, {"sigma_gradient_quirk", false}});
+  auto head = c->node<isp::MaskHead>("head");
+  head->to(torch::kDouble);
+  auto params = head->named_parameters();
+  REQUIRE(params.contains("heat.weight"));
+  {
+    torch::NoGradGuard ng;
+    params["conv.weight"].zero_();
+    params["conv.bias"].copy_(torch::tensor({0.0, 0.0, -30.0}, torch::kDouble));  // softplus(-30) ~ 0: sigma = floor
+    params["heat.weight"].zero_();
+    params["heat.weight"][0][0][0][0] = 60.0;  // the cell score is 60 x feature channel 0
+  }
+  at::Tensor f = torch::zeros({2, 16, 32, 32}, torch::kDouble);
+  f[0][0][5][20] = 1.0;   // image 0: one hot cell at row 5, column 20
+  f[1][0][25][3] = 1.0;   // image 1: two equally hot cells -> the centre lies midway
+  f[1][0][25][9] = 1.0;
+  isp::MaskDistribution d = head->forward(f);
+  CHECK(d.readable[0][0].item<double>() == doctest::Approx(5.0).epsilon(1e-6));
+  CHECK(d.readable[0][1].item<double>() == doctest::Approx(20.0).epsilon(1e-6));
+  CHECK(d.readable[1][0].item<double>() == doctest::Approx(25.0).epsilon(1e-6));
+  CHECK(d.readable[1][1].item<double>() == doctest::Approx(6.0).epsilon(1e-6));
+  CHECK(d.readable[0][2].item<double>() == doctest::Approx(4.0).epsilon(1e-6));
+  CHECK(d.params[0][0].item<double>() == doctest::Approx(5.0 - 16.0).epsilon(1e-6));  // centre relative to the middle
+  CHECK(d.probs[0][0][5][20].item<double>() == doctest::Approx(1.0));
+  // The centre carries a gradient back to the cell scores.
+  params["heat.weight"].mutable_grad() = at::Tensor();
+  d.readable.select(1, 1).sum().backward();
+  CHECK(params["heat.weight"].grad().defined());
+}
+
 // ------------------------------------------------------------------------------------- selector stacks
 
 TEST_CASE_FIXTURE(AemFixture, "AEM: decoder + heads on ResNet-20 and MobileNetV2 scales") {

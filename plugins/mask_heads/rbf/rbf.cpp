@@ -1,7 +1,7 @@
 // Mask head "RbfMaskHead" (docs/method.md §2.3): a spatially-full convolution Conv2d(C -> 3, kernel K, no padding,
 // bias) on the K x K decoder map gives u = (u_row, u_col, u_sigma) per image; bias[2] starts at initial_sigma.
 //   c_row = a*tanh(u_0/a) + b,  c_col = a*tanh(u_1/a) + b,  b = S/2, a = S/2 - margin  (32: 14, 16)
-//   sigma = softplus(u_2) + 1e-8
+//   sigma = softplus(u_2) + min_sigma + 1e-8   (min_sigma = 0 in the official head)
 // and the map on the S x S integer grid (i = row, j = column), D_ij = (i - c_row)^2 + (j - c_col)^2:
 //   quirk (official): g = exp(-D/(2 sigma^2)) / (2 pi sigma^2),  P = g / (stopgrad(max g) + 1e-8)
 //                     (forward ~ normalised Gaussian; dP/dsigma = P (D/sigma^3 - 2/sigma))
@@ -28,6 +28,7 @@ struct RbfMaskHeadOptions {
   int64_t kernel_size = -1;
   double center_margin = -1.0;
   std::string centre = "regression";
+  double min_sigma = 0.0;
   template <class V> void visit(V& v) {
     v("decoder", decoder, "the decoder whose map the head reads (gives its channels)", isp::required(),
       isp::of_kind("decoder"));
@@ -48,6 +49,9 @@ struct RbfMaskHeadOptions {
       "a*tanh(u/a)+S/2; soft_argmax = a 1x1 convolution scores every decoder cell and the centre is the "
       "softmax-weighted mean cell position (image-specific by construction; isp's option, docs/method.md §9)",
       isp::one_of({"regression", "soft_argmax"}));
+    v("min_sigma", min_sigma,
+      "sigma = softplus(u) + min_sigma (+1e-8): a floor on the width in pixels, so a strong area term cannot shrink "
+      "the mask to nothing (0 = the official head)", isp::at_least(0.0));
   }
 };
 
@@ -55,7 +59,7 @@ class RbfMaskHead : public isp::MaskHead {
  public:
   RbfMaskHead(int64_t channels, int64_t grid, const RbfMaskHeadOptions& o)
       : grid_(grid), kernel_(o.kernel_size > 0 ? o.kernel_size : grid), quirk_(o.sigma_gradient_quirk),
-        soft_argmax_(o.centre == "soft_argmax") {
+        soft_argmax_(o.centre == "soft_argmax"), min_sigma_(o.min_sigma) {
     const double margin = o.center_margin >= 0 ? o.center_margin : (grid >= 224 ? 4.0 : 2.0);
     b_ = grid / 2.0;
     a_ = grid / 2.0 - margin;
@@ -68,7 +72,7 @@ class RbfMaskHead : public isp::MaskHead {
     }
     const double sigma0 = o.initial_sigma >= 0 ? o.initial_sigma : grid * 10.0 / 32.0;
     torch::NoGradGuard ng;
-    conv->bias[2].fill_(sigma0);
+    conv->bias[2].fill_(sigma0);  // the bias of u_sigma (softplus(10) = 10.00005: the initial width, in pixels)
   }
 
   isp::MaskDistribution forward(const at::Tensor& features) override {
@@ -93,7 +97,7 @@ class RbfMaskHead : public isp::MaskHead {
       c_row = a_ * at::tanh(u.select(1, 0) / a_) + b_;
       c_col = a_ * at::tanh(u.select(1, 1) / a_) + b_;
     }
-    at::Tensor sigma = at::softplus(u.select(1, 2)) + 1e-8;
+    at::Tensor sigma = at::softplus(u.select(1, 2)) + (min_sigma_ + 1e-8);
     const auto opts = features.options().requires_grad(false);
     at::Tensor i = at::arange(grid_, opts).view({1, 1, grid_, 1});
     at::Tensor j = at::arange(grid_, opts).view({1, 1, 1, grid_});
@@ -124,6 +128,7 @@ class RbfMaskHead : public isp::MaskHead {
  private:
   int64_t grid_, kernel_;
   bool quirk_, soft_argmax_;
+  double min_sigma_;
   at::Tensor cell_pos_;
   double a_ = 14, b_ = 16;
 };
