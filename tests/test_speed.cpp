@@ -209,6 +209,8 @@ TEST_CASE("speed: runtime settings are checked and resolve for the CPU") {
   CHECK(!r.speed.cuda_graphs);
   CHECK(!r.speed.channels_last);
   CHECK(!r.speed.bf16);
+  CHECK(!runtime_of({{"device", "cpu"}, {"precision", "auto"}}).speed.bf16);  // bf16 autocast only on CUDA
+  CHECK(!runtime_of({{"device", "cpu"}, {"precision", "fp32"}}).speed.bf16);
   CHECK(runtime_of({{"device", "cpu"}, {"threads", 2}, {"channels_last", true}}).speed.channels_last);
   CHECK(!runtime_of({{"device", "cpu"}, {"threads", 2}, {"cuda_graphs", "auto"}}).speed.cuda_graphs);
   std::string e = error_of([&] { runtime_of({{"device", "cpu"}, {"cuda_graphs", true}}); });
@@ -217,7 +219,7 @@ TEST_CASE("speed: runtime settings are checked and resolve for the CPU") {
   e = error_of([&] { runtime_of({{"device", "cpu"}, {"precision", "bf16"}}); });
   CHECK(e.find("/runtime/precision") != std::string::npos);
   e = error_of([&] { runtime_of({{"device", "cpu"}, {"precision", "fp16"}}); });
-  CHECK(e.find("expected \"fp32\" or \"bf16\", got \"fp16\"") != std::string::npos);
+  CHECK(e.find("expected \"fp32\", \"bf16\" or \"auto\", got \"fp16\"") != std::string::npos);
   e = error_of([&] { runtime_of({{"device", "cpu"}, {"channels_last", 1}}); });
   CHECK(e.find("/runtime/channels_last: expected true, false or \"auto\", got 1") != std::string::npos);
   e = error_of([&] { runtime_of({{"device", "cpu"}, {"graphs", true}}); });

@@ -101,7 +101,8 @@ Runtime apply_runtime(const Recipe& r) {
     deterministic = rt["deterministic"];
   }
   // Speed settings (docs/performance.md). "auto" = what bench/gpu_phases.sh measured fastest at the same
-  // accuracy: on CUDA channels_last and CUDA graphs, on the CPU neither; precision stays fp32 unless asked.
+  // accuracy (bench/gpu_session.sh, part "accuracy"): on CUDA channels_last, CUDA graphs and bf16 autocast, on the
+  // CPU none of them.
   const bool cuda = out.device.is_cuda();
   auto on_off_auto = [&](const char* key, bool auto_value) {
     if (!rt.contains(key)) return auto_value;
@@ -117,10 +118,10 @@ Runtime apply_runtime(const Recipe& r) {
                                                            out.device.str());
   if (out.speed.cuda_graphs && !cuda_graphs_supported())
     throw RecipeError(r.where("/runtime/cuda_graphs"), "this build of isp has no CUDA support");
-  const std::string precision = rt.value("precision", std::string("fp32"));
-  if (precision != "fp32" && precision != "bf16")
-    throw RecipeError(r.where("/runtime/precision"), "expected \"fp32\" or \"bf16\", got " + rt["precision"].dump());
-  out.speed.bf16 = precision == "bf16";
+  const json precision = rt.value("precision", json("auto"));
+  if (precision != "fp32" && precision != "bf16" && precision != "auto")
+    throw RecipeError(r.where("/runtime/precision"), "expected \"fp32\", \"bf16\" or \"auto\", got " + precision.dump());
+  out.speed.bf16 = precision == "bf16" || (precision == "auto" && cuda);
   if (out.speed.bf16 && !cuda)
     throw RecipeError(r.where("/runtime/precision"), "bf16 autocast is implemented for CUDA devices only; the device is " +
                                                          out.device.str());
