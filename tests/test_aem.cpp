@@ -47,7 +47,21 @@ struct AemFixture {
                     {"dec", d},
                     {"head", h}});
   }
+  // An RbfMaskHead with extra options (on a ResNet-20 selector stack), in double precision, its 1x1 conv that
+  // predicts (u_row, u_col, u_sigma) zeroed and its biases set: every pixel then gets the same parameters.
+  std::shared_ptr<isp::MaskHead> rbf_head(const json& options, const std::vector<double>& bias) {
+    json h = options;
+    h["type"] = "RbfMaskHead";
+    heads_.push_back(selector({{"type", "ResNetCifar"}, {"depth", 20}}, h));
+    auto head = heads_.back()->node<isp::MaskHead>("head");
+    head->to(torch::kDouble);
+    torch::NoGradGuard ng;
+    head->named_parameters()["conv.weight"].zero_();
+    head->named_parameters()["conv.bias"].copy_(torch::tensor(bias, torch::kDouble));
+    return head;
+  }
   std::unique_ptr<isp::BuildContext> c_;
+  std::vector<std::unique_ptr<isp::BuildContext>> heads_;
 };
 
 double share_true(const at::Tensor& boolean) { return boolean.to(at::kDouble).mean().item<double>(); }
@@ -271,15 +285,8 @@ TEST_CASE_FIXTURE(AemFixture, "AEM: RbfMaskHead sigma gradient, official quirk a
   torch::manual_seed(7);
   for (bool quirk : {true, false}) {
     CAPTURE(quirk);
-    auto c = selector({{"type", "ResNetCifar"}, {"depth", 20}}, {{"type", "RbfMaskHead"}, {"sigma_gradient_quirk", quirk}});
-    auto head = c->node<isp::MaskHead>("head");
-    head->to(torch::kDouble);
-    at::Tensor w = head->named_parameters()["conv.weight"], b = head->named_parameters()["conv.bias"];
-    {
-      torch::NoGradGuard ng;
-      w.zero_();
-      b.copy_(torch::tensor({2.5, -4.0, 1.7}, torch::kDouble));
-    }
+    auto head = rbf_head({{"sigma_gradient_quirk", quirk}}, {2.5, -4.0, 1.7});
+    at::Tensor b = head->named_parameters()["conv.bias"];
     at::Tensor f = torch::zeros({1, 16, 32, 32}, torch::kDouble);
     at::Tensor W = torch::rand({1, 1, 32, 32}, torch::kDouble);
     auto loss = [&]() { return (head->forward(f).probs * W).sum(); };
@@ -332,15 +339,8 @@ TEST_CASE_FIXTURE(AemFixture, "AEM: under the official quirk the area term pulls
   // wide map the cut-off tail makes it negative -- gradient descent on the area then *widens* the mask.
   for (bool quirk : {true, false}) {
     CAPTURE(quirk);
-    auto c = selector({{"type", "ResNetCifar"}, {"depth", 20}}, {{"type", "RbfMaskHead"}, {"sigma_gradient_quirk", quirk}});
-    auto head = c->node<isp::MaskHead>("head");
-    head->to(torch::kDouble);
-    at::Tensor w = head->named_parameters()["conv.weight"], b = head->named_parameters()["conv.bias"];
-    {
-      torch::NoGradGuard ng;
-      w.zero_();
-      b.copy_(torch::tensor({0.0, 0.0, 10.0}, torch::kDouble));  // centred, sigma 10 (the paper's start)
-    }
+    auto head = rbf_head({{"sigma_gradient_quirk", quirk}}, {0.0, 0.0, 10.0});  // centred, sigma 10 (the paper's start)
+    at::Tensor b = head->named_parameters()["conv.bias"];
     head->forward(torch::zeros({1, 16, 32, 32}, torch::kDouble)).probs.mean().backward();
     const double d_area_d_u = b.grad()[2].item<double>();
     if (quirk) CHECK(d_area_d_u < 0.0);  // descent raises u_sigma: wider masks
@@ -349,16 +349,12 @@ TEST_CASE_FIXTURE(AemFixture, "AEM: under the official quirk the area term pulls
 }
 
 TEST_CASE_FIXTURE(AemFixture, "AEM: RbfMaskHead min_sigma floors the width; soft_argmax centre is the weighted cell position") {
-  auto c = selector({{"type", "ResNetCifar"}, {"depth", 20}},
-                    {{"type", "RbfMaskHead"}, {"min_sigma", 4.0}, {"centre", "soft_argmax"}, {"sigma_gradient_quirk", false}});
-  auto head = c->node<isp::MaskHead>("head");
-  head->to(torch::kDouble);
+  // softplus(-30) ~ 0: sigma = the floor
+  auto head = rbf_head({{"min_sigma", 4.0}, {"centre", "soft_argmax"}, {"sigma_gradient_quirk", false}}, {0.0, 0.0, -30.0});
   auto params = head->named_parameters();
   REQUIRE(params.contains("heat.weight"));
   {
     torch::NoGradGuard ng;
-    params["conv.weight"].zero_();
-    params["conv.bias"].copy_(torch::tensor({0.0, 0.0, -30.0}, torch::kDouble));  // softplus(-30) ~ 0: sigma = floor
     params["heat.weight"].zero_();
     params["heat.weight"][0][0][0][0] = 60.0;  // the cell score is 60 x feature channel 0
   }

@@ -257,15 +257,10 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
   at::Tensor Pc = P.cpu(), sc = s.cpu();
   at::Tensor readable = dist.readable.defined() ? dist.readable.to(at::kCPU).to(at::kDouble) : at::Tensor();
   // How well these maps explain (docs/method.md §9), per image and over the images shown.
-  isp::SaliencyInputs metric_in;
-  metric_in.images = x;
-  metric_in.maps = P;
-  if (data.foreground_above >= 0) metric_in.foreground = isp::foreground_of(x, data.mean, data.std, data.foreground_above);
-  if (dist.readable.defined() && sel->head->predicts_rbf_parameters()) metric_in.centres = dist.readable.narrow(1, 0, 2);
   isp::SaliencyMetricOptions metric_opt;
   metric_opt.seed = o.seed;
   const isp::SaliencyReport metrics =
-      isp::measure_saliency([&](const at::Tensor& b) { return sel->encoder->forward(b); }, metric_in, metric_opt);
+      isp::measure_selector_saliency(*sel, x, o.label == "predicted" ? pred : y, data, metric_opt);
   at::Tensor params = dist.params.defined() ? dist.params.to(at::kCPU).to(at::kDouble).flatten(1) : at::Tensor();
 
   const int side = static_cast<int>(x.size(2));

@@ -8,6 +8,7 @@
 #include <set>
 
 #include "isp/registry/error.h"
+#include "isp/registry/recipe.h"
 
 namespace isp::checkpoint_format {
 namespace {
@@ -28,21 +29,8 @@ std::size_t align_up(std::size_t n) { return (n + kAlign - 1) / kAlign * kAlign;
 
 // The header's JSON comes from the file, so its nesting is bounded before nlohmann's recursive parser sees it.
 json parse_header(const std::string& text, const std::string& path) {
-  int depth = 0;
-  bool in_string = false;
-  for (std::size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      if (c == '\\') ++i;
-      else if (c == '"') in_string = false;
-    } else if (c == '"') {
-      in_string = true;
-    } else if ((c == '{' || c == '[') && ++depth > kMaxMetaNesting) {
-      throw Error(path + ": damaged: header nested deeper than " + std::to_string(kMaxMetaNesting));
-    } else if (c == '}' || c == ']') {
-      --depth;
-    }
-  }
+  if (json_nests_deeper_than(text, kMaxMetaNesting))
+    throw Error(path + ": damaged: header nested deeper than " + std::to_string(kMaxMetaNesting));
   try {
     return json::parse(text);
   } catch (const json::exception& e) {

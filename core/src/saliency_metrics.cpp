@@ -7,7 +7,9 @@
 
 #include <cmath>
 
+#include "isp/interfaces/dataset.h"
 #include "isp/registry/error.h"
+#include "isp/selector.h"
 
 namespace isp {
 namespace {
@@ -167,6 +169,33 @@ json SaliencyReport::to_json(bool with_curves) const {
           {"centre_std_row_px", opt(centre_std_row)},
           {"centre_std_col_px", opt(centre_std_col)},
           {"mean_map_area", mean_map_area}};
+}
+
+SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& images, const at::Tensor& labels,
+                                        const DataBundle& data, const SaliencyMetricOptions& opt, int64_t batch_size) {
+  torch::NoGradGuard no_grad;
+  const bool was_training = sel.is_training(), encoder_training = sel.encoder->is_training();
+  sel.eval();
+  sel.encoder->eval();
+  const int64_t n = images.size(0);
+  std::vector<at::Tensor> maps, centres;
+  for (int64_t b0 = 0; b0 < n; b0 += batch_size) {
+    const int64_t b = std::min(batch_size, n - b0);
+    const at::Tensor x = images.narrow(0, b0, b);
+    const at::Tensor y = labels.defined() ? labels.narrow(0, b0, b) : sel.encoder->forward(x).argmax(1);
+    const MaskDistribution d = sel.forward(x, y, false);
+    maps.push_back(d.probs);
+    if (sel.head->predicts_rbf_parameters() && d.readable.defined()) centres.push_back(d.readable.narrow(1, 0, 2));
+  }
+  SaliencyInputs in;
+  in.images = images;
+  in.maps = at::cat(maps, 0);
+  if (!centres.empty()) in.centres = at::cat(centres, 0);
+  if (data.foreground_above >= 0) in.foreground = foreground_of(images, data.mean, data.std, data.foreground_above);
+  SaliencyReport report = measure_saliency([&](const at::Tensor& x) { return sel.encoder->forward(x); }, in, opt);
+  sel.train(was_training);
+  sel.encoder->train(encoder_training);
+  return report;
 }
 
 }  // namespace isp

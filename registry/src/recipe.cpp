@@ -40,9 +40,7 @@ static std::string origin_of(const std::map<std::string, std::string>& origins, 
 
 // Input decides how deep recipes nest, so every recursion over them is bounded: nesting, `_base_` chains
 // and `$ref` chains stop with an error at these limits instead of overflowing the stack.
-static json parse_bounded(const std::string& text, const std::string& file) {
-  // A linear pre-scan (strings skipped) rather than a parser callback: nlohmann's callback parser rescans the
-  // enclosing object at every member's end, which is quadratic in the number of nodes.
+bool json_nests_deeper_than(const std::string& text, int limit) {
   int depth = 0;
   bool in_string = false;
   for (std::size_t i = 0; i < text.size(); ++i) {
@@ -53,13 +51,18 @@ static json parse_bounded(const std::string& text, const std::string& file) {
     } else if (c == '"') {
       in_string = true;
     } else if (c == '{' || c == '[') {
-      if (++depth > kMaxRecipeNesting)
-        throw RecipeError({file, ""}, "nested deeper than " + std::to_string(kMaxRecipeNesting) +
-                                          " objects/arrays; recipes are limited to that depth");
+      if (++depth > limit) return true;
     } else if (c == '}' || c == ']') {
       --depth;
     }
   }
+  return false;
+}
+
+static json parse_bounded(const std::string& text, const std::string& file) {
+  if (json_nests_deeper_than(text, kMaxRecipeNesting))
+    throw RecipeError({file, ""}, "nested deeper than " + std::to_string(kMaxRecipeNesting) +
+                                      " objects/arrays; recipes are limited to that depth");
   try {
     return json::parse(text);
   } catch (const json::parse_error&) {

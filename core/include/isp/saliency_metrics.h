@@ -58,6 +58,16 @@ struct SaliencyReport {
 ISP_API SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&)>& logits,
                                         const SaliencyInputs& in, const SaliencyMetricOptions& opt = {});
 
+class SelectorNet;
+struct DataBundle;
+
+// docs/method.md §9 for a selector's own maps: `sel` explains `images` conditioned on `labels` (undefined = its
+// encoder's prediction), in batches of `batch_size`, without sampling; its encoder is the classifier that scores
+// the orderings. Foreground from `data` where the data set defines one, RBF centres where the head predicts them.
+ISP_API SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& images, const at::Tensor& labels,
+                                                 const DataBundle& data, const SaliencyMetricOptions& opt,
+                                                 int64_t batch_size = 128);
+
 // The foreground of normalised images when the raw intensity (x * std + mean, in [0,1]) of any channel exceeds
 // `above`: [n, H, W] bool. `mean`/`std` per channel (one value = all channels).
 ISP_API at::Tensor foreground_of(const at::Tensor& images, const std::vector<double>& mean,

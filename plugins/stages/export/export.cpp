@@ -169,29 +169,14 @@ class Export : public isp::Stage {
   // classifier, on the first metrics_images test images -- the same images for the original and the pruned one.
   isp::SaliencyReport saliency_metrics(isp::SelectorNet& original, const std::shared_ptr<isp::Backbone>& network,
                                        torch::Device dev, uint64_t seed) {
-    torch::NoGradGuard ng;
     const isp::DataBundle& data = data_->data();
     const int64_t n = std::min<int64_t>(o_.metrics_images, data.test.size());
     isp::SelectorNet sel(network, original.filter, original.decoder, original.head, original.sampler);
-    sel.eval();
-    network->eval();
-    const at::Tensor x = data.test.images.narrow(0, 0, n).to(dev), y = data.test.labels.narrow(0, 0, n).to(dev);
-    std::vector<at::Tensor> maps, centres;
-    for (int64_t b0 = 0; b0 < n; b0 += 128) {
-      const int64_t b = std::min<int64_t>(128, n - b0);
-      isp::MaskDistribution d = sel.forward(x.narrow(0, b0, b), y.narrow(0, b0, b), false);
-      maps.push_back(d.probs);
-      if (sel.head->predicts_rbf_parameters() && d.readable.defined()) centres.push_back(d.readable.narrow(1, 0, 2));
-    }
-    isp::SaliencyInputs in;
-    in.images = x;
-    in.maps = at::cat(maps, 0);
-    if (!centres.empty()) in.centres = at::cat(centres, 0);
-    if (data.foreground_above >= 0) in.foreground = isp::foreground_of(x, data.mean, data.std, data.foreground_above);
     isp::SaliencyMetricOptions mo;
     mo.steps = o_.metrics_steps;
     mo.seed = seed;
-    return isp::measure_saliency([&](const at::Tensor& b) { return network->forward(b); }, in, mo);
+    return isp::measure_selector_saliency(sel, data.test.images.narrow(0, 0, n).to(dev),
+                                          data.test.labels.narrow(0, 0, n).to(dev), data, mo);
   }
 
   static std::string num(const isp::json& v, int precision = 3) {

@@ -261,28 +261,13 @@ class TrainSelector : public isp::Stage {
   isp::json saliency_metrics(const isp::DataBundle& data, c10::Device device, uint64_t seed) {
     const int64_t n = std::min<int64_t>(opt_.metrics_images, data.test.size());
     if (n == 0) return nullptr;
-    torch::NoGradGuard ng;
-    selector_->eval();
-    classifier_->eval();
-    const at::Tensor x = data.test.images.narrow(0, 0, n).to(device), y = data.test.labels.narrow(0, 0, n).to(device);
-    std::vector<at::Tensor> maps, centres;
-    for (int64_t b0 = 0; b0 < n; b0 += opt_.eval_batch_size) {
-      const int64_t b = std::min(opt_.eval_batch_size, n - b0);
-      const at::Tensor xb = x.narrow(0, b0, b);
-      const at::Tensor labels = opt_.label_source == "predicted" ? classifier_->forward(xb).argmax(1) : y.narrow(0, b0, b);
-      isp::MaskDistribution d = selector_->forward(xb, labels, false);
-      maps.push_back(d.probs);
-      if (head_->predicts_rbf_parameters() && d.readable.defined()) centres.push_back(d.readable.narrow(1, 0, 2));
-    }
-    isp::SaliencyInputs in;
-    in.images = x;
-    in.maps = at::cat(maps, 0);
-    if (!centres.empty()) in.centres = at::cat(centres, 0);
-    if (data.foreground_above >= 0) in.foreground = isp::foreground_of(x, data.mean, data.std, data.foreground_above);
     isp::SaliencyMetricOptions mo;
     mo.steps = opt_.metrics_steps;
     mo.seed = seed;
-    const auto report = isp::measure_saliency([&](const at::Tensor& b) { return classifier_->forward(b); }, in, mo);
+    const at::Tensor labels =
+        opt_.label_source == "predicted" ? at::Tensor() : data.test.labels.narrow(0, 0, n).to(device);
+    const auto report = isp::measure_selector_saliency(*selector_, data.test.images.narrow(0, 0, n).to(device), labels,
+                                                       data, mo, opt_.eval_batch_size);
     return report.to_json();
   }
 

@@ -17,6 +17,11 @@ constexpr int kMaxRecipeNesting = 64;
 constexpr int kMaxBaseChain = 16;
 constexpr int kMaxRefChain = 64;
 
+// Whether JSON `text` nests objects/arrays deeper than `limit`. Every parse of input-controlled JSON (recipes,
+// --set values, checkpoint headers) asks this first: a linear scan that skips strings, where nlohmann's callback
+// parser would be quadratic in the number of nodes and its recursive parser unbounded in depth.
+ISP_API bool json_nests_deeper_than(const std::string& text, int limit);
+
 struct Recipe {
   json doc;                                   // fully resolved
   std::string file;                           // the top-level recipe file
