@@ -7,7 +7,8 @@
 #   bench/gpu_phases.sh --cpu        # the same phases on the CPU, eager fp32 (uses build/bin/isp)
 #
 # Environment: ISP_BIN (the isp binary), OUT_DIR (default work_dirs/gpu_phases), STEPS (steps per phase;
-# default 100 on CUDA, 50 on the CPU), ARCHS (default "resnet56 mobilenetv2"), CONFIGS (names below).
+# default 100 on CUDA, 50 on the CPU), ARCHS (default "resnet56 mobilenetv2"), CONFIGS (names below), THREADS
+# (runtime.threads; default: all cores). On the CPU the table compares with the official code on 2 CPU cores.
 # Each phase runs STEPS steps of one epoch; the training loop times windows of 10 steps between its
 # progress reads (each a device synchronisation) after 20 warm-up steps, and reports the median
 # (step_ms_median, images_per_s_median in <run>/metrics.jsonl).
@@ -40,6 +41,9 @@ settings() {  # runtime settings of a configuration, as --set arguments
     graphs_cl_fp32) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="fp32"' ;;
     graphs_cl_bf16) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="bf16"' ;;
     cpu_eager_fp32) echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="fp32"' ;;
+    cpu_bf16)       echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="bf16"' ;;
+    cpu_cl_fp32)    echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="fp32"' ;;
+    cpu_cl_bf16)    echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="bf16"' ;;
     *) echo "unknown configuration $1" >&2; exit 2 ;;
   esac
 }
@@ -52,6 +56,7 @@ for arch in $ARCHS; do
     rm -rf "$dir"
     sets=()
     for s in $(settings "$cfg"); do sets+=(--set "$s"); done
+    [ -n "${THREADS:-}" ] && sets+=(--set "runtime.threads=$THREADS")
     for stage in classifier predictor selector prune finetune; do
       sets+=(--set "nodes.$stage.max_steps_per_epoch=$STEPS")
     done
@@ -65,5 +70,7 @@ for arch in $ARCHS; do
     fi
   done
 done
-python3 bench/phase_table.py "$OUT_DIR" --archs $ARCHS --configs $CONFIGS | tee "$OUT_DIR/table.md"
+reference=h100
+[ "$mode" = cpu ] && reference=cpu
+python3 bench/phase_table.py "$OUT_DIR" --archs $ARCHS --configs $CONFIGS --reference $reference | tee "$OUT_DIR/table.md"
 exit $failed

@@ -19,6 +19,10 @@ PHASES = [  # (stage name in the recipe, phase, batch size, official img/s, imag
     ("finetune", "finetuning", 128, 3300, 200 * 50000),
 ]
 TARGET = {"classifier": 4, "predictor": 4, "selector": 20, "prune": 4, "finetune": 4}
+# The official code on a 2-core AMD EPYC (AVX-512 BF16), one thread, Debian's torch 1.13, ResNet-56: issue 12
+# (run 1; its training loop keeps every step's graph alive, so it slows as it goes).
+CPU_OFFICIAL = {"classifier": 102.8, "predictor": 97.1, "selector": 71.0, "prune": 194.5, "finetune": 236.7}
+CPU_TARGET = {stage: 2 for stage in CPU_OFFICIAL}
 
 
 def rates(run_dir):
@@ -42,7 +46,13 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--archs", nargs="+", default=["resnet56", "mobilenetv2"])
     ap.add_argument("--configs", nargs="+", required=True)
+    ap.add_argument("--reference", choices=["h100", "cpu"], default="h100",
+                    help="official figures to compare with: the H100 (issue 17) or the 2-core CPU, 1 thread (issue 12)")
     a = ap.parse_args()
+    global PHASES, TARGET
+    if a.reference == "cpu":
+        PHASES = [(st, ph, bs, CPU_OFFICIAL[st], n) for st, ph, bs, _, n in PHASES]
+        TARGET = CPU_TARGET
     for arch in a.archs:
         runs = {c: rates(os.path.join(a.out, f"{arch}-{c}")) for c in a.configs}
         print(f"\n### {arch}: median images/s per phase (step time in ms)\n")

@@ -200,6 +200,36 @@ TEST_CASE("speed: channels_last layout is kept by the flat optimizer and given t
   CHECK(max_rel_diff(*a, *b) < 1e-5);
 }
 
+TEST_CASE("speed: bf16 on the CPU runs the step's convolutions in bfloat16, weights and updates stay fp32") {
+  if (!isp::cpu_has_native_bf16()) {
+    MESSAGE("skipped: this CPU has neither AVX512-BF16 nor AMX (runtime.precision bf16 is refused here)");
+    return;
+  }
+  auto [a, b] = twins();
+  isp::FlatSgd sgd(a->parameters(), isp::FlatSgdOptions{0.05, 0.9, 0.0, false});
+  isp::RunContext ctx;
+  ctx.speed.bf16 = true;
+  at::ScalarType inside = at::kFloat;
+  isp::TrainStep step(ctx, [&](const isp::Batch& batch) {
+    at::Tensor logits = a->forward(batch.x);
+    inside = logits.scalar_type();
+    sgd.zero_grad();
+    at::Tensor loss = torch::nn::functional::cross_entropy(logits, batch.y);
+    loss.backward();
+    sgd.step();
+    return loss.detach().reshape({1});
+  });
+  torch::manual_seed(3);
+  isp::Batch batch{torch::randn({6, 3, 5, 5}), torch::randint(0, 4, {6}), torch::arange(6)};
+  const at::Tensor before = a->conv->weight.detach().clone();
+  step(batch);
+  // (dtype names compared: doctest cannot print a ScalarType)
+  CHECK(std::string(c10::toString(inside)) == "BFloat16");  // autocast was on inside the step ...
+  CHECK(std::string(c10::toString(a->forward(batch.x).scalar_type())) == "Float");  // ... and is off after it
+  CHECK(std::string(c10::toString(a->conv->weight.scalar_type())) == "Float");
+  CHECK(!torch::equal(a->conv->weight, before));         // the fp32 weights were updated
+}
+
 TEST_CASE("speed: runtime settings are checked and resolve for the CPU") {
   auto runtime_of = [](const json& rt) {
     return isp::apply_runtime(isp::recipe_from_json(json{{"runtime", rt}, {"nodes", json::object()}, {"stages", json::array()}},
@@ -216,8 +246,13 @@ TEST_CASE("speed: runtime settings are checked and resolve for the CPU") {
   std::string e = error_of([&] { runtime_of({{"device", "cpu"}, {"cuda_graphs", true}}); });
   CHECK(e.find("speed.json: /runtime/cuda_graphs") != std::string::npos);
   CHECK(e.find("device is cpu") != std::string::npos);
-  e = error_of([&] { runtime_of({{"device", "cpu"}, {"precision", "bf16"}}); });
-  CHECK(e.find("/runtime/precision") != std::string::npos);
+  // bf16 on the CPU: where the CPU computes bfloat16 natively it is granted, elsewhere refused by name.
+  if (isp::cpu_has_native_bf16()) {
+    CHECK(runtime_of({{"device", "cpu"}, {"threads", 2}, {"precision", "bf16"}}).speed.bf16);
+  } else {
+    e = error_of([&] { runtime_of({{"device", "cpu"}, {"precision", "bf16"}}); });
+    CHECK(e.find("speed.json: /runtime/precision: bf16 autocast on the CPU needs AVX512-BF16 or AMX") != std::string::npos);
+  }
   e = error_of([&] { runtime_of({{"device", "cpu"}, {"precision", "fp16"}}); });
   CHECK(e.find("expected \"fp32\", \"bf16\" or \"auto\", got \"fp16\"") != std::string::npos);
   e = error_of([&] { runtime_of({{"device", "cpu"}, {"channels_last", 1}}); });

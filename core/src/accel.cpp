@@ -7,11 +7,14 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
+#include <ATen/autocast_mode.h>
+
 #include <cstdio>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 #if ISP_TORCH_WITH_CUDA
-#include <ATen/autocast_mode.h>
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -34,27 +37,31 @@ at::Tensor apply_memory_format(const at::Tensor& x, const SpeedSettings& speed) 
   return speed.channels_last && x.dim() == 4 ? x.contiguous(at::MemoryFormat::ChannelsLast) : x;
 }
 
-#if ISP_TORCH_WITH_CUDA
-
-bool cuda_graphs_supported() { return true; }
-
 namespace {
-// bfloat16 autocast on CUDA for a scope. The cast cache is off under graph capture: cached casts would live
-// outside the graph's memory pool.
+// bfloat16 autocast for a scope on CUDA or on the CPU. The cast cache is off under CUDA-graph capture: cached
+// casts would live outside the graph's memory pool.
 class Bf16Autocast {
  public:
-  Bf16Autocast(bool on, bool cache) : on_(on) {
+  Bf16Autocast(bool on, c10::DeviceType device, bool cache) : on_(on), cuda_(device == c10::DeviceType::CUDA) {
     if (!on_) return;
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    prev_enabled_ = at::autocast::is_autocast_enabled(at::kCUDA);
-    prev_dtype_ = at::autocast::get_autocast_dtype(at::kCUDA);
-    at::autocast::set_autocast_enabled(at::kCUDA, true);
-    at::autocast::set_autocast_dtype(at::kCUDA, at::kBFloat16);
+    const c10::DeviceType d = cuda_ ? at::kCUDA : at::kCPU;
+    prev_enabled_ = at::autocast::is_autocast_enabled(d);
+    prev_dtype_ = at::autocast::get_autocast_dtype(d);
+    at::autocast::set_autocast_enabled(d, true);
+    at::autocast::set_autocast_dtype(d, at::kBFloat16);
 #else
-    prev_enabled_ = at::autocast::is_enabled();
-    prev_dtype_ = at::autocast::get_autocast_gpu_dtype();
-    at::autocast::set_enabled(true);
-    at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+    if (cuda_) {
+      prev_enabled_ = at::autocast::is_enabled();
+      prev_dtype_ = at::autocast::get_autocast_gpu_dtype();
+      at::autocast::set_enabled(true);
+      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
+    } else {
+      prev_enabled_ = at::autocast::is_cpu_enabled();
+      prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
+      at::autocast::set_cpu_enabled(true);
+      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+    }
 #endif
     prev_cache_ = at::autocast::is_autocast_cache_enabled();
     at::autocast::set_autocast_cache_enabled(cache);
@@ -65,22 +72,51 @@ class Bf16Autocast {
     if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
     at::autocast::set_autocast_cache_enabled(prev_cache_);
 #if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    at::autocast::set_autocast_enabled(at::kCUDA, prev_enabled_);
-    at::autocast::set_autocast_dtype(at::kCUDA, prev_dtype_);
+    const c10::DeviceType d = cuda_ ? at::kCUDA : at::kCPU;
+    at::autocast::set_autocast_enabled(d, prev_enabled_);
+    at::autocast::set_autocast_dtype(d, prev_dtype_);
 #else
-    at::autocast::set_enabled(prev_enabled_);
-    at::autocast::set_autocast_gpu_dtype(prev_dtype_);
+    if (cuda_) {
+      at::autocast::set_enabled(prev_enabled_);
+      at::autocast::set_autocast_gpu_dtype(prev_dtype_);
+    } else {
+      at::autocast::set_cpu_enabled(prev_enabled_);
+      at::autocast::set_autocast_cpu_dtype(prev_dtype_);
+    }
 #endif
   }
   Bf16Autocast(const Bf16Autocast&) = delete;
   Bf16Autocast& operator=(const Bf16Autocast&) = delete;
 
  private:
-  bool on_;
+  bool on_, cuda_;
   bool prev_enabled_ = false, prev_cache_ = true;
   at::ScalarType prev_dtype_ = at::kHalf;
 };
 }  // namespace
+
+bool cpu_has_native_bf16() {
+  // oneDNN runs bfloat16 convolutions natively with AVX512-BF16 or AMX; without them it emulates them, slower
+  // than fp32. Linux names the features in /proc/cpuinfo; elsewhere this answers no.
+  static const bool has = [] {
+    std::ifstream in("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(in, line)) {
+      if (line.rfind("flags", 0) != 0) continue;
+      std::istringstream words(line);
+      std::string w;
+      while (words >> w)
+        if (w == "avx512_bf16" || w == "amx_bf16") return true;
+      return false;
+    }
+    return false;
+  }();
+  return has;
+}
+
+#if ISP_TORCH_WITH_CUDA
+
+bool cuda_graphs_supported() { return true; }
 
 struct TrainStep::Graph {
   explicit Graph(c10::DeviceIndex index) : side(c10::cuda::getStreamFromPool(false, index)) {}
@@ -102,14 +138,14 @@ at::Tensor TrainStep::operator()(const Batch& batch) {
   const Batch in{apply_memory_format(batch.x, speed_), batch.y, batch.index};
   const bool bf16 = speed_.bf16 && device_.is_cuda();
   if (!graph_) {
-    Bf16Autocast autocast(bf16, /*cache=*/true);
+    Bf16Autocast autocast(speed_.bf16, device_.type(), /*cache=*/true);
     return body_(in);
   }
   Graph& g = *graph_;
   const std::vector<int64_t> shape = in.x.sizes().vec();
   if (g.shape.empty()) g.shape = shape;
   if (shape != g.shape) {  // another batch shape (an epoch's last batch): eagerly
-    Bf16Autocast autocast(bf16, /*cache=*/true);
+    Bf16Autocast autocast(bf16, c10::DeviceType::CUDA, /*cache=*/true);
     return body_(in);
   }
   c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device_.index());
@@ -119,7 +155,7 @@ at::Tensor TrainStep::operator()(const Batch& batch) {
     at::Tensor out;
     {
       c10::cuda::CUDAStreamGuard on_side(g.side);
-      Bf16Autocast autocast(bf16, /*cache=*/false);
+      Bf16Autocast autocast(bf16, c10::DeviceType::CUDA, /*cache=*/false);
       out = body_(in);
     }
     g.side.synchronize();
@@ -131,7 +167,7 @@ at::Tensor TrainStep::operator()(const Batch& batch) {
     std::string failure;
     {
       c10::cuda::CUDAStreamGuard on_side(g.side);
-      Bf16Autocast autocast(bf16, /*cache=*/false);
+      Bf16Autocast autocast(bf16, c10::DeviceType::CUDA, /*cache=*/false);
       g.graph.capture_begin();
       try {
         g.out = body_(g.statics);
@@ -150,7 +186,7 @@ at::Tensor TrainStep::operator()(const Batch& batch) {
       graph_.reset();
       std::fprintf(stderr, "WARNING: CUDA graph capture of the training step failed (%s); steps run eagerly\n",
                    failure.substr(0, failure.find('\n')).c_str());
-      Bf16Autocast autocast(bf16, /*cache=*/true);
+      Bf16Autocast autocast(bf16, c10::DeviceType::CUDA, /*cache=*/true);
       return body_(in);
     }
     g.side.synchronize();
@@ -180,6 +216,7 @@ TrainStep::TrainStep(const RunContext& ctx, Body body)
 }
 
 at::Tensor TrainStep::operator()(const Batch& batch) {
+  Bf16Autocast autocast(speed_.bf16, device_.type(), /*cache=*/true);
   return body_(Batch{apply_memory_format(batch.x, speed_), batch.y, batch.index});
 }
 

@@ -122,9 +122,10 @@ Runtime apply_runtime(const Recipe& r) {
   if (precision != "fp32" && precision != "bf16" && precision != "auto")
     throw RecipeError(r.where("/runtime/precision"), "expected \"fp32\", \"bf16\" or \"auto\", got " + precision.dump());
   out.speed.bf16 = precision == "bf16" || (precision == "auto" && cuda);
-  if (out.speed.bf16 && !cuda)
-    throw RecipeError(r.where("/runtime/precision"), "bf16 autocast is implemented for CUDA devices only; the device is " +
-                                                         out.device.str());
+  if (out.speed.bf16 && !cuda && !cpu_has_native_bf16())
+    throw RecipeError(r.where("/runtime/precision"),
+                      "bf16 autocast on the CPU needs AVX512-BF16 or AMX, which this CPU lacks (oneDNN would emulate "
+                      "bfloat16, slower than fp32); use \"fp32\"");
   if (cuda) {
     // cuDNN autotuning picks the fastest convolution algorithms; its choice can differ run to run.
     at::globalContext().setBenchmarkCuDNN(!deterministic);

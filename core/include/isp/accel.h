@@ -1,6 +1,7 @@
 #pragma once
 // The speed path of training steps (docs/performance.md): channels_last layout, bfloat16 autocast and CUDA
-// graphs. Each is a runtime setting (RunContext::speed); on the CPU only channels_last applies.
+// graphs. Each is a runtime setting (RunContext::speed); on the CPU channels_last and (where the CPU computes
+// bfloat16 natively) bf16 autocast apply.
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -28,7 +29,7 @@ ISP_API at::Tensor apply_memory_format(const at::Tensor& x, const SpeedSettings&
 // replays the graph: one launch instead of a thousand. A batch of another shape (the last, smaller batch of
 // an epoch) runs eagerly. The body must therefore be capturable: no host reads (.item(), .cpu()), no tensors
 // made from host data, random numbers only from the device generator, learning rates held in device tensors
-// (FlatOptimizer). With speed.bf16 the body runs under bfloat16 autocast.
+// (FlatOptimizer). With speed.bf16 the body runs under bfloat16 autocast (CUDA or CPU).
 class ISP_API TrainStep {
  public:
   using Body = std::function<at::Tensor(const Batch&)>;
@@ -51,5 +52,7 @@ class ISP_API TrainStep {
 
 // Whether this build can capture CUDA graphs (LibTorch with CUDA).
 ISP_API bool cuda_graphs_supported();
+// Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), which bf16 autocast on the CPU needs.
+ISP_API bool cpu_has_native_bf16();
 
 }  // namespace isp

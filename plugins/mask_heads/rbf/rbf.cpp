@@ -83,22 +83,25 @@ class RbfMaskHead : public isp::MaskHead {
                                                   std::to_string(features.size(3))
                                             : std::string()));
     const int64_t n = features.size(0);
+    // The map and everything sampled from it are computed in fp32 even under bf16 autocast: bfloat16's 8-bit
+    // mantissa turns probabilities near 0 and 1 into exact 0 and 1, whose logits are infinite (NaN gradients).
     at::Tensor u = conv->forward(features).flatten(1);  // [n,3]
+    if (u.scalar_type() == at::kBFloat16 || u.scalar_type() == at::kHalf) u = u.to(at::kFloat);
     at::Tensor c_row, c_col;
     if (soft_argmax_) {
       // Softmax over the decoder cells; the centre is the expected cell position. u's first two entries become the
       // centre relative to the middle, so the pruning loss compares the same quantities as in regression mode.
       const at::Tensor w = at::softmax(heat->forward(features).flatten(1).to(at::kFloat), 1).view({n, kernel_, kernel_});
       const at::Tensor pos = cell_pos_.to(w.device());
-      c_row = (w.sum(2) * pos).sum(1).to(features.scalar_type());
-      c_col = (w.sum(1) * pos).sum(1).to(features.scalar_type());
+      c_row = (w.sum(2) * pos).sum(1).to(u.scalar_type());
+      c_col = (w.sum(1) * pos).sum(1).to(u.scalar_type());
       u = at::stack({c_row - b_, c_col - b_, u.select(1, 2)}, 1);
     } else {
       c_row = a_ * at::tanh(u.select(1, 0) / a_) + b_;
       c_col = a_ * at::tanh(u.select(1, 1) / a_) + b_;
     }
     at::Tensor sigma = at::softplus(u.select(1, 2)) + (min_sigma_ + 1e-8);
-    const auto opts = features.options().requires_grad(false);
+    const auto opts = u.options().requires_grad(false);
     at::Tensor i = at::arange(grid_, opts).view({1, 1, grid_, 1});
     at::Tensor j = at::arange(grid_, opts).view({1, 1, 1, grid_});
     at::Tensor s = sigma.view({n, 1, 1, 1});
