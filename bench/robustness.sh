@@ -42,7 +42,8 @@ import json, os, sys
 work, seeds = sys.argv[1], sys.argv[2:]
 rows, missed = [], 0
 hdr = ("| seed | threads | kernels | baseline % | pruned % (BN recal.) | finetuned % | Δ pts | FLOPs ratio | target | budget met "
-       "| deletion AUC orig→pruned (centred) | mass on object orig→pruned (fg) | centre spread row/col px | wall s (stages) |")
+       "| deletion AUC orig→pruned (centred) | mass on object orig→pruned (fg) | centre spread row/col px (objects') "
+       "| centre→object px (image centre) | wall s (stages) |")
 print(hdr); print("|" + "---|" * (hdr.count("|") - 1))
 out = [hdr, "|" + "---|" * (hdr.count("|") - 1)]
 for s in seeds:
@@ -62,13 +63,17 @@ for s in seeds:
                 dele = f"{f3(o['deletion_auc'])}→{f3(p['deletion_auc'])} ({f3(o['centred_gaussian']['deletion_auc'])})"
                 mass = f"{f3(o['mass_on_object'])}→{f3(p['mass_on_object'])} ({f3(o['foreground_share'])})"
                 spread = f"{o['centre_std_row_px']:.2f}/{o['centre_std_col_px']:.2f}"
+                if o.get("object_centroid_std_row_px") is not None:
+                    spread += f" ({o['object_centroid_std_row_px']:.2f}/{o['object_centroid_std_col_px']:.2f})"
+                near = "-" if o.get("centre_to_object_px") is None else \
+                    f"{o['centre_to_object_px']:.2f} ({o['image_centre_to_object_px']:.2f})"
             else:
-                dele = mass = spread = "-"
+                dele = mass = spread = near = "-"
             met = r.get("budget_met")
             missed += met is not True
             line = (f"| {s} | {t} | {k} | {100*r['baseline_top1']:.2f} | {100*r['pruned_top1']:.2f} | "
                     f"{100*r['finetuned_top1']:.2f} | {100*r['delta_top1']:+.2f} | {r['flops_ratio']:.4f} | "
-                    f"{r.get('budget_target', '-')} | {'yes' if met else 'NO'} | {dele} | {mass} | {spread} | {wall} |")
+                    f"{r.get('budget_target', '-')} | {'yes' if met else 'NO'} | {dele} | {mass} | {spread} | {near} | {wall} |")
             print(line); out.append(line)
 open(os.path.join(work, "robustness.md"), "w").write("\n".join(out) + "\n")
 sys.exit(1 if missed else 0)

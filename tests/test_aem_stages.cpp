@@ -238,6 +238,25 @@ TEST_CASE("saliency metrics: mass on the object for a map on it, off it and flat
   // Population std of rows (1, 3) and columns (2, 6).
   CHECK(*r_on.centre_std_row == doctest::Approx(1.0));
   CHECK(*r_on.centre_std_col == doctest::Approx(2.0));
+  // The objects' own centroids: both E's sit in the same corner, so a map that follows them would not move.
+  CHECK(*r_on.object_centroid_std_row == doctest::Approx(0.0));
+  CHECK(*r_on.object_centroid_std_col == doctest::Approx(0.0));
+  // Objects that move: centroids (0.5, 0.5) and (4.5, 2.5); a third image without foreground is left out.
+  at::Tensor moving = at::zeros({3, 8, 8}, at::kBool);
+  moving[0].narrow(0, 0, 2).narrow(1, 0, 2).fill_(true);
+  moving[1].narrow(0, 4, 2).narrow(1, 2, 2).fill_(true);
+  const auto r_moving = isp::measure_saliency(evidence_logits, {evidence_images(3), at::full({3, 1, 8, 8}, 0.5), moving, {}}, o);
+  CHECK(*r_moving.object_centroid_std_row == doctest::Approx(2.0));
+  CHECK(*r_moving.object_centroid_std_col == doctest::Approx(1.0));
+  // Centres on the objects' centroids are 0 px away; the 8x8 image's centre (3.5, 3.5) is 3*sqrt(2) and sqrt(2) away.
+  const auto r_track = isp::measure_saliency(
+      evidence_logits,
+      {evidence_images(3), at::full({3, 1, 8, 8}, 0.5), moving, at::tensor({0.5, 0.5, 4.5, 2.5, 0.0, 0.0}).view({3, 2})}, o);
+  CHECK(*r_track.centre_to_object == doctest::Approx(0.0));
+  CHECK(*r_track.image_centre_to_object == doctest::Approx((3 * std::sqrt(2.0) + std::sqrt(2.0)) / 2));
+  CHECK_FALSE(r_moving.centre_to_object.has_value());  // no centres given
+  CHECK_FALSE(r_off.centre_std_row.has_value());
+  CHECK_FALSE(isp::measure_saliency(evidence_logits, {x, on, {}, centres}, o).object_centroid_std_row.has_value());
   // The foreground of normalised images: raw = x * std + mean above the threshold.
   const at::Tensor normalised = (x - 0.25) / 0.5;
   CHECK(at::equal(isp::foreground_of(normalised, {0.25}, {0.5}, 0.0), fg));

@@ -323,11 +323,13 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
   isp::write_file_atomic((fs::path(o.out_dir) / "saliency_metrics.json").string(), summary.dump(2) + "\n");
   auto show = [](const std::optional<double>& v) { return v ? *v : std::nan(""); };
   std::printf("saliency of these %lld images: deletion AUC %.3f (random %.3f, centred %.3f), insertion AUC %.3f (random "
-              "%.3f, centred %.3f), mass on object %.3f (foreground share %.3f), centre spread row %.2f px, col %.2f px\n",
+              "%.3f, centred %.3f), mass on object %.3f (foreground share %.3f), centre spread row %.2f px, col %.2f px "
+              "(the objects' own: %.2f / %.2f px), centre to object %.2f px (image centre %.2f px)\n",
               static_cast<long long>(n), metrics.map.deletion_auc, metrics.random.deletion_auc,
               metrics.centred.deletion_auc, metrics.map.insertion_auc, metrics.random.insertion_auc,
               metrics.centred.insertion_auc, show(metrics.mass_on_object), show(metrics.foreground_share),
-              show(metrics.centre_std_row), show(metrics.centre_std_col));
+              show(metrics.centre_std_row), show(metrics.centre_std_col), show(metrics.object_centroid_std_row),
+              show(metrics.object_centroid_std_col), show(metrics.centre_to_object), show(metrics.image_centre_to_object));
   std::printf("%s: %lld images from stage '%s' (data '%s'); figure %dx%d\n", o.out_dir.c_str(),
               static_cast<long long>(n), stage_name.c_str(), data_node.c_str(), fig.w, fig.h);
   return 0;

@@ -140,6 +140,26 @@ SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&
     }
     const at::Tensor g = centred_gaussian(0.5 * (lo + hi), h, w);
     r.mass_on_object_centred = ((g * fg).view({n, -1}).sum(1) / g.view({n, -1}).sum(1)).mean().item<double>();
+    // Where the objects themselves sit: the spread of their foreground centroids is what a map that follows each
+    // object exactly would show as centre spread (images without foreground are left out).
+    const at::Tensor count = fg.view({n, -1}).sum(1);
+    const at::Tensor has = count.gt(0);
+    if (has.any().item<bool>()) {
+      const at::Tensor rows = at::arange(h, fopts).view({1, h, 1}), cols = at::arange(w, fopts).view({1, 1, w});
+      const at::Tensor cr = (fg * rows).view({n, -1}).sum(1) / count.clamp_min(1);
+      const at::Tensor cc = (fg * cols).view({n, -1}).sum(1) / count.clamp_min(1);
+      r.object_centroid_std_row = cr.masked_select(has).to(at::kDouble).std(/*unbiased=*/false).item<double>();
+      r.object_centroid_std_col = cc.masked_select(has).to(at::kDouble).std(/*unbiased=*/false).item<double>();
+      if (in.centres.defined() && in.centres.dim() == 2 && in.centres.size(1) >= 2) {
+        // How far each map's centre lies from its object's centroid, next to the same distance from the image's
+        // centre: a map that follows the objects beats that constant point.
+        const at::Tensor c = in.centres.to(fopts.dtype());
+        const at::Tensor dist = (c.select(1, 0) - cr).pow(2).add((c.select(1, 1) - cc).pow(2)).sqrt();
+        const at::Tensor dist0 = (cr - 0.5 * (h - 1)).pow(2).add((cc - 0.5 * (w - 1)).pow(2)).sqrt();
+        r.centre_to_object = dist.masked_select(has).to(at::kDouble).mean().item<double>();
+        r.image_centre_to_object = dist0.masked_select(has).to(at::kDouble).mean().item<double>();
+      }
+    }
   }
   if (in.centres.defined() && in.centres.dim() == 2 && in.centres.size(1) >= 2) {
     const at::Tensor c = in.centres.to(at::kDouble);
@@ -168,6 +188,10 @@ json SaliencyReport::to_json(bool with_curves) const {
           {"mass_on_object_centred_gaussian", opt(mass_on_object_centred)},
           {"centre_std_row_px", opt(centre_std_row)},
           {"centre_std_col_px", opt(centre_std_col)},
+          {"object_centroid_std_row_px", opt(object_centroid_std_row)},
+          {"object_centroid_std_col_px", opt(object_centroid_std_col)},
+          {"centre_to_object_px", opt(centre_to_object)},
+          {"image_centre_to_object_px", opt(image_centre_to_object)},
           {"mean_map_area", mean_map_area}};
 }
 

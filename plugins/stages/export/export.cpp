@@ -228,8 +228,9 @@ class Export : public isp::Stage {
            << " test images, each network's maps scored by its own classifier; deletion AUC: lower is better, "
               "insertion AUC and mass on object: higher is better):\n\n";
         os << "| network | deletion AUC | insertion AUC | deletion: random / centred | insertion: random / centred | "
-              "mass on object | centred Gaussian's mass | centre spread row / col (px) |\n";
-        os << "|---|---|---|---|---|---|---|---|\n";
+              "mass on object | centred Gaussian's mass | centre spread row / col (px) | objects' own spread (px) | "
+              "centre to object (px) | image centre to object (px) |\n";
+        os << "|---|---|---|---|---|---|---|---|---|---|---|\n";
         for (const char* which : {"original", "pruned"}) {
           const isp::json& m = sal[which];
           os << "| " << which << " | " << num(m["deletion_auc"]) << " | " << num(m["insertion_auc"]) << " | "
@@ -237,7 +238,9 @@ class Export : public isp::Stage {
              << num(m["random_order"]["insertion_auc"]) << " / " << num(m["centred_gaussian"]["insertion_auc"]) << " | "
              << num(m["mass_on_object"]) << " (foreground " << num(m["foreground_share"]) << ") | "
              << num(m["mass_on_object_centred_gaussian"]) << " | " << num(m["centre_std_row_px"], 2) << " / "
-             << num(m["centre_std_col_px"], 2) << " |\n";
+             << num(m["centre_std_col_px"], 2) << " | " << num(m["object_centroid_std_row_px"], 2) << " / "
+             << num(m["object_centroid_std_col_px"], 2) << " | " << num(m["centre_to_object_px"], 2) << " | "
+             << num(m["image_centre_to_object_px"], 2) << " |\n";
         }
         os << "\n";
       }

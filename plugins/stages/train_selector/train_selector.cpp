@@ -276,12 +276,14 @@ class TrainSelector : public isp::Stage {
     std::fprintf(stderr,
                  "[%s] saliency on %lld test images: deletion AUC %.3f (random %.3f, centred Gaussian %.3f), insertion AUC "
                  "%.3f (random %.3f, centred %.3f), mass on object %.3f (foreground share %.3f, centred Gaussian %.3f), "
-                 "centre spread row %.2f px, col %.2f px\n",
+                 "centre spread row %.2f px, col %.2f px (the objects' own: %.2f / %.2f px), centre to object %.2f px (image "
+                 "centre to object %.2f px)\n",
                  stage.c_str(), static_cast<long long>(s.value("images", 0)), num(s["deletion_auc"]),
                  num(s["random_order"]["deletion_auc"]), num(s["centred_gaussian"]["deletion_auc"]), num(s["insertion_auc"]),
                  num(s["random_order"]["insertion_auc"]), num(s["centred_gaussian"]["insertion_auc"]),
                  num(s["mass_on_object"]), num(s["foreground_share"]), num(s["mass_on_object_centred_gaussian"]),
-                 num(s["centre_std_row_px"]), num(s["centre_std_col_px"]));
+                 num(s["centre_std_row_px"]), num(s["centre_std_col_px"]), num(s["object_centroid_std_row_px"]),
+                 num(s["object_centroid_std_col_px"]), num(s["centre_to_object_px"]), num(s["image_centre_to_object_px"]));
   }
 
   // Deterministic evaluation with the mask P itself (docs/method.md §1c): agreement, KL and mean(P).
