@@ -33,20 +33,7 @@ else
 fi
 [ -x "$ISP_BIN" ] || { echo "error: $ISP_BIN not found (build first)" >&2; exit 2; }
 
-settings() {  # runtime settings of a configuration, as --set arguments
-  case "$1" in
-    eager_fp32)     echo 'runtime.device="cuda" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="fp32"' ;;
-    eager_cl_bf16)  echo 'runtime.device="cuda" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="bf16"' ;;
-    graphs_fp32)    echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=false runtime.precision="fp32"' ;;
-    graphs_cl_fp32) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="fp32"' ;;
-    graphs_cl_bf16) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="bf16"' ;;
-    cpu_eager_fp32) echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="fp32"' ;;
-    cpu_bf16)       echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="bf16"' ;;
-    cpu_cl_fp32)    echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="fp32"' ;;
-    cpu_cl_bf16)    echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="bf16"' ;;
-    *) echo "unknown configuration $1" >&2; exit 2 ;;
-  esac
-}
+source "$(dirname "$0")/speed_settings.sh"
 
 mkdir -p "$OUT_DIR"
 failed=0
@@ -55,7 +42,7 @@ for arch in $ARCHS; do
     dir="$OUT_DIR/$arch-$cfg"
     rm -rf "$dir"
     sets=()
-    for s in $(settings "$cfg"); do sets+=(--set "$s"); done
+    for s in $(speed_settings "$cfg"); do sets+=(--set "$s"); done
     [ -n "${THREADS:-}" ] && sets+=(--set "runtime.threads=$THREADS")
     for stage in classifier predictor selector prune finetune; do
       sets+=(--set "nodes.$stage.max_steps_per_epoch=$STEPS")

@@ -94,12 +94,10 @@ print(f"{sys.argv[2]:28s}", "; ".join(parts))
 PY
 }
 
-settings_of() {  # the runtime settings of a configuration name, as --set arguments
-  case $1 in
-    eager_fp32)     echo '--set runtime.cuda_graphs=false --set runtime.channels_last=false --set runtime.precision="fp32"' ;;
-    graphs_cl_fp32) echo '--set runtime.cuda_graphs=true --set runtime.channels_last=true --set runtime.precision="fp32"' ;;
-    graphs_cl_bf16) echo '--set runtime.cuda_graphs=true --set runtime.channels_last=true --set runtime.precision="bf16"' ;;
-  esac
+source bench/speed_settings.sh
+settings_of() {  # a configuration's runtime settings as --set arguments ("default": none)
+  [ "$1" = default ] && return
+  for s in $(speed_settings "$1"); do printf -- '--set %s ' "$s"; done
 }
 
 if start_part accuracy 150 && [ -d .gpudata/fashion-mnist ]; then

@@ -38,31 +38,44 @@ at::Tensor apply_memory_format(const at::Tensor& x, const SpeedSettings& speed) 
 }
 
 namespace {
+struct AutocastState {
+  bool enabled;
+  at::ScalarType dtype;
+};
+// LibTorch 2.4 made autocast's state per device type; older versions have separate CUDA ("gpu") and CPU calls.
+AutocastState autocast_state(bool cuda) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+  const c10::DeviceType d = cuda ? at::kCUDA : at::kCPU;
+  return {at::autocast::is_autocast_enabled(d), at::autocast::get_autocast_dtype(d)};
+#else
+  return cuda ? AutocastState{at::autocast::is_enabled(), at::autocast::get_autocast_gpu_dtype()}
+              : AutocastState{at::autocast::is_cpu_enabled(), at::autocast::get_autocast_cpu_dtype()};
+#endif
+}
+void set_autocast_state(bool cuda, AutocastState st) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+  const c10::DeviceType d = cuda ? at::kCUDA : at::kCPU;
+  at::autocast::set_autocast_enabled(d, st.enabled);
+  at::autocast::set_autocast_dtype(d, st.dtype);
+#else
+  if (cuda) {
+    at::autocast::set_enabled(st.enabled);
+    at::autocast::set_autocast_gpu_dtype(st.dtype);
+  } else {
+    at::autocast::set_cpu_enabled(st.enabled);
+    at::autocast::set_autocast_cpu_dtype(st.dtype);
+  }
+#endif
+}
+
 // bfloat16 autocast for a scope on CUDA or on the CPU. The cast cache is off under CUDA-graph capture: cached
 // casts would live outside the graph's memory pool.
 class Bf16Autocast {
  public:
   Bf16Autocast(bool on, c10::DeviceType device, bool cache) : on_(on), cuda_(device == c10::DeviceType::CUDA) {
     if (!on_) return;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    const c10::DeviceType d = cuda_ ? at::kCUDA : at::kCPU;
-    prev_enabled_ = at::autocast::is_autocast_enabled(d);
-    prev_dtype_ = at::autocast::get_autocast_dtype(d);
-    at::autocast::set_autocast_enabled(d, true);
-    at::autocast::set_autocast_dtype(d, at::kBFloat16);
-#else
-    if (cuda_) {
-      prev_enabled_ = at::autocast::is_enabled();
-      prev_dtype_ = at::autocast::get_autocast_gpu_dtype();
-      at::autocast::set_enabled(true);
-      at::autocast::set_autocast_gpu_dtype(at::kBFloat16);
-    } else {
-      prev_enabled_ = at::autocast::is_cpu_enabled();
-      prev_dtype_ = at::autocast::get_autocast_cpu_dtype();
-      at::autocast::set_cpu_enabled(true);
-      at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
-    }
-#endif
+    prev_ = autocast_state(cuda_);
+    set_autocast_state(cuda_, {true, at::kBFloat16});
     prev_cache_ = at::autocast::is_autocast_cache_enabled();
     at::autocast::set_autocast_cache_enabled(cache);
     at::autocast::increment_nesting();
@@ -71,27 +84,15 @@ class Bf16Autocast {
     if (!on_) return;
     if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
     at::autocast::set_autocast_cache_enabled(prev_cache_);
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
-    const c10::DeviceType d = cuda_ ? at::kCUDA : at::kCPU;
-    at::autocast::set_autocast_enabled(d, prev_enabled_);
-    at::autocast::set_autocast_dtype(d, prev_dtype_);
-#else
-    if (cuda_) {
-      at::autocast::set_enabled(prev_enabled_);
-      at::autocast::set_autocast_gpu_dtype(prev_dtype_);
-    } else {
-      at::autocast::set_cpu_enabled(prev_enabled_);
-      at::autocast::set_autocast_cpu_dtype(prev_dtype_);
-    }
-#endif
+    set_autocast_state(cuda_, prev_);
   }
   Bf16Autocast(const Bf16Autocast&) = delete;
   Bf16Autocast& operator=(const Bf16Autocast&) = delete;
 
  private:
   bool on_, cuda_;
-  bool prev_enabled_ = false, prev_cache_ = true;
-  at::ScalarType prev_dtype_ = at::kHalf;
+  AutocastState prev_{false, at::kHalf};
+  bool prev_cache_ = true;
 };
 }  // namespace
 
@@ -136,7 +137,6 @@ TrainStep::TrainStep(const RunContext& ctx, Body body)
 
 at::Tensor TrainStep::operator()(const Batch& batch) {
   const Batch in{apply_memory_format(batch.x, speed_), batch.y, batch.index};
-  const bool bf16 = speed_.bf16 && device_.is_cuda();
   if (!graph_) {
     Bf16Autocast autocast(speed_.bf16, device_.type(), /*cache=*/true);
     return body_(in);
@@ -145,7 +145,7 @@ at::Tensor TrainStep::operator()(const Batch& batch) {
   const std::vector<int64_t> shape = in.x.sizes().vec();
   if (g.shape.empty()) g.shape = shape;
   if (shape != g.shape) {  // another batch shape (an epoch's last batch): eagerly
-    Bf16Autocast autocast(bf16, c10::DeviceType::CUDA, /*cache=*/true);
+    Bf16Autocast autocast(speed_.bf16, c10::DeviceType::CUDA, /*cache=*/true);
     return body_(in);
   }
   c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(device_.index());
@@ -155,7 +155,7 @@ at::Tensor TrainStep::operator()(const Batch& batch) {
     at::Tensor out;
     {
       c10::cuda::CUDAStreamGuard on_side(g.side);
-      Bf16Autocast autocast(bf16, c10::DeviceType::CUDA, /*cache=*/false);
+      Bf16Autocast autocast(speed_.bf16, c10::DeviceType::CUDA, /*cache=*/false);
       out = body_(in);
     }
     g.side.synchronize();
@@ -167,7 +167,7 @@ at::Tensor TrainStep::operator()(const Batch& batch) {
     std::string failure;
     {
       c10::cuda::CUDAStreamGuard on_side(g.side);
-      Bf16Autocast autocast(bf16, c10::DeviceType::CUDA, /*cache=*/false);
+      Bf16Autocast autocast(speed_.bf16, c10::DeviceType::CUDA, /*cache=*/false);
       g.graph.capture_begin();
       try {
         g.out = body_(g.statics);
@@ -186,7 +186,7 @@ at::Tensor TrainStep::operator()(const Batch& batch) {
       graph_.reset();
       std::fprintf(stderr, "WARNING: CUDA graph capture of the training step failed (%s); steps run eagerly\n",
                    failure.substr(0, failure.find('\n')).c_str());
-      Bf16Autocast autocast(bf16, c10::DeviceType::CUDA, /*cache=*/true);
+      Bf16Autocast autocast(speed_.bf16, c10::DeviceType::CUDA, /*cache=*/true);
       return body_(in);
     }
     g.side.synchronize();

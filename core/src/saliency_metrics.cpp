@@ -121,6 +121,7 @@ SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&
     }
   }
 
+  const bool has_centres = in.centres.defined() && in.centres.dim() == 2 && in.centres.size(1) >= 2;
   const at::Tensor area = maps.view({n, -1}).mean(1);  // [n]
   r.mean_map_area = area.mean().item<double>();
   if (in.foreground.defined()) {
@@ -150,7 +151,7 @@ SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&
       const at::Tensor cc = (fg * cols).view({n, -1}).sum(1) / count.clamp_min(1);
       r.object_centroid_std_row = cr.masked_select(has).to(at::kDouble).std(/*unbiased=*/false).item<double>();
       r.object_centroid_std_col = cc.masked_select(has).to(at::kDouble).std(/*unbiased=*/false).item<double>();
-      if (in.centres.defined() && in.centres.dim() == 2 && in.centres.size(1) >= 2) {
+      if (has_centres) {
         // How far each map's centre lies from its object's centroid, next to the same distance from the image's
         // centre: a map that follows the objects beats that constant point.
         const at::Tensor c = in.centres.to(fopts.dtype());
@@ -161,7 +162,7 @@ SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&
       }
     }
   }
-  if (in.centres.defined() && in.centres.dim() == 2 && in.centres.size(1) >= 2) {
+  if (has_centres) {
     const at::Tensor c = in.centres.to(at::kDouble);
     r.centre_std_row = c.select(1, 0).std(/*unbiased=*/false).item<double>();
     r.centre_std_col = c.select(1, 1).std(/*unbiased=*/false).item<double>();

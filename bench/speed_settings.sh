@@ -1,0 +1,16 @@
+# The runtime settings of each speed configuration that bench/gpu_phases.sh and bench/gpu_session.sh name, as
+# KEY=VALUE words for `isp run --set` (sourced by both).
+speed_settings() {  # CONFIG -> its runtime settings
+  case "$1" in
+    eager_fp32)     echo 'runtime.device="cuda" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="fp32"' ;;
+    eager_cl_bf16)  echo 'runtime.device="cuda" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="bf16"' ;;
+    graphs_fp32)    echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=false runtime.precision="fp32"' ;;
+    graphs_cl_fp32) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="fp32"' ;;
+    graphs_cl_bf16) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="bf16"' ;;
+    cpu_eager_fp32) echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="fp32"' ;;
+    cpu_bf16)       echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="bf16"' ;;
+    cpu_cl_fp32)    echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="fp32"' ;;
+    cpu_cl_bf16)    echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="bf16"' ;;
+    *) echo "unknown configuration $1" >&2; exit 2 ;;
+  esac
+}
