@@ -4,7 +4,10 @@
 
 #include <ATen/Parallel.h>
 
+namespace isp { bool keep_freed_memory_in_process(); }  // isp/accel.h, without its torch headers
+
 int main(int argc, char** argv) {
+  isp::keep_freed_memory_in_process();
   at::set_num_threads(2);  // LibTorch starts with 1 thread on small VMs
   doctest::Context ctx(argc, argv);
   return ctx.run();

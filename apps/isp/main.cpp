@@ -5,6 +5,7 @@
 
 #include <CLI/CLI.hpp>
 
+#include "isp/accel.h"
 #include "isp/registry/plugin.h"
 #include "isp/registry/registry.h"
 #include "isp/runner.h"
@@ -40,6 +41,7 @@ int cmd_plugins(isp::Registry& reg, bool as_json, const std::string& kind) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  isp::keep_freed_memory_in_process();  // before any thread or tensor exists
   CLI::App app{"isp: interpretation-steered network pruning (ECCV 2022) as recipes and plugins"};
   app.require_subcommand(1);
 

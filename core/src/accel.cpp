@@ -11,6 +11,9 @@
 
 #include <cstdio>
 #include <fstream>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <sstream>
 #include <string>
 
@@ -113,6 +116,18 @@ bool cpu_has_native_bf16() {
     return false;
   }();
   return has;
+}
+
+bool keep_freed_memory_in_process() {
+#if defined(__GLIBC__)
+  // A fixed mmap threshold also stops glibc's own adaptation, which would otherwise raise it only after the
+  // first large block had been unmapped. 32 MiB is the largest value glibc accepts on 64-bit systems.
+  const bool mmap_ok = mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1;
+  const bool trim_ok = mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1;
+  return mmap_ok && trim_ok;
+#else
+  return false;
+#endif
 }
 
 #if ISP_TORCH_WITH_CUDA

@@ -55,4 +55,12 @@ ISP_API bool cuda_graphs_supported();
 // Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), which bf16 autocast on the CPU needs.
 ISP_API bool cpu_has_native_bf16();
 
+// Tells glibc's allocator to keep freed memory in the process instead of handing it back to the kernel after
+// every large free. Training frees and reallocates the same activation-sized blocks every step; with glibc's
+// defaults each of them is returned (trimmed) and faulted in again page by page: the quick classifier took 5.9
+// million page faults and 10 s of system time in 61 s (docs/performance.md). Blocks of 32 MiB and more are
+// still mapped and unmapped one by one. Call once at process start, before threads exist; returns false where
+// the C library is not glibc (nothing changed).
+ISP_API bool keep_freed_memory_in_process();
+
 }  // namespace isp
