@@ -47,8 +47,10 @@ for arch in $ARCHS; do
     for stage in classifier predictor selector prune finetune; do
       sets+=(--set "nodes.$stage.max_steps_per_epoch=$STEPS")
     done
+    envs=()
+    [ "$cfg" = cpu_before ] && envs+=(ISP_GLIBC_MALLOC_DEFAULTS=1)
     t0=$SECONDS
-    if "$ISP_BIN" run "bench/recipes/gpu_phases_$arch.json" --work-dir "$dir" "${sets[@]}" >"$OUT_DIR/$arch-$cfg.log" 2>&1; then
+    if env "${envs[@]}" "$ISP_BIN" run "bench/recipes/gpu_phases_$arch.json" --work-dir "$dir" "${sets[@]}" >"$OUT_DIR/$arch-$cfg.log" 2>&1; then
       printf '%-12s %-16s ok   %4d s\n' "$arch" "$cfg" "$((SECONDS - t0))"
     else
       failed=1

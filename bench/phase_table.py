@@ -48,6 +48,7 @@ def main():
     ap.add_argument("--configs", nargs="+", required=True)
     ap.add_argument("--reference", choices=["h100", "cpu"], default="h100",
                     help="official figures to compare with: the H100 (issue 17) or the 2-core CPU, 1 thread (issue 12)")
+    ap.add_argument("--baseline", help="a configuration to state every other one's speed-up over (e.g. today's isp)")
     a = ap.parse_args()
     global PHASES, TARGET
     if a.reference == "cpu":
@@ -56,9 +57,11 @@ def main():
     for arch in a.archs:
         runs = {c: rates(os.path.join(a.out, f"{arch}-{c}")) for c in a.configs}
         print(f"\n### {arch}: median images/s per phase (step time in ms)\n")
+        base = a.baseline if a.baseline in a.configs else None
         head = "| phase | batch | official |" + "".join(f" {c} |" for c in a.configs) + " best / official |"
+        head += f" best / {base} |" if base else ""
         print(head)
-        print("|" + "---|" * (4 + len(a.configs)))
+        print("|" + "---|" * (4 + len(a.configs) + (1 if base else 0)))
         for stage, phase, bs, official, _ in PHASES:
             cells, best = [], None
             for c in a.configs:
@@ -71,7 +74,11 @@ def main():
                 best = ips if best is None else max(best, ips)
             ratio = f" {best / official:.1f}× (target {TARGET[stage]}×)" if best and arch == "resnet56" else (
                 f" {best / official:.1f}×" if best else " —")
-            print(f"| {phase} | {bs} | {official:,} |" + "".join(cells) + ratio + " |")
+            row = f"| {phase} | {bs} | {official:,} |" + "".join(cells) + ratio + " |"
+            if base:
+                b = runs[base].get(stage)
+                row += f" {best / b[0]:.2f}× |" if b and best else " — |"
+            print(row)
         est = []
         for c in a.configs:
             secs, ok = 0.0, True
@@ -83,7 +90,7 @@ def main():
                 secs += images / r[0]
             est.append(f" {secs / 3600:.2f} h |" if ok else " — |")
         official_h = sum(images / official for _, _, _, official, images in PHASES) / 3600
-        print(f"| full-length pipeline estimate | | {official_h:.1f} h |" + "".join(est) + " |")
+        print(f"| full-length pipeline estimate | | {official_h:.1f} h |" + "".join(est) + " |" + (" |" if base else ""))
 
 
 if __name__ == "__main__":

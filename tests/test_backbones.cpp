@@ -397,3 +397,134 @@ TEST_CASE_FIXTURE(BackboneFixture, "backbone topology: derived layers and channe
   check_groups_match_tensors(*mb);
   check_groups_match_tensors(*mb->with_widths(w_mb));
 }
+
+namespace {
+
+// Gives every BN non-trivial statistics and affine parameters, so a fold that mixed them up would show.
+void randomise_batchnorms(torch::nn::Module& m, uint64_t seed) {
+  torch::manual_seed(seed);
+  torch::NoGradGuard ng;
+  for (auto& child : m.modules(/*include_self=*/false)) {
+    if (auto* bn = child->as<torch::nn::BatchNorm2d>()) {
+      bn->running_mean.copy_(torch::randn_like(bn->running_mean) * 0.3);
+      bn->running_var.copy_(torch::rand_like(bn->running_var) * 1.5 + 0.5);
+      bn->weight.copy_(torch::rand_like(bn->weight) + 0.5);
+      bn->bias.copy_(torch::randn_like(bn->bias) * 0.2);
+    }
+  }
+}
+
+// Restores the process-wide folding switch however a test ends.
+struct FoldingSwitch {
+  bool saved = isp::batchnorm_folding();
+  explicit FoldingSwitch(bool on) { isp::set_batchnorm_folding(on); }
+  ~FoldingSwitch() { isp::set_batchnorm_folding(saved); }
+};
+
+}  // namespace
+
+TEST_CASE("ConvBatchNorm: folds only a frozen eval-mode BN, follows every change, keeps gradients") {
+  torch::manual_seed(3);
+  FoldingSwitch on(true);
+  torch::nn::Conv2d conv(torch::nn::Conv2dOptions(4, 6, 3).stride(2).padding(1).bias(true));
+  torch::nn::BatchNorm2d bn(6);
+  randomise_batchnorms(*bn, 4);
+  isp::ConvBatchNorm fused;
+  const auto x = torch::randn({5, 4, 9, 9});
+  auto separate = [&] { return bn->forward(conv->forward(x)); };
+
+  // Training mode: batch statistics, never folded.
+  conv->train(), bn->train();
+  fused(*conv, *bn, x);
+  CHECK_FALSE(fused.last_call_folded());
+
+  conv->eval(), bn->eval();
+  {  // Eval mode but parameters that want gradients: not folded, and the conv weight gets its gradient.
+    fused(*conv, *bn, x).sum().backward();
+    CHECK_FALSE(fused.last_call_folded());
+    REQUIRE(conv->weight.grad().defined());
+    CHECK(conv->weight.grad().abs().sum().item<double>() > 0);
+  }
+  {
+    torch::NoGradGuard ng;
+    const auto folded = fused(*conv, *bn, x);
+    CHECK(fused.last_call_folded());
+    const double delta = (folded - separate()).abs().max().item<double>();
+    MESSAGE("conv(stride 2, bias) + BN folded: max |delta| " << delta);
+    CHECK(delta < 1e-5 * separate().abs().max().item<double>() + 1e-6);
+    // Training-mode forwards update the running statistics inside the batch_norm kernel (no version bump); the
+    // next frozen call must see them (a stale fold once cost the quick classifier half its accuracy).
+    {
+      torch::GradMode::set_enabled(true);
+      bn->train();
+      for (int i = 0; i < 3; ++i) fused(*conv, *bn, x * (2.0 + i) + 1.0);
+      bn->eval();
+      torch::GradMode::set_enabled(false);
+      CHECK((fused(*conv, *bn, x) - separate()).abs().max().item<double>() < 1e-4);
+      CHECK(fused.last_call_folded());
+    }
+    // Any other change of a source tensor (an optimizer step, load_state_dict) is seen too.
+    conv->weight.mul_(1.5);
+    CHECK((fused(*conv, *bn, x) - separate()).abs().max().item<double>() < 1e-4);
+    bn->running_var.mul_(3.0);
+    CHECK((fused(*conv, *bn, x) - separate()).abs().max().item<double>() < 1e-4);
+    // Switched off process-wide: the layers run separately, bit for bit.
+    FoldingSwitch off(false);
+    CHECK(torch::equal(fused(*conv, *bn, x), separate()));
+    CHECK_FALSE(fused.last_call_folded());
+  }
+  {  // Frozen parameters in grad mode (gate learning): folded, and the input still gets its gradient.
+    for (auto& p : conv->parameters()) p.set_requires_grad(false);
+    for (auto& p : bn->parameters()) p.set_requires_grad(false);
+    const auto xg = x.clone().requires_grad_(true);
+    fused(*conv, *bn, xg).pow(2).sum().backward();
+    CHECK(fused.last_call_folded());
+    const auto xr = x.clone().requires_grad_(true);
+    bn->forward(conv->forward(xr)).pow(2).sum().backward();
+    CHECK((xg.grad() - xr.grad()).abs().max().item<double>() < 1e-4 * xr.grad().abs().max().item<double>());
+  }
+  {  // First folded under inference mode, then used where autograd records: the cache holds ordinary tensors.
+    isp::ConvBatchNorm fresh;
+    {
+      c10::InferenceMode im;
+      fresh(*conv, *bn, x);
+    }
+    const auto xg = x.clone().requires_grad_(true);
+    CHECK_NOTHROW(fresh(*conv, *bn, xg).sum().backward());
+    CHECK(fresh.last_call_folded());
+  }
+}
+
+TEST_CASE_FIXTURE(BackboneFixture, "BatchNorm folding: frozen ResNet-20 and MobileNetV2 give the unfolded logits") {
+  for (const json& spec : {json{{"type", "ResNetCifar"}, {"depth", 20}},
+                           json{{"type", "MobileNetV2Cifar"}},
+                           json{{"type", "ResNetCifar"}, {"depth", 20}, {"widths", {3, 16, 5, 9, 32, 1, 64, 17, 40}}}}) {
+    CAPTURE(spec.dump());
+    auto bb = build(spec);
+    randomise_batchnorms(*bb, 7);
+    bb->eval();
+    torch::NoGradGuard ng;
+    const auto x = torch::randn({4, 3, 32, 32});
+    at::Tensor unfolded, folded;
+    {
+      FoldingSwitch off(false);
+      unfolded = bb->forward(x);
+    }
+    {
+      FoldingSwitch on(true);
+      folded = bb->forward(x);
+      const double delta = (folded - unfolded).abs().max().item<double>();
+      MESSAGE(spec.dump() << ": max |delta logit| folded vs unfolded " << delta << " (logits up to "
+                          << unfolded.abs().max().item<double>() << ")");
+      CHECK(delta < 1e-4 * unfolded.abs().max().item<double>() + 1e-5);
+      CHECK(folded.argmax(1).equal(unfolded.argmax(1)));
+      // Features (the selector's encoder scales) agree too.
+      const auto ff = bb->forward_features(x);
+      FoldingSwitch off(false);
+      const auto fu = bb->forward_features(x);
+      for (std::size_t i = 0; i < ff.scales.size(); ++i)
+        CHECK((ff.scales[i] - fu.scales[i]).abs().max().item<double>() <
+              1e-4 * fu.scales[i].abs().max().item<double>() + 1e-5);
+    }
+  }
+}

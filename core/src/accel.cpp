@@ -10,6 +10,7 @@
 #include <ATen/autocast_mode.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #if defined(__GLIBC__)
 #include <malloc.h>
@@ -120,6 +121,9 @@ bool cpu_has_native_bf16() {
 
 bool keep_freed_memory_in_process() {
 #if defined(__GLIBC__)
+  // Benchmarks compare with glibc's defaults (bench/cpu_phases.sh, the "before" columns).
+  if (const char* keep_defaults = std::getenv("ISP_GLIBC_MALLOC_DEFAULTS"); keep_defaults && std::string(keep_defaults) == "1")
+    return false;
   // A fixed mmap threshold also stops glibc's own adaptation, which would otherwise raise it only after the
   // first large block had been unmapped. 32 MiB is the largest value glibc accepts on 64-bit systems.
   const bool mmap_ok = mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1;

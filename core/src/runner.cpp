@@ -2,6 +2,7 @@
 // resume (--resume), reruns of changed stages (--force) and reuse of another run's stages (--reuse).
 #include "isp/accel.h"
 #include "isp/runner.h"
+#include "isp/interfaces/backbone.h"
 
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
@@ -69,12 +70,12 @@ Runtime apply_runtime(const Recipe& r) {
   json rt = r.doc.value("runtime", json::object());
   if (!rt.is_object()) throw RecipeError(r.where("/runtime"), "expected an object");
   static const std::set<std::string> known = {"threads", "device", "deterministic", "precision", "channels_last",
-                                               "cuda_graphs"};
+                                               "cuda_graphs", "fold_batchnorm"};
   for (auto it = rt.begin(); it != rt.end(); ++it)
     if (!known.count(it.key()))
       throw RecipeError(r.where("/runtime/" + it.key()),
                         "unknown runtime setting (known: threads, device, deterministic, precision, channels_last, "
-                        "cuda_graphs)");
+                        "cuda_graphs, fold_batchnorm)");
   Runtime out;
   out.threads = 0;
   if (rt.contains("threads")) {
@@ -126,6 +127,12 @@ Runtime apply_runtime(const Recipe& r) {
     throw RecipeError(r.where("/runtime/precision"),
                       "bf16 autocast on the CPU needs AVX512-BF16 or AMX, which this CPU lacks (oneDNN would emulate "
                       "bfloat16, slower than fp32); use \"fp32\"");
+  // Frozen networks run each conv + eval-mode BN as one folded convolution (isp/interfaces/backbone.h); off
+  // for comparisons (bench/cpu_phases.sh).
+  if (rt.contains("fold_batchnorm") && !rt["fold_batchnorm"].is_boolean())
+    throw RecipeError(r.where("/runtime/fold_batchnorm"), "expected true or false, got " + rt["fold_batchnorm"].dump());
+  out.speed.fold_batchnorm = rt.value("fold_batchnorm", true);
+  set_batchnorm_folding(out.speed.fold_batchnorm);
   if (cuda) {
     // cuDNN autotuning picks the fastest convolution algorithms; its choice can differ run to run.
     at::globalContext().setBenchmarkCuDNN(!deterministic);
@@ -312,7 +319,7 @@ int execute(RunFolder& f, std::vector<detail::PlannedStage>& plan, const Runtime
     f.summary["device"] = rt.device.str();
     f.summary["threads"] = at::get_num_threads();
     f.summary["speed"] = {{"precision", rt.speed.bf16 ? "bf16" : "fp32"}, {"channels_last", rt.speed.channels_last},
-                          {"cuda_graphs", rt.speed.cuda_graphs}};
+                          {"cuda_graphs", rt.speed.cuda_graphs}, {"fold_batchnorm", rt.speed.fold_batchnorm}};
     f.save_summary();
     f.state["completed"].push_back(p.name);
     f.save_state();

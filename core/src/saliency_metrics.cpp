@@ -33,13 +33,15 @@ std::vector<double> to_vector(const at::Tensor& t) {
   return std::vector<double>(c.data_ptr<double>(), c.data_ptr<double>() + c.numel());
 }
 
-// Deletion and insertion curves [n, steps+1] of one ordering, for the probability of class `cls`.
+// Deletion and insertion curves [n, steps+1] of one ordering, for the probability of class `cls`. Their ends
+// are the same for every ordering -- nothing removed is the whole image, everything removed the empty one -- so
+// the caller passes those probabilities (`p_whole`, `p_empty`: [n]) and only the steps in between are run.
 std::pair<at::Tensor, at::Tensor> curves(const std::function<at::Tensor(const at::Tensor&)>& logits,
                                          const at::Tensor& x, const at::Tensor& ranks, const at::Tensor& cls,
-                                         int64_t steps) {
+                                         int64_t steps, const at::Tensor& p_whole, const at::Tensor& p_empty) {
   const int64_t n = x.size(0), h = x.size(2), w = x.size(3), hw = h * w;
-  std::vector<at::Tensor> del, ins;
-  for (int64_t k = 0; k <= steps; ++k) {
+  std::vector<at::Tensor> del{p_whole}, ins{p_empty};
+  for (int64_t k = 1; k < steps; ++k) {
     // The first round(k*HW/steps) pixels of the ordering are the ones removed (deletion) / revealed (insertion).
     const int64_t cut = (k * hw + steps / 2) / steps;
     const at::Tensor first = ranks.lt(cut).view({n, 1, h, w}).to(x.scalar_type());
@@ -49,6 +51,8 @@ std::pair<at::Tensor, at::Tensor> curves(const std::function<at::Tensor(const at
     del.push_back(pc[0]);
     ins.push_back(pc[1]);
   }
+  del.push_back(p_empty);
+  ins.push_back(p_whole);
   return {at::stack(del, 1), at::stack(ins, 1)};
 }
 
@@ -100,10 +104,14 @@ SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&
   for (int64_t b0 = 0; b0 < n; b0 += opt.batch_size) {
     const int64_t b = std::min(opt.batch_size, n - b0);
     const at::Tensor x = in.images.narrow(0, b0, b);
-    const at::Tensor cls = logits(x).argmax(1);  // the class the classifier predicts on the whole image
+    // The whole image and the empty one (every pixel removed: the value 0) in one call: the class the classifier
+    // predicts on the whole image, and both ends of every curve.
+    const at::Tensor ends = at::softmax(logits(at::cat({x, at::zeros_like(x)}, 0)).to(at::kFloat), 1);
+    const at::Tensor cls = ends.narrow(0, 0, b).argmax(1);
+    const at::Tensor p_ends = ends.gather(1, at::cat({cls, cls}, 0).view({-1, 1})).view({2, b});
     const at::Tensor* ranks[3] = {&rank_map, &rank_random, &rank_centred};
     for (int o = 0; o < 3; ++o) {
-      auto [d, i] = curves(logits, x, ranks[o]->narrow(0, b0, b), cls, opt.steps);
+      auto [d, i] = curves(logits, x, ranks[o]->narrow(0, b0, b), cls, opt.steps, p_ends[0], p_ends[1]);
       cd[o].push_back(d);
       ci[o].push_back(i);
     }

@@ -60,7 +60,7 @@ ISP_API bool cpu_has_native_bf16();
 // defaults each of them is returned (trimmed) and faulted in again page by page: the quick classifier took 5.9
 // million page faults and 10 s of system time in 61 s (docs/performance.md). Blocks of 32 MiB and more are
 // still mapped and unmapped one by one. Call once at process start, before threads exist; returns false where
-// the C library is not glibc (nothing changed).
+// the C library is not glibc, or ISP_GLIBC_MALLOC_DEFAULTS=1 (benchmarks' "before"): nothing changed.
 ISP_API bool keep_freed_memory_in_process();
 
 }  // namespace isp

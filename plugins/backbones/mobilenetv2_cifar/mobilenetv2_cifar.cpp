@@ -80,12 +80,16 @@ class InvertedResidualImpl : public torch::nn::Module {
   }
 
   at::Tensor forward(const at::Tensor& x, const GateFn& gate) {
-    at::Tensor out = gate(torch::relu(bn1->forward(conv1->forward(x))));
-    out = gate(torch::relu(bn2->forward(conv2->forward(out))));
-    out = bn3->forward(conv3->forward(out));
-    if (stride_ == 1) out = out + (shortcut.is_empty() ? x : shortcut->forward(x));
+    at::Tensor out = gate(torch::relu(conv_bn1(*conv1, *bn1, x)));
+    out = gate(torch::relu(conv_bn2(*conv2, *bn2, out)));
+    out = conv_bn3(*conv3, *bn3, out);
+    if (stride_ == 1)
+      out = out + (shortcut.is_empty() ? x
+                                       : conv_bn_shortcut(*shortcut[0]->as<torch::nn::Conv2d>(),
+                                                          *shortcut[1]->as<torch::nn::BatchNorm2d>(), x));
     return out;
   }
+  isp::ConvBatchNorm conv_bn1, conv_bn2, conv_bn3, conv_bn_shortcut;  // folded where the network is frozen
 
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr}, conv3{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr}, bn3{nullptr};
@@ -176,7 +180,7 @@ class MobileNetV2Cifar : public isp::Backbone {
 
   isp::BackboneFeatures forward_features(const at::Tensor& x) override {
     isp::BackboneFeatures f;
-    at::Tensor out = torch::relu(bn1->forward(conv1->forward(x)));
+    at::Tensor out = torch::relu(conv_bn1_(*conv1, *bn1, x));
     std::size_t next_scale = 0;
     for (std::size_t i = 0; i < blocks_.size(); ++i) {
       const at::Tensor g = gate(static_cast<int>(i));
@@ -186,7 +190,7 @@ class MobileNetV2Cifar : public isp::Backbone {
         ++next_scale;
       }
     }
-    out = torch::relu(bn2->forward(conv2->forward(out)));
+    out = torch::relu(conv_bn2_(*conv2, *bn2, out));
     f.scales.push_back(out);
     f.logits = linear->forward(out.mean({2, 3}));
     return f;
@@ -212,6 +216,7 @@ class MobileNetV2Cifar : public isp::Backbone {
   MobileNetV2CifarOptions opt_;
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
+  isp::ConvBatchNorm conv_bn1_, conv_bn2_;
   torch::nn::ModuleList layers_{nullptr};
   std::vector<InvertedResidual> blocks_;
   torch::nn::Linear linear{nullptr};

@@ -57,13 +57,14 @@ class BasicBlockImpl : public torch::nn::Module {
   }
 
   at::Tensor forward(const at::Tensor& x, const GateFn& gate) {
-    at::Tensor out = gate(torch::relu(bn1->forward(conv1->forward(x))));
-    out = bn2->forward(conv2->forward(out));
+    at::Tensor out = gate(torch::relu(conv_bn1(*conv1, *bn1, x)));
+    out = conv_bn2(*conv2, *bn2, out);
     return torch::relu(out + shortcut(x));
   }
 
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
+  isp::ConvBatchNorm conv_bn1, conv_bn2;  // folded where the network is frozen
 
  private:
   // Option A: identity, or AvgPool2d(2,2) followed by (planes - in_planes) zero channels appended.
@@ -164,7 +165,7 @@ class ResNetCifar : public isp::Backbone {
 
   isp::BackboneFeatures forward_features(const at::Tensor& x) override {
     isp::BackboneFeatures f;
-    at::Tensor out = torch::relu(bn1->forward(conv1->forward(x)));
+    at::Tensor out = torch::relu(conv_bn1_(*conv1, *bn1, x));
     std::size_t next_stage = 0;
     for (std::size_t i = 0; i < blocks_.size(); ++i) {
       const at::Tensor g = gate(static_cast<int>(i));
@@ -216,6 +217,7 @@ class ResNetCifar : public isp::Backbone {
   ResNetCifarOptions opt_;
   torch::nn::Conv2d conv1{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr};
+  isp::ConvBatchNorm conv_bn1_;
   std::vector<torch::nn::ModuleList> layers_;
   std::vector<BasicBlock> blocks_;
   std::vector<std::size_t> stage_end_;

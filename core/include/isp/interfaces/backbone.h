@@ -8,7 +8,30 @@
 
 #include "isp/registry/options.h"
 
+namespace torch { namespace nn { class Conv2dImpl; class BatchNorm2dImpl; } }
+
 namespace isp {
+
+// BatchNorm folding (docs/performance.md): in a frozen network a BatchNorm in eval mode is an affine map per
+// channel, y = s * (conv(x) - mean) + beta with s = gamma / sqrt(var + eps), so conv + BN is one convolution
+// with weight W * s and bias beta + s * (b - mean): one pass over the activation instead of two. It is used only
+// where it is exact up to rounding and changes nothing a gradient needs: the BN is in eval mode and uses running
+// statistics, and no conv or BN parameter would receive a gradient (grad mode off, or none requires grad).
+// Otherwise the layers run as they are. The fold is computed on every call (a few small kernels over the
+// weights), never cached: see core/src/batchnorm_fold.cpp. Backbones call it for every conv a BN follows directly.
+class ISP_API ConvBatchNorm {
+ public:
+  at::Tensor operator()(torch::nn::Conv2dImpl& conv, torch::nn::BatchNorm2dImpl& bn, const at::Tensor& x);
+  // Whether the last call ran the folded convolution (tests, benchmarks).
+  bool last_call_folded() const { return last_folded_; }
+
+ private:
+  bool last_folded_ = false;
+};
+
+// Process-wide switch (runtime.fold_batchnorm, default on); off runs every conv and BN separately.
+ISP_API void set_batchnorm_folding(bool on);
+ISP_API bool batchnorm_folding();
 
 // One gated layer: a per-channel multiplier after an activation (docs/method.md §3.4). Fixed to 1 until pruning.
 struct GatedLayer {

@@ -31,6 +31,7 @@ struct SpeedSettings {
   bool bf16 = false;           // runtime.precision "bf16": bfloat16 autocast in training steps (CUDA)
   bool channels_last = false;  // runtime.channels_last: NHWC weights and inputs
   bool cuda_graphs = false;    // runtime.cuda_graphs: each training step captured once, then replayed (CUDA)
+  bool fold_batchnorm = true;  // runtime.fold_batchnorm: frozen conv + BN pairs run as one convolution
 };
 
 struct RunContext {
