@@ -9,12 +9,14 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <memory>
 #include <sstream>
 
 #include "isp/checkpoint.h"
 #include "isp/data.h"
+#include "isp/op_profile.h"
 #include "isp/optim.h"
 #include "isp/registry/recipe.h"
 #include "isp/train.h"
@@ -175,6 +177,10 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
   const int64_t interrupt_after = inject ? std::atoll(inject) : -1;
   int64_t steps_this_process = 0;
   const double t_process = now_seconds();
+  // ISP_PROFILE_STEPS=N: self time per operator over the N steps after the warm-up, to <stage>/op_profile.txt.
+  const char* profile_env = std::getenv("ISP_PROFILE_STEPS");
+  const int64_t profile_steps = profile_env ? std::max<int64_t>(0, std::atoll(profile_env)) : 0;
+  std::unique_ptr<OpProfile> op_profile;
   const auto dopt = torch::TensorOptions().dtype(torch::kDouble).device(ctx.device);
   for (int64_t epoch = start_epoch; epoch < spec.epochs; ++epoch) {
     json line = {{"epoch", epoch + 1}};
@@ -189,11 +195,22 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
     std::vector<double> window_step_ms, window_images_per_s;
     int64_t timed_steps = 0;
     for (int64_t step = (epoch == start_epoch ? start_step : 0); step < steps_per_epoch; ++step) {
+      if (profile_steps > 0 && steps_this_process == kTimingWarmupSteps) op_profile = std::make_unique<OpProfile>();
       Batch b = loader.get(step);
       dev_sums += h.step(b).detach().to(torch::kDouble).reshape({static_cast<int64_t>(k)}) * static_cast<double>(b.size());
       seen_in_epoch += b.size();
       res.images_seen += b.size();
       if (++steps_this_process == interrupt_after && ctx.interrupted) ctx.interrupted->store(true);
+      if (op_profile && steps_this_process == kTimingWarmupSteps + profile_steps) {
+        if (!ctx.device.is_cpu()) dev_sums.cpu();  // the steps' queued kernels finish inside the profile
+        const std::string table = op_profile->table(30, static_cast<double>(profile_steps));
+        op_profile.reset();
+        std::ofstream(fs::path(ctx.stage_dir) / "op_profile.txt")
+            << ctx.stage_name << ": self time per step over " << profile_steps << " steps after "
+            << kTimingWarmupSteps << " warm-up steps\n" << table;
+        std::fprintf(stderr, "[%s] operator profile per step (%lld steps):\n%s", ctx.stage_name.c_str(),
+                     static_cast<long long>(profile_steps), table.c_str());
+      }
       const bool last_step = step + 1 == steps_per_epoch;
       ++window_steps;
       window_images += b.size();
