@@ -5,7 +5,8 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 pkgs="cmake g++ make ccache libtorch-dev libboost-dev nlohmann-json3-dev libtbb-dev doctest-dev libcli11-dev
-      libstb-dev zlib1g-dev libopenblas0-pthread dataset-fashion-mnist python3"
+      libstb-dev zlib1g-dev libopenblas0-pthread dataset-fashion-mnist python3 python3-torch"
+# python3-torch: the tests load exports with Debian's PyTorch (scripts/check_export_torch.py), an independent runtime.
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -2,12 +2,15 @@
 // export -> reload pipeline whose reloaded logits equal the finetuned network's.
 #include "test_support.h"
 
+#include <torch/script.h>
+
 #include <algorithm>
 #include <cmath>
 #include <fstream>
 
 #include <fcntl.h>
 #include <sys/file.h>
+#include <sys/wait.h>
 
 #include "isp/artifacts.h"
 #include "isp/checkpoint.h"
@@ -690,4 +693,109 @@ TEST_CASE("one run folder, one writer: a second run on a folder in use is refuse
   CHECK(isp::run_recipe(registry(), o) == 0);
   o.resume = true;
   CHECK(isp::run_recipe(registry(), o) == 0);  // our own lock was released when the run returned
+}
+
+namespace {
+
+// Runs scripts/check_export_torch.py on an export folder: 0 = PyTorch reproduced sample.json's logits, 77 = no
+// PyTorch on this machine.
+// Debian's python3-torch belongs to /usr/bin/python3, which another python3 on PATH (pyenv, a venv) may hide.
+std::string python_with_torch() {
+  for (const char* py : {"/usr/bin/python3", "python3"})
+    if (std::system((std::string(py) + " -c 'import torch' >/dev/null 2>&1").c_str()) == 0) return py;
+  return "";
+}
+
+int check_with_python_torch(const fs::path& export_dir, const fs::path& log) {
+  const std::string cmd = python_with_torch() + " " + std::string(ISP_SOURCE_DIR) + "/scripts/check_export_torch.py " +
+                          export_dir.string() + " > " + log.string() + " 2>&1";
+  const int rc = std::system(cmd.c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
+bool python_has_torch() { return !python_with_torch().empty(); }
+
+}  // namespace
+
+TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.json and reproduces sample.json") {
+  // scripts/setup.sh installs Debian's python3-torch; where it cannot be installed this test says so and stops.
+  if (!python_has_torch()) {
+    MESSAGE("skipped: python3 cannot import torch (scripts/setup.sh installs python3-torch)");
+    return;
+  }
+  auto dir = isp_test::temp_dir("export_torch");
+  // The export stage of the tiny pipeline writes sample.json, and PyTorch agrees with it.
+  json r = tiny_pipeline_recipe();
+  r["stages"] = {ref("classifier"), ref("prune"), ref("export")};
+  r["nodes"]["export"]["model"] = ref("prune");
+  std::ofstream(dir / "tiny.json") << r.dump(2);
+  isp::RunOptions o;
+  o.recipe_path = (dir / "tiny.json").string();
+  o.work_dir = (dir / "tiny").string();
+  REQUIRE(isp::run_recipe(registry(), o) == 0);
+  const json sample = json::parse(isp::read_text_file((dir / "tiny" / "export" / "sample.json").string()));
+  CHECK(sample["input"]["shape"] == json({4, 3, 32, 32}));
+  CHECK(sample["logits"]["shape"] == json({4, 4}));
+  CHECK(fs::exists(dir / "tiny" / "export" / "model.ts.pt"));
+  CHECK(check_with_python_torch(dir / "tiny" / "export", dir / "tiny.log") == 0);
+  MESSAGE(isp::read_text_file((dir / "tiny.log").string()));
+
+  // Both prunable backbones, pruned to odd widths and with non-trivial BN statistics, as an export folder
+  // written here; a wrong weight changes the logits far beyond the tolerance.
+  for (const json& spec : {json{{"type", "ResNetCifar"}, {"depth", 20}, {"num_classes", 7}, {"in_channels", 1},
+                                {"widths", {3, 16, 5, 9, 32, 1, 64, 17, 40}}},
+                           json{{"type", "MobileNetV2Cifar"}, {"num_classes", 5}, {"input_size", 16},
+                                {"widths", {7, 30, 99, 5, 144, 60, 1, 192, 100, 384, 17, 576, 300, 200, 960, 33, 9}}}}) {
+    CAPTURE(spec.dump());
+    Built b = build(json{{"backbone", spec}});
+    torch::manual_seed(5);
+    {
+      torch::NoGradGuard ng;
+      for (auto& m : b.backbone->modules(false))
+        if (auto* bn = m->as<torch::nn::BatchNorm2d>()) {
+          bn->running_mean.normal_(0, 0.2);
+          bn->running_var.uniform_(0.5, 2.0);
+          bn->weight.uniform_(0.5, 1.5);
+          bn->bias.normal_(0, 0.2);
+        }
+    }
+    b.backbone->eval();
+    const int64_t c = spec.value("in_channels", 3), hw = spec.value("input_size", 32);
+    const at::Tensor x = torch::randn({3, c, hw, hw});
+    at::Tensor logits;
+    {
+      torch::NoGradGuard ng;
+      logits = b.backbone->forward(x);
+    }
+    auto entry = [](const at::Tensor& t) {
+      const at::Tensor v = t.contiguous();
+      return json{{"shape", v.sizes().vec()},
+                  {"values", std::vector<float>(v.data_ptr<float>(), v.data_ptr<float>() + v.numel())}};
+    };
+    const fs::path out = dir / spec["type"].get<std::string>();
+    fs::create_directories(out);
+    std::ofstream(out / "structure.json") << json{{"spec", spec}}.dump();
+    std::ofstream(out / "sample.json") << json{{"input", entry(x)}, {"logits", entry(logits)}}.dump();
+    isp::save_state_dict_for_python(*b.backbone, (out / "weights.pt").string());
+    isp::save_torchscript(*b.backbone, (out / "model.ts.pt").string());
+    {  // LibTorch loads the TorchScript file without any isp code: BN folded, the same logits.
+      torch::jit::Module script = torch::jit::load((out / "model.ts.pt").string());
+      torch::NoGradGuard ng;
+      const at::Tensor ts = script.forward({x}).toTensor();
+      const double delta = (ts - logits).abs().max().item<double>();
+      MESSAGE(spec["type"].get<std::string>() << ": torch::jit::load(model.ts.pt) max |delta logit| " << delta);
+      CHECK(delta < 1e-5);
+      CHECK(ts.argmax(1).equal(logits.argmax(1)));
+    }
+    CHECK(check_with_python_torch(out, dir / "backbone.log") == 0);
+    MESSAGE(isp::read_text_file((dir / "backbone.log").string()));
+    // And a damaged weight is caught: the check can fail.
+    {
+      torch::NoGradGuard ng;
+      const std::string head = spec["type"] == "ResNetCifar" ? "fc.weight" : "linear.weight";
+      b.backbone->named_parameters()[head].mul_(1.5);
+    }
+    isp::save_state_dict_for_python(*b.backbone, (out / "weights.pt").string());
+    CHECK(check_with_python_torch(out, dir / "backbone.log") == 1);
+  }
 }

@@ -62,5 +62,10 @@ ISP_API LoadedExport load_export(Registry& reg, const std::string& dir);
 
 // State dict (name -> tensor) in the zip format Python's torch.load reads as a plain dict.
 ISP_API void save_state_dict_for_python(const torch::nn::Module& m, const std::string& path);
+// `net` as a self-contained TorchScript module (torch.jit.load in Python, torch::jit::load in C++, no isp
+// needed): the backbone's torchscript_forward() over its weights with every conv + BN pair folded (eval-mode
+// semantics). Written atomically. Throws where the backbone declares no TorchScript forward.
+class Backbone;
+ISP_API void save_torchscript(const Backbone& net, const std::string& path);
 
 }  // namespace isp

@@ -196,6 +196,28 @@ class MobileNetV2Cifar : public isp::Backbone {
     return f;
   }
 
+  isp::InferenceGraph inference_graph() const override {
+    const std::vector<int64_t> widths = opt_.widths.empty() ? full_widths() : opt_.widths;
+    isp::InferenceGraph g;
+    std::string out = g.relu(g.conv("conv1", g.input(), 1, 1));
+    int64_t in_planes = 32;
+    std::size_t k = 0;
+    for (const auto& s : kStages)
+      for (int64_t b = 0; b < s.num_blocks; ++b, ++k) {
+        const int64_t stride = b == 0 ? s.stride : 1;
+        const std::string p = "layers." + std::to_string(k) + ".";
+        std::string h = g.relu(g.conv(p + "conv1", out, 1, 0));
+        h = g.relu(g.conv(p + "conv2", h, stride, 1, widths[k]));  // depthwise
+        h = g.conv(p + "conv3", h, 1, 0);
+        if (stride == 1) h = g.add(h, in_planes == s.out_planes ? out : g.conv(p + "shortcut.0", out, 1, 0));
+        out = h;
+        in_planes = s.out_planes;
+      }
+    out = g.relu(g.conv("conv2", out, 1, 0));
+    g.linear("linear", g.global_mean(out));
+    return g;
+  }
+
   std::vector<int64_t> feature_channels() const override { return {32, 96, 1280}; }
   int64_t num_classes() const override { return opt_.num_classes; }
   int64_t input_size() const override { return opt_.input_size; }

@@ -180,6 +180,26 @@ class ResNetCifar : public isp::Backbone {
     return f;
   }
 
+  isp::InferenceGraph inference_graph() const override {
+    isp::InferenceGraph g;
+    std::string out = g.relu(g.conv("conv1", g.input(), 1, 1));
+    const int64_t n = (opt_.depth - 2) / 6, stage_planes[3] = {16, 32, 64};
+    int64_t in_planes = 16;
+    for (int s = 0; s < 3; ++s)
+      for (int64_t b = 0; b < n; ++b) {
+        const int64_t planes = stage_planes[s], stride = (s > 0 && b == 0) ? 2 : 1;
+        const std::string p = "layer" + std::to_string(s + 1) + "." + std::to_string(b) + ".";
+        const std::string h = g.conv(p + "conv2", g.relu(g.conv(p + "conv1", out, stride, 1)), 1, 1);
+        std::string shortcut = out;  // option A: pooled, then zero channels appended
+        if (stride != 1) shortcut = g.avg_pool(shortcut, stride);
+        if (planes > in_planes) shortcut = g.pad_channels(shortcut, planes - in_planes);
+        out = g.relu(g.add(h, shortcut));
+        in_planes = planes;
+      }
+    g.linear("fc", g.global_mean(out));
+    return g;
+  }
+
   std::vector<int64_t> feature_channels() const override { return {16, 32, 64}; }
   int64_t num_classes() const override { return opt_.num_classes; }
   int64_t input_size() const override { return opt_.input_size; }

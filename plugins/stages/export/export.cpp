@@ -6,6 +6,7 @@
 //   export/summary.json           params, FLOPs and accuracy before/after
 //   report.md, report.json        (run folder) the comparison table a paper needs, wall time per stage
 #include <torch/torch.h>
+#include <torch/version.h>
 
 #include <filesystem>
 #include <fstream>
@@ -62,6 +63,10 @@ class Export : public isp::Stage {
                            {"plugins", ctx.resolved_recipe.value("plugins", isp::json::array())}};
     isp::write_file_atomic(dir + "/structure.json", structure.dump(2) + "\n");
     isp::save_state_dict_for_python(*pruned->network, dir + "/weights.pt");
+    isp::write_file_atomic(dir + "/sample.json", sample(*pruned->network).dump() + "\n");
+    // TorchScript for PyTorch and LibTorch users (BN folded: an inference network), where the backbone declares
+    // an inference graph.
+    if (!pruned->network->inference_graph().empty()) isp::save_torchscript(*pruned->network, dir + "/model.ts.pt");
 
     const isp::Backbone& baseline = *pruned->original->network;
     auto before = isp::CostModel(baseline.layer_shapes(), baseline.gated_layers()).count();
@@ -122,6 +127,31 @@ class Export : public isp::Stage {
   }
 
  private:
+  // A fixed input (the first test images) and the logits this network gives it in C++: eval mode, fp32, every
+  // layer as exported (BN not folded). Any runtime that loads the export can be checked against it
+  // (scripts/check_export_torch.py).
+  isp::json sample(isp::Backbone& net) {
+    torch::NoGradGuard ng;
+    const bool folding = isp::batchnorm_folding(), training = net.is_training();
+    isp::set_batchnorm_folding(false);
+    net.eval();
+    const auto& test = data_->data().test;
+    const at::Tensor x = test.images.narrow(0, 0, std::min<int64_t>(4, test.size())).to(at::kFloat).contiguous();
+    const c10::Device dev = net.parameters().empty() ? c10::Device(c10::kCPU) : net.parameters()[0].device();
+    const at::Tensor logits = net.forward(x.to(dev)).to(at::kCPU).contiguous();
+    isp::set_batchnorm_folding(folding);
+    net.train(training);
+    auto entry = [](const at::Tensor& t) {
+      const at::Tensor c = t.to(at::kFloat).contiguous();
+      return isp::json{{"shape", c.sizes().vec()},
+                       {"values", std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel())}};
+    };
+    return {{"what", "the first test images (normalised, NCHW) and the pruned network's logits in isp (C++, "
+                     "LibTorch " TORCH_VERSION ", eval mode, fp32)"},
+            {"input", entry(x)},
+            {"logits", entry(logits)}};
+  }
+
   void publish_export(const std::string& dir, isp::json report) {
     auto a = std::make_shared<isp::ExportedModel>();
     a->dir = dir;

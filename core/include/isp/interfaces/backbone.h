@@ -6,6 +6,7 @@
 
 #include <torch/nn/module.h>
 
+#include "isp/interfaces/inference_graph.h"
 #include "isp/registry/options.h"
 
 namespace torch { namespace nn { class Conv2dImpl; class BatchNorm2dImpl; } }
@@ -91,6 +92,10 @@ class ISP_API Backbone : public torch::nn::Module {
   // A freshly initialised network of the same architecture and options whose gated layers have `widths`
   // (empty = this network's widths): what channel surgery copies the kept weights into.
   virtual std::shared_ptr<Backbone> with_widths(const std::vector<int64_t>& widths) const = 0;
+  // This network's forward pass in eval mode for the exporters (TorchScript: isp::save_torchscript), declared
+  // with the layer table's conv and linear names; BN after a conv is folded by the exporter. Empty: this
+  // backbone cannot be exported in those formats (weights.pt and structure.json still are).
+  virtual InferenceGraph inference_graph() const { return {}; }
 
   const std::vector<GatedLayer>& gated_layers() const { return gated_; }
   // Every layer in forward order, for FLOPs/parameter counting.

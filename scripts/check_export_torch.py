@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Checks an isp export with PyTorch alone: builds the network as plain torch.nn modules from structure.json,
+loads weights.pt with torch.load (strictly: every tensor named and shaped as the model expects), runs the
+sample input of sample.json and compares with the logits isp computed in C++; then the same for model.ts.pt
+(TorchScript, loaded with torch.jit.load) where the export has it.
+
+    python3 scripts/check_export_torch.py work_dirs/quick_fmnist/export [--tolerance 1e-5]
+
+Exit status: 0 within the tolerance, 1 beyond it or on any mismatch, 77 when PyTorch is not installed
+(Debian: apt install python3-torch). The models below are also a starting point for using the pruned network
+in Python: ResNetCifar and MobileNetV2Cifar with the kept widths of structure.json.
+"""
+import argparse
+import json
+import os
+import sys
+
+try:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+except ImportError:
+    print("skipped: PyTorch is not installed (Debian: apt install python3-torch)")
+    sys.exit(77)
+
+
+class BasicBlock(nn.Module):
+    """isp's ResNetCifar block: conv-BN-ReLU (the pruned width), conv-BN, option-A shortcut, ReLU."""
+
+    def __init__(self, in_planes, planes, mid, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, mid, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.in_planes, self.planes, self.stride = in_planes, planes, stride
+
+    def shortcut(self, x):
+        if self.stride == 1 and self.in_planes == self.planes:
+            return x
+        s = F.avg_pool2d(x, self.stride, self.stride) if self.stride != 1 else x
+        if self.planes > self.in_planes:
+            pad = s.new_zeros(s.size(0), self.planes - self.in_planes, s.size(2), s.size(3))
+            s = torch.cat([s, pad], 1)
+        return s
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNetCifar(nn.Module):
+    def __init__(self, depth=56, num_classes=10, in_channels=3, widths=(), **_):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        in_planes, k = 16, 0
+        for s, planes in enumerate((16, 32, 64)):
+            blocks = []
+            for b in range(n):
+                stride = 2 if s > 0 and b == 0 else 1
+                mid = widths[k] if widths else planes
+                blocks.append(BasicBlock(in_planes, planes, mid, stride))
+                in_planes, k = planes, k + 1
+            setattr(self, f"layer{s + 1}", nn.ModuleList(blocks))
+        self.fc = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        for layer in (self.layer1, self.layer2, self.layer3):
+            for block in layer:
+                out = block(out)
+        return self.fc(out.mean((2, 3)))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, in_planes, out_planes, hidden, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, hidden, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False)
+        self.bn2 = nn.BatchNorm2d(hidden)
+        self.conv3 = nn.Conv2d(hidden, out_planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_planes)
+        self.stride = stride
+        self.shortcut = None
+        if stride == 1 and in_planes != out_planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, bias=False), nn.BatchNorm2d(out_planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.stride == 1:
+            out = out + (x if self.shortcut is None else self.shortcut(x))
+        return out
+
+
+MOBILENETV2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 1), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                      (6, 320, 1, 1))
+
+
+class MobileNetV2Cifar(nn.Module):
+    def __init__(self, num_classes=10, in_channels=3, widths=(), **_):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 32, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(32)
+        layers, in_planes, k = [], 32, 0
+        for t, c, n, s in MOBILENETV2_STAGES:
+            for b in range(n):
+                hidden = widths[k] if widths else t * in_planes
+                layers.append(InvertedResidual(in_planes, c, hidden, s if b == 0 else 1))
+                in_planes, k = c, k + 1
+        self.layers = nn.ModuleList(layers)
+        self.conv2 = nn.Conv2d(320, 1280, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(1280)
+        self.linear = nn.Linear(1280, num_classes)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        for block in self.layers:
+            out = block(out)
+        out = F.relu(self.bn2(self.conv2(out)))
+        return self.linear(out.mean((2, 3)))
+
+
+MODELS = {"ResNetCifar": ResNetCifar, "MobileNetV2Cifar": MobileNetV2Cifar}
+
+
+def build(spec):
+    name = spec["type"].split("::")[-1].split("@")[0]
+    if name not in MODELS:
+        raise SystemExit(f"error: no PyTorch reference for backbone {spec['type']} (known: {', '.join(MODELS)})")
+    return MODELS[name](**{k: v for k, v in spec.items() if k != "type"})
+
+
+def tensor_of(entry):
+    return torch.tensor(entry["values"], dtype=torch.float32).reshape(entry["shape"])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("export_dir")
+    ap.add_argument("--tolerance", type=float, default=1e-5,
+                    help="largest |logit difference| accepted, per unit of the largest |logit| where that exceeds 1")
+    a = ap.parse_args()
+    with open(os.path.join(a.export_dir, "structure.json")) as f:
+        spec = json.load(f)["spec"]
+    with open(os.path.join(a.export_dir, "sample.json")) as f:
+        sample = json.load(f)
+    model = build(spec)
+    state = torch.load(os.path.join(a.export_dir, "weights.pt"), map_location="cpu")
+    model.load_state_dict(state, strict=True)  # raises on any missing, unexpected or misshapen tensor
+    model.eval()
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        logits = model(tensor_of(sample["input"]))
+    expected = tensor_of(sample["logits"])
+    # Float32 rounding grows with the logits' size (a trained net's reach 10 and more): 1e-5 per unit beyond 1.
+    tolerance = a.tolerance * max(1.0, expected.abs().max().item())
+    results = [("state_dict", "weights.pt into torch.nn modules", logits)]
+    script = os.path.join(a.export_dir, "model.ts.pt")
+    if os.path.exists(script):  # TorchScript: no model code needed at all (BN folded into the convolutions)
+        traced = torch.jit.load(script, map_location="cpu")
+        traced.eval()
+        with torch.no_grad():
+            results.append(("torchscript", "model.ts.pt with torch.jit.load", traced(tensor_of(sample["input"]))))
+    ok = True
+    for fmt, how, out in results:
+        delta = (out - expected).abs().max().item()
+        same_class = bool((out.argmax(1) == expected.argmax(1)).all())
+        ok = ok and delta <= tolerance and same_class
+        print(json.dumps({"format": fmt, "how": how, "runtime": f"torch {torch.__version__} (Python)",
+                          "backbone": spec["type"], "images": int(expected.shape[0]), "max_abs_logit_delta": delta,
+                          "tolerance": tolerance, "same_predicted_class": same_class}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
