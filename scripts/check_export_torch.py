@@ -2,7 +2,8 @@
 """Checks an isp export with PyTorch alone: builds the network as plain torch.nn modules from structure.json,
 loads weights.pt with torch.load (strictly: every tensor named and shaped as the model expects), runs the
 sample input of sample.json and compares with the logits isp computed in C++; then the same for model.ts.pt
-(TorchScript, loaded with torch.jit.load) where the export has it.
+(TorchScript, loaded with torch.jit.load) where the export has it, and model.onnx through the ONNX checker
+where python3-onnx is installed (onnxruntime runs it: scripts/check_export_onnxruntime.js).
 
     python3 scripts/check_export_torch.py work_dirs/quick_fmnist/export [--tolerance 1e-5]
 
@@ -168,6 +169,19 @@ def main():
         with torch.no_grad():
             results.append(("torchscript", "model.ts.pt with torch.jit.load", traced(tensor_of(sample["input"]))))
     ok = True
+    onnx_file = os.path.join(a.export_dir, "model.onnx")
+    if os.path.exists(onnx_file):  # ONNX: the official checker, with shape inference (Debian's python3-onnx)
+        try:
+            import onnx
+            onnx.checker.check_model(onnx_file, full_check=True)
+            print(json.dumps({"format": "onnx", "how": "onnx.checker.check_model(full_check=True)",
+                              "runtime": f"onnx {onnx.__version__} (Python)", "valid": True}))
+        except ImportError:
+            print(json.dumps({"format": "onnx", "how": "onnx.checker", "skipped": "python3-onnx is not installed"}))
+        except Exception as e:  # the checker's own error names what is wrong
+            print(json.dumps({"format": "onnx", "how": "onnx.checker.check_model(full_check=True)", "valid": False,
+                              "error": str(e)}))
+            ok = False
     for fmt, how, out in results:
         delta = (out - expected).abs().max().item()
         same_class = bool((out.argmax(1) == expected.argmax(1)).all())

@@ -715,6 +715,17 @@ int check_with_python_torch(const fs::path& export_dir, const fs::path& log) {
 
 bool python_has_torch() { return !python_with_torch().empty(); }
 
+// scripts/check_export_onnxruntime.js with the onnxruntime-node that scripts/setup.sh installs into .node/:
+// 0 = onnxruntime reproduced sample.json's logits, 77 = no Node.js or no onnxruntime-node.
+int check_with_onnxruntime(const fs::path& export_dir, const fs::path& log) {
+  if (std::system("command -v node >/dev/null 2>&1") != 0) return 77;
+  const std::string src = ISP_SOURCE_DIR;
+  const std::string cmd = "NODE_PATH=" + src + "/.node/node_modules node " + src + "/scripts/check_export_onnxruntime.js " +
+                          export_dir.string() + " > " + log.string() + " 2>&1";
+  const int rc = std::system(cmd.c_str());
+  return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
+}
+
 }  // namespace
 
 TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.json and reproduces sample.json") {
@@ -737,8 +748,13 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
   CHECK(sample["input"]["shape"] == json({4, 3, 32, 32}));
   CHECK(sample["logits"]["shape"] == json({4, 4}));
   CHECK(fs::exists(dir / "tiny" / "export" / "model.ts.pt"));
+  CHECK(fs::exists(dir / "tiny" / "export" / "model.onnx"));
   CHECK(check_with_python_torch(dir / "tiny" / "export", dir / "tiny.log") == 0);
   MESSAGE(isp::read_text_file((dir / "tiny.log").string()));
+  const int ort = check_with_onnxruntime(dir / "tiny" / "export", dir / "ort.log");
+  if (ort == 77) MESSAGE("onnxruntime check skipped: " << isp::read_text_file((dir / "ort.log").string()));
+  else CHECK(ort == 0);
+  MESSAGE(isp::read_text_file((dir / "ort.log").string()));
 
   // Both prunable backbones, pruned to odd widths and with non-trivial BN statistics, as an export folder
   // written here; a wrong weight changes the logits far beyond the tolerance.
@@ -778,6 +794,7 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
     std::ofstream(out / "sample.json") << json{{"input", entry(x)}, {"logits", entry(logits)}}.dump();
     isp::save_state_dict_for_python(*b.backbone, (out / "weights.pt").string());
     isp::save_torchscript(*b.backbone, (out / "model.ts.pt").string());
+    isp::save_onnx(*b.backbone, (out / "model.onnx").string());
     {  // LibTorch loads the TorchScript file without any isp code: BN folded, the same logits.
       torch::jit::Module script = torch::jit::load((out / "model.ts.pt").string());
       torch::NoGradGuard ng;
@@ -789,6 +806,9 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
     }
     CHECK(check_with_python_torch(out, dir / "backbone.log") == 0);
     MESSAGE(isp::read_text_file((dir / "backbone.log").string()));
+    const int ort_rc = check_with_onnxruntime(out, dir / "ort.log");
+    if (ort_rc != 77) CHECK(ort_rc == 0);
+    MESSAGE(isp::read_text_file((dir / "ort.log").string()));
     // And a damaged weight is caught: the check can fail.
     {
       torch::NoGradGuard ng;

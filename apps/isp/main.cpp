@@ -12,6 +12,7 @@
 
 #include "compare.h"
 #include "explain.h"
+#include "reexport.h"
 
 namespace {
 
@@ -82,6 +83,15 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"ground_truth", "predicted"}));
   explain->add_option("--seed", ex_opt.seed, "seed of the sampled masks s ~ P");
 
+  isp_app::ReexportOptions rx_opt;
+  auto* reexport = app.add_subcommand(
+      "export", "write a finished run's pruned network again without retraining: weights.pt, model.ts.pt, model.onnx");
+  reexport->add_option("--run", rx_opt.run_dir, "run folder whose export stage finished")->required();
+  reexport->add_option("--format", rx_opt.formats, "formats, comma-separated (default: all)")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"state_dict", "torchscript", "onnx"}));
+  reexport->add_option("--out", rx_opt.out_dir, "output folder (default: <run>/export)");
+
   std::vector<std::string> compare_dirs;
   bool compare_md = false;
   auto* compare = app.add_subcommand("compare", "one table over several runs (their report.json or summary.json)");
@@ -97,6 +107,7 @@ int main(int argc, char** argv) {
     if (*plugins) return cmd_plugins(reg, as_json, kind);
     if (*explain) return isp_app::explain(reg, ex_opt);
     if (*compare) return compare_runs(compare_dirs, compare_md);
+    if (*reexport) return isp_app::reexport(reg, rx_opt);
   } catch (const isp::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;

@@ -67,5 +67,8 @@ ISP_API void save_state_dict_for_python(const torch::nn::Module& m, const std::s
 // semantics). Written atomically. Throws where the backbone declares no TorchScript forward.
 class Backbone;
 ISP_API void save_torchscript(const Backbone& net, const std::string& path);
+// `net` as an ONNX model (opset 13, input "input" [batch, C, H, W] with a symbolic batch, output "logits"), from
+// the same inference graph and folded weights. Written atomically; throws where the backbone declares no graph.
+ISP_API void save_onnx(const Backbone& net, const std::string& path);
 
 }  // namespace isp

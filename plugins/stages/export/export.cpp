@@ -64,9 +64,12 @@ class Export : public isp::Stage {
     isp::write_file_atomic(dir + "/structure.json", structure.dump(2) + "\n");
     isp::save_state_dict_for_python(*pruned->network, dir + "/weights.pt");
     isp::write_file_atomic(dir + "/sample.json", sample(*pruned->network).dump() + "\n");
-    // TorchScript for PyTorch and LibTorch users (BN folded: an inference network), where the backbone declares
-    // an inference graph.
-    if (!pruned->network->inference_graph().empty()) isp::save_torchscript(*pruned->network, dir + "/model.ts.pt");
+    // TorchScript for PyTorch and LibTorch users, ONNX for everyone else (BN folded: inference networks), where
+    // the backbone declares an inference graph.
+    if (!pruned->network->inference_graph().empty()) {
+      isp::save_torchscript(*pruned->network, dir + "/model.ts.pt");
+      isp::save_onnx(*pruned->network, dir + "/model.onnx");
+    }
 
     const isp::Backbone& baseline = *pruned->original->network;
     auto before = isp::CostModel(baseline.layer_shapes(), baseline.gated_layers()).count();
