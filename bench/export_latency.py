@@ -1,15 +1,14 @@
 #!/usr/bin/env python3
-"""CPU latency of the original vs the pruned network, per runtime (issue 13): PyTorch eager, TorchScript and
-onnxruntime, at batch 1 and 64, median of N runs after warm-up. Called by bench/export_latency.sh, which
-writes the pruned export first (isp export --run) and times onnxruntime with Node.js.
+"""CPU latency of the original vs the pruned network in PyTorch (issue 13): eager, torch.jit.trace + freeze, and
+isp's own model.ts.pt, at batch 1 and 64, median of N runs after warm-up. Called by bench/export_latency.sh, which
+re-exports the run first (isp export --run: export/ and export/original/), times onnxruntime with Node.js and
+LibTorch from C++ with `isp latency`.
 
-    python3 bench/export_latency.py PRUNED_EXPORT_DIR OUT_DIR [--runs 100] [--threads 1]
+    python3 bench/export_latency.py ORIGINAL_EXPORT_DIR PRUNED_EXPORT_DIR OUT_DIR [--runs 100] [--threads 1]
 
-The original network is the same backbone at full widths (structure.json's per-layer widths), freshly
-initialised: latency does not depend on the weights' values. Both networks go through the same exporters
-(torch.jit.trace, torch.onnx.export) so the rows compare like with like; the pruned network's own isp files
-(model.ts.pt, model.onnx: BN folded) are timed as well. Writes OUT_DIR/latency_torch.json and the ONNX files
-the Node.js timer reads.
+Both networks are the run's own (weights.pt loaded into the plain torch.nn models of scripts/check_export_torch.py)
+and go through the same exporters (torch.jit.trace, torch.onnx.export), so the rows compare like with like.
+Writes OUT_DIR/latency_torch.json and the torch.onnx.export files the Node.js timer reads.
 """
 import argparse
 import json
@@ -37,7 +36,8 @@ def median_ms(fn, x, runs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("export_dir")
+    ap.add_argument("original_dir")
+    ap.add_argument("pruned_dir")
     ap.add_argument("out_dir")
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--threads", type=int, default=1)
@@ -45,26 +45,24 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.makedirs(a.out_dir, exist_ok=True)
-    structure = json.load(open(os.path.join(a.export_dir, "structure.json")))
-    spec = dict(structure["spec"])
-    pruned = ref.build(spec)
-    pruned.load_state_dict(torch.load(os.path.join(a.export_dir, "weights.pt")), strict=True)
-    full = dict(spec)
-    full.pop("widths", None)
-    torch.manual_seed(0)
-    original = ref.build(full)
-    nets = {"original": original.eval(), "pruned": pruned.eval()}
+    dirs = {"original": a.original_dir, "pruned": a.pruned_dir}
+    nets = {}
+    for name, d in dirs.items():
+        spec = dict(json.load(open(os.path.join(d, "structure.json")))["spec"])
+        net = ref.build(spec)
+        net.load_state_dict(torch.load(os.path.join(d, "weights.pt")), strict=True)
+        nets[name] = net.eval()
     c, hw = spec.get("in_channels", 3), spec.get("input_size", 32)
     # Every (network, runtime, batch) is timed in ROUNDS interleaved rounds and the median of the round medians
     # reported: single back-to-back runs of this table moved one row by 2x between two runs on a quiet machine.
     cases = []
-    isp_ts = torch.jit.load(os.path.join(a.export_dir, "model.ts.pt"))
+    scripts = {name: torch.jit.load(os.path.join(d, "model.ts.pt")) for name, d in dirs.items()}
     for batch in (1, 64):
         x = torch.randn(batch, c, hw, hw)
         for name, net in nets.items():
             cases.append((name, "PyTorch eager", batch, net, x))
             cases.append((name, "TorchScript (torch.jit.trace)", batch, torch.jit.freeze(torch.jit.trace(net, x)), x))
-        cases.append(("pruned", "TorchScript (isp's model.ts.pt, BN folded)", batch, isp_ts, x))
+            cases.append((name, "TorchScript (isp's model.ts.pt, BN folded)", batch, scripts[name], x))
     rounds = {i: [] for i in range(len(cases))}
     for _ in range(a.rounds):
         for i, (_, _, _, fn, x) in enumerate(cases):

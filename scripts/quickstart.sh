@@ -9,5 +9,16 @@ RUN=${RUN:-work_dirs/quick_fmnist}
 # --resume: a second invocation continues (or just re-reports) the same run instead of refusing.
 ./build/bin/isp run configs/isp/quick_fmnist.json --work-dir "$RUN" --resume
 ./build/bin/isp explain --run "$RUN" --images 8 --out "$RUN/explain"
+# The exported networks (pruned, and the original in export/original/), checked by runtimes independent of isp:
+# Debian's PyTorch (weights.pt into plain torch.nn modules, model.ts.pt with torch.jit.load, the ONNX checker)
+# and onnxruntime, each against the logits isp wrote to sample.json. Exit status 77: that runtime is missing.
+PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3
+for dir in "$RUN/export" "$RUN/export/original"; do
+  [ -d "$dir" ] || continue
+  rc=0; "$PY" scripts/check_export_torch.py "$dir" || rc=$?
+  if [ "$rc" = 77 ]; then echo "note: PyTorch check of $dir skipped (no python3-torch)"; elif [ "$rc" != 0 ]; then exit "$rc"; fi
+  rc=77; ! command -v node >/dev/null || { rc=0; NODE_PATH=.node/node_modules node scripts/check_export_onnxruntime.js "$dir" || rc=$?; }
+  if [ "$rc" = 77 ]; then echo "note: onnxruntime check of $dir skipped"; elif [ "$rc" != 0 ]; then exit "$rc"; fi
+done
 cat "$RUN/report.md"
 echo "saliency figure: $RUN/explain/saliency.png   export: $RUN/export/"

@@ -755,6 +755,32 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
   if (ort == 77) MESSAGE("onnxruntime check skipped: " << isp::read_text_file((dir / "ort.log").string()));
   else CHECK(ort == 0);
   MESSAGE(isp::read_text_file((dir / "ort.log").string()));
+  // The original (unpruned) classifier is exported beside it, in the same formats, and checks the same way.
+  const fs::path original = dir / "tiny" / "export" / "original";
+  REQUIRE(fs::exists(original / "model.onnx"));
+  CHECK(json::parse(isp::read_text_file((original / "sample.json").string()))["input"] == sample["input"]);
+  CHECK(check_with_python_torch(original, dir / "original.log") == 0);
+  MESSAGE(isp::read_text_file((dir / "original.log").string()));
+  if (ort != 77) CHECK(check_with_onnxruntime(original, dir / "ort.log") == 0);
+  // `isp export --run` writes both folders again, from structure.json + weights.pt alone, and they check too.
+  const fs::path again = dir / "again";
+  const std::string cmd = std::string(ISP_TEST_BINARY) + " export --run " + (dir / "tiny").string() + " --out " +
+                          again.string() + " > " + (dir / "again.log").string() + " 2>&1";
+  REQUIRE_MESSAGE(std::system(cmd.c_str()) == 0, isp::read_text_file((dir / "again.log").string()));
+  {
+    const json again_sample = json::parse(isp::read_text_file((again / "sample.json").string()));
+    CHECK(again_sample["input"] == sample["input"]);
+    const auto a = again_sample["logits"]["values"].get<std::vector<float>>(), e = sample["logits"]["values"].get<std::vector<float>>();
+    REQUIRE(a.size() == e.size());
+    for (std::size_t i = 0; i < a.size(); ++i) CHECK(std::abs(a[i] - e[i]) <= 1e-5f * std::max(1.0f, std::abs(e[i])));
+  }
+  CHECK(check_with_python_torch(again, dir / "again_torch.log") == 0);
+  CHECK(check_with_python_torch(again / "original", dir / "again_torch.log") == 0);
+  if (ort != 77) CHECK(check_with_onnxruntime(again / "original", dir / "ort.log") == 0);
+  const std::string bad = std::string(ISP_TEST_BINARY) + " export --run " + (dir / "tiny").string() + " --out " +
+                          again.string() + " --format tflite > " + (dir / "bad.log").string() + " 2>&1";
+  CHECK(std::system(bad.c_str()) != 0);
+  CHECK(isp::read_text_file((dir / "bad.log").string()).find("--format: tflite not in") != std::string::npos);
 
   // Both prunable backbones, pruned to odd widths and with non-trivial BN statistics, as an export folder
   // written here; a wrong weight changes the logits far beyond the tolerance.
@@ -783,18 +809,10 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
       torch::NoGradGuard ng;
       logits = b.backbone->forward(x);
     }
-    auto entry = [](const at::Tensor& t) {
-      const at::Tensor v = t.contiguous();
-      return json{{"shape", v.sizes().vec()},
-                  {"values", std::vector<float>(v.data_ptr<float>(), v.data_ptr<float>() + v.numel())}};
-    };
     const fs::path out = dir / spec["type"].get<std::string>();
-    fs::create_directories(out);
-    std::ofstream(out / "structure.json") << json{{"spec", spec}}.dump();
-    std::ofstream(out / "sample.json") << json{{"input", entry(x)}, {"logits", entry(logits)}}.dump();
-    isp::save_state_dict_for_python(*b.backbone, (out / "weights.pt").string());
-    isp::save_torchscript(*b.backbone, (out / "model.ts.pt").string());
-    isp::save_onnx(*b.backbone, (out / "model.onnx").string());
+    const auto written = isp::write_export(*b.backbone, isp::export_structure(spec, isp::unpruned_layers(*b.backbone),
+                                                                              json(), json::array()), x, out.string());
+    CHECK(written.size() == 5);
     {  // LibTorch loads the TorchScript file without any isp code: BN folded, the same logits.
       torch::jit::Module script = torch::jit::load((out / "model.ts.pt").string());
       torch::NoGradGuard ng;

@@ -12,6 +12,7 @@
 
 #include "compare.h"
 #include "explain.h"
+#include "latency.h"
 #include "reexport.h"
 
 namespace {
@@ -85,12 +86,25 @@ int main(int argc, char** argv) {
 
   isp_app::ReexportOptions rx_opt;
   auto* reexport = app.add_subcommand(
-      "export", "write a finished run's pruned network again without retraining: weights.pt, model.ts.pt, model.onnx");
+      "export", "write a finished run's pruned network (and export/original/) again without retraining: weights.pt, "
+      "model.ts.pt, model.onnx, sample.json");
   reexport->add_option("--run", rx_opt.run_dir, "run folder whose export stage finished")->required();
   reexport->add_option("--format", rx_opt.formats, "formats, comma-separated (default: all)")
       ->delimiter(',')
       ->check(CLI::IsMember({"state_dict", "torchscript", "onnx"}));
   reexport->add_option("--out", rx_opt.out_dir, "output folder (default: <run>/export)");
+
+  isp_app::LatencyOptions lat_opt;
+  auto* latency = app.add_subcommand(
+      "latency", "CPU latency of export folders in LibTorch from C++: isp's modules and model.ts.pt (torch::jit::load)");
+  latency->add_option("folders", lat_opt.export_dirs, "export folders (e.g. <run>/export <run>/export/original)")
+      ->required()->check(CLI::ExistingDirectory);
+  latency->add_option("--batch", lat_opt.batches, "batch sizes, comma-separated (default 1,64)")->delimiter(',')
+      ->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  latency->add_option("--runs", lat_opt.runs, "timed passes per round (default 100)")->check(CLI::Range(1, 100000));
+  latency->add_option("--rounds", lat_opt.rounds, "interleaved rounds (default 3)")->check(CLI::Range(1, 100));
+  latency->add_option("--threads", lat_opt.threads, "intra-op threads (default 1)")->check(CLI::Range(1, 1024));
+  latency->add_option("--json", lat_opt.json_out, "also write the rows to this JSON file");
 
   std::vector<std::string> compare_dirs;
   bool compare_md = false;
@@ -108,6 +122,7 @@ int main(int argc, char** argv) {
     if (*explain) return isp_app::explain(reg, ex_opt);
     if (*compare) return compare_runs(compare_dirs, compare_md);
     if (*reexport) return isp_app::reexport(reg, rx_opt);
+    if (*latency) return isp_app::latency(reg, lat_opt);
   } catch (const isp::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;

@@ -6,6 +6,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -70,5 +71,22 @@ ISP_API void save_torchscript(const Backbone& net, const std::string& path);
 // `net` as an ONNX model (opset 13, input "input" [batch, C, H, W] with a symbolic batch, output "logits"), from
 // the same inference graph and folded weights. Written atomically; throws where the backbone declares no graph.
 ISP_API void save_onnx(const Backbone& net, const std::string& path);
+
+// sample.json of an export folder: `input` (NCHW, fp32) and the logits `net` gives it in isp -- eval mode, fp32,
+// every layer as exported (BN not folded) -- so any runtime that loads the export can be checked against it
+// (scripts/check_export_torch.py, scripts/check_export_onnxruntime.js). Restores net's training mode.
+ISP_API json export_sample(Backbone& net, const at::Tensor& input);
+// structure.json of an export folder ("format": "isp-export-1"): `spec` the backbone's options with its registered
+// "type" (what load_export rebuilds), `layers` one {name, width, kept} per gated layer (kept: the original channels
+// it keeps), the pruner and the plugin libraries the spec needs.
+ISP_API json export_structure(const json& spec, const json& layers, const json& pruner, const json& plugins);
+// `layers` for an unpruned network: every channel of every gated layer kept.
+ISP_API json unpruned_layers(const Backbone& net);
+// Writes one export folder: structure.json, then for each of `formats` ("state_dict": weights.pt, "torchscript":
+// model.ts.pt, "onnx": model.onnx -- the last two where the backbone declares an inference graph) and
+// sample.json for `sample_input`. Every file atomically. Returns the names of the files written.
+ISP_API std::vector<std::string> write_export(Backbone& net, const json& structure, const at::Tensor& sample_input,
+                                              const std::string& dir,
+                                              const std::vector<std::string>& formats = {"state_dict", "torchscript", "onnx"});
 
 }  // namespace isp

@@ -3,10 +3,12 @@
 //   export/structure.json         node spec with pruned widths + kept channel indices per gated layer
 //   export/weights.pt             {name: tensor} state dict in torch's zip format: Python reads it with
 //                                 torch.load(path) (a plain dict); isp reloads it with isp::load_export
+//   export/model.ts.pt, model.onnx TorchScript and ONNX (BN folded) where the backbone declares an inference graph
+//   export/sample.json            the first test images and their logits in isp, to check any runtime against
+//   export/original/              the same files for the unpruned classifier (option "original")
 //   export/summary.json           params, FLOPs and accuracy before/after
 //   report.md, report.json        (run folder) the comparison table a paper needs, wall time per stage
 #include <torch/torch.h>
-#include <torch/version.h>
 
 #include <filesystem>
 #include <fstream>
@@ -32,6 +34,7 @@ struct ExportOptions {
   int64_t agreement_images = 500;
   int64_t metrics_images = 256;
   int64_t metrics_steps = 16;
+  bool original = true;
   template <class V> void visit(V& v) {
     v("model", model, "the stage whose pruned network is exported (Finetune or PruneChannels); the before/after "
       "columns compare it with the classifier it was pruned from", isp::required(), isp::of_kind("stage"));
@@ -41,6 +44,8 @@ struct ExportOptions {
     v("metrics_images", metrics_images, "test images for the saliency metrics of the original and the pruned network "
       "(deletion/insertion AUC, mass on object, centre spread: docs/method.md §9); 0 = skip them", isp::at_least(0));
     v("metrics_steps", metrics_steps, "deletion/insertion steps", isp::between(2, 1024));
+    v("original", original, "also export the classifier it was pruned from, unpruned, to export/original/ in the same "
+      "formats (the baseline for deployment and latency comparisons)");
   }
 };
 
@@ -58,17 +63,20 @@ class Export : public isp::Stage {
     fs::create_directories(dir);
     isp::write_file_atomic(dir + "/recipe.resolved.json", ctx.resolved_recipe.dump(2) + "\n");
     const isp::json arch = pruned->architecture();
-    isp::json structure = {{"format", "isp-export-1"}, {"spec", arch["spec"]}, {"layers", arch["layers"]},
-                           {"pruner", pruned->pruner},
-                           {"plugins", ctx.resolved_recipe.value("plugins", isp::json::array())}};
-    isp::write_file_atomic(dir + "/structure.json", structure.dump(2) + "\n");
-    isp::save_state_dict_for_python(*pruned->network, dir + "/weights.pt");
-    isp::write_file_atomic(dir + "/sample.json", sample(*pruned->network).dump() + "\n");
-    // TorchScript for PyTorch and LibTorch users, ONNX for everyone else (BN folded: inference networks), where
-    // the backbone declares an inference graph.
-    if (!pruned->network->inference_graph().empty()) {
-      isp::save_torchscript(*pruned->network, dir + "/model.ts.pt");
-      isp::save_onnx(*pruned->network, dir + "/model.onnx");
+    const isp::json plugins = ctx.resolved_recipe.value("plugins", isp::json::array());
+    // The pruned network in every format (TorchScript and ONNX with BN folded, where the backbone declares an
+    // inference graph), and sample.json: the first test images and their logits in isp.
+    const auto& test = data_->data().test;
+    const at::Tensor sample_input = test.images.narrow(0, 0, std::min<int64_t>(4, test.size()));
+    isp::write_export(*pruned->network, isp::export_structure(arch["spec"], arch["layers"], pruned->pruner, plugins),
+                      sample_input, dir);
+    if (o_.original && pruned->original) {
+      // The classifier it was pruned from, the same way: the baseline a deployment measures the pruned one against.
+      isp::Backbone& original = *pruned->original->network;
+      isp::json spec = original.structure();
+      spec["type"] = pruned->original->backbone_type;
+      isp::write_export(original, isp::export_structure(spec, isp::unpruned_layers(original), isp::json(), plugins),
+                        sample_input, dir + "/original");
     }
 
     const isp::Backbone& baseline = *pruned->original->network;
@@ -130,31 +138,6 @@ class Export : public isp::Stage {
   }
 
  private:
-  // A fixed input (the first test images) and the logits this network gives it in C++: eval mode, fp32, every
-  // layer as exported (BN not folded). Any runtime that loads the export can be checked against it
-  // (scripts/check_export_torch.py).
-  isp::json sample(isp::Backbone& net) {
-    torch::NoGradGuard ng;
-    const bool folding = isp::batchnorm_folding(), training = net.is_training();
-    isp::set_batchnorm_folding(false);
-    net.eval();
-    const auto& test = data_->data().test;
-    const at::Tensor x = test.images.narrow(0, 0, std::min<int64_t>(4, test.size())).to(at::kFloat).contiguous();
-    const c10::Device dev = net.parameters().empty() ? c10::Device(c10::kCPU) : net.parameters()[0].device();
-    const at::Tensor logits = net.forward(x.to(dev)).to(at::kCPU).contiguous();
-    isp::set_batchnorm_folding(folding);
-    net.train(training);
-    auto entry = [](const at::Tensor& t) {
-      const at::Tensor c = t.to(at::kFloat).contiguous();
-      return isp::json{{"shape", c.sizes().vec()},
-                       {"values", std::vector<float>(c.data_ptr<float>(), c.data_ptr<float>() + c.numel())}};
-    };
-    return {{"what", "the first test images (normalised, NCHW) and the pruned network's logits in isp (C++, "
-                     "LibTorch " TORCH_VERSION ", eval mode, fp32)"},
-            {"input", entry(x)},
-            {"logits", entry(logits)}};
-  }
-
   void publish_export(const std::string& dir, isp::json report) {
     auto a = std::make_shared<isp::ExportedModel>();
     a->dir = dir;

@@ -33,6 +33,17 @@ class ISP_API ConvBatchNorm {
 // Process-wide switch (runtime.fold_batchnorm, default on); off runs every conv and BN separately.
 ISP_API void set_batchnorm_folding(bool on);
 ISP_API bool batchnorm_folding();
+// The switch set for one scope and restored after it (exports and checks that need the unfolded layers).
+class ScopedBatchNormFolding {
+ public:
+  explicit ScopedBatchNormFolding(bool on) : saved_(batchnorm_folding()) { set_batchnorm_folding(on); }
+  ~ScopedBatchNormFolding() { set_batchnorm_folding(saved_); }
+  ScopedBatchNormFolding(const ScopedBatchNormFolding&) = delete;
+  ScopedBatchNormFolding& operator=(const ScopedBatchNormFolding&) = delete;
+
+ private:
+  bool saved_;
+};
 
 // One gated layer: a per-channel multiplier after an activation (docs/method.md §3.4). Fixed to 1 until pruning.
 struct GatedLayer {
