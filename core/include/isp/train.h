@@ -100,7 +100,7 @@ struct AdamSettings {
   double weight_decay = 1e-4;
   double beta1 = 0.9, beta2 = 0.999;
   template <class V> void visit(V& v) {
-    v("lr", lr, "Adam learning rate (constant)", greater_than(0));
+    v("lr", lr, "Adam learning rate (constant unless the stage has an lr_schedule)", greater_than(0));
     v("weight_decay", weight_decay, "L2 weight decay added to the gradient (coupled, as torch.optim.Adam)", at_least(0));
     v("beta1", beta1, "Adam beta1", between(0, 1));
     v("beta2", beta2, "Adam beta2", between(0, 1));

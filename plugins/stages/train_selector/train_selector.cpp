@@ -3,7 +3,8 @@
 // s ~ sampler(P), reproduces the frozen classifier:
 //   L = (1/n) sum_i KL( softmax(f_bb(x_i)) || softmax(f_pred(x_i * s_i)) ) + sum_r weight_r * r(s, P, ...).
 // Adam on the selector's own parameters (filter + decoder + head). Evaluation uses the deterministic mask P
-// (no sampling); model selection on the highest validation agreement argmax f_pred(x*P) == argmax f_bb(x).
+// (no sampling); model selection on the highest validation agreement argmax f_pred(x*P) == argmax f_bb(x)
+// (official), or the last step's weights (option selection).
 #include <torch/torch.h>
 
 #include <ATen/Context.h>
@@ -41,6 +42,8 @@ struct TrainSelectorOptions {
   int64_t max_steps_per_epoch = 0;
   std::string label_source = "ground_truth";
   std::string augmentation = "flip";
+  std::string selection = "val_agreement";
+  std::string lr_schedule = "constant";
   int64_t metrics_images = 256;
   int64_t metrics_steps = 16;
   template <class V> void visit(V& v) {
@@ -66,6 +69,11 @@ struct TrainSelectorOptions {
       isp::one_of({"ground_truth", "predicted"}));
     v("augmentation", augmentation, "training augmentation: flip = horizontal flip only (docs/method.md §1c), dataset = the "
       "dataset's own augmentation, none", isp::one_of({"flip", "dataset", "none"}));
+    v("lr_schedule", lr_schedule, "constant (official) or cosine: epoch e of E trains at lr * (1 + cos(pi e / E)) / 2",
+      isp::one_of({"constant", "cosine"}));
+    v("selection", selection, "which weights the stage keeps: val_agreement = the evaluated epoch with the highest "
+      "validation agreement (official, docs/method.md §1c); last = the weights after the last step (validation is "
+      "still evaluated and logged)", isp::one_of({"val_agreement", "last"}));
     v("metrics_images", metrics_images, "test images for the saliency metrics (deletion/insertion AUC against a random "
       "and a centred-Gaussian ordering, mass on object, centre spread: docs/method.md §9); 0 = skip them",
       isp::at_least(0));
@@ -138,9 +146,14 @@ class TrainSelector : public isp::Stage {
     spec.metrics = {"loss", "kl"};
     for (const auto& r : regularizers_) spec.metrics.push_back(r->term());
     isp::TrainLoopHooks hooks;
-    hooks.start_epoch = [&](int64_t) {
+    hooks.start_epoch = [&](int64_t epoch) {
       selector_->train();
-      return isp::json{{"lr", opt_.adam.lr}};
+      // Per epoch, not per step: a resumed run sets the same rate as an uninterrupted one.
+      const double lr = opt_.lr_schedule == "cosine"
+                            ? 0.5 * opt_.adam.lr * (1.0 + std::cos(M_PI * static_cast<double>(epoch) / static_cast<double>(opt_.epochs)))
+                            : opt_.adam.lr;
+      adam.set_lr(lr);
+      return isp::json{{"lr", lr}};
     };
     isp::TrainStep step(ctx, [&](const isp::Batch& b) {
       const at::Tensor &x = b.x, &y = b.y;
@@ -178,17 +191,18 @@ class TrainSelector : public isp::Stage {
     });
     hooks.step = [&](const isp::Batch& b) { return step(b); };
     hooks.checkpoint(*selector_, adam);
+    const bool select_on_val = has_val && opt_.selection == "val_agreement";
     if (has_val) {
       hooks.evaluate = [&](int64_t) {
         SelEval v = evaluate(data.val, ctx.device);
         return isp::json{{"val_agreement", v.agreement}, {"val_kl", v.kl}, {"val_mask_area", v.area}};
       };
-      hooks.score = [](const isp::json& line, int64_t) { return line["val_agreement"].get<double>(); };
+      if (select_on_val) hooks.score = [](const isp::json& line, int64_t) { return line["val_agreement"].get<double>(); };
     }
     const isp::TrainLoopResult res = isp::run_train_loop(spec, hooks, train, ctx);
-    const int64_t best_epoch = res.best_epoch;
+    const int64_t best_epoch = select_on_val ? res.best_epoch : opt_.epochs;
 
-    if (has_val && best_epoch > 0) isp::CheckpointReader(res.best_path).module("model", *selector_);
+    if (select_on_val && best_epoch > 0) isp::CheckpointReader(res.best_path).module("model", *selector_);
     const SelEval val = has_val ? evaluate(data.val, ctx.device) : SelEval{};
     const SelEval test = evaluate(data.test, ctx.device);
     {
@@ -206,8 +220,8 @@ class TrainSelector : public isp::Stage {
                    {"selector_val_agreement", has_val ? isp::json(val.agreement) : isp::json(nullptr)},
                    {"selector_val_kl", has_val ? isp::json(val.kl) : isp::json(nullptr)},
                    {"selector_val_mask_area", has_val ? isp::json(val.area) : isp::json(nullptr)},
-                   {"selector_best_epoch", has_val ? isp::json(best_epoch) : isp::json(opt_.epochs)},
-                   {"selector_selected_on", has_val ? "val_agreement" : "last_epoch"},
+                   {"selector_best_epoch", best_epoch},
+                   {"selector_selected_on", select_on_val ? "val_agreement" : "last_epoch"},
                    {"selector_label_source", opt_.label_source},
                    {"selector_parameters", count_parameters()},
                    {"epochs", opt_.epochs},
@@ -338,7 +352,7 @@ std::shared_ptr<isp::Stage> make_stage(const TrainSelectorOptions& o, isp::Build
 
 }  // namespace
 
-ISP_PLUGIN("0.2.0");
+ISP_PLUGIN("0.3.0");
 ISP_REGISTER(isp::Stage, "TrainSelector", 1, TrainSelectorOptions, make_stage,
              "train the AEM selector (encoder -> filter -> decoder -> mask head) against the frozen predictor and "
              "classifier; model selection on the validation agreement");
