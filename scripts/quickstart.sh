@@ -9,6 +9,7 @@ RUN=${RUN:-work_dirs/quick_fmnist}
 # --resume: a second invocation continues (or just re-reports) the same run instead of refusing.
 ./build/bin/isp run configs/isp/quick_fmnist.json --work-dir "$RUN" --resume
 ./build/bin/isp explain --run "$RUN" --images 8 --out "$RUN/explain"
+./build/bin/isp report "$RUN"   # report.html: tables, training curves, kept widths, the saliency figure
 # The exported networks (pruned, and the original in export/original/), checked by runtimes independent of isp:
 # Debian's PyTorch (weights.pt into plain torch.nn modules, model.ts.pt with torch.jit.load, the ONNX checker)
 # and onnxruntime, each against the logits isp wrote to sample.json. Exit status 77: that runtime is missing.
@@ -21,4 +22,4 @@ for dir in "$RUN/export" "$RUN/export/original"; do
   if [ "$rc" = 77 ]; then echo "note: onnxruntime check of $dir skipped"; elif [ "$rc" != 0 ]; then exit "$rc"; fi
 done
 cat "$RUN/report.md"
-echo "saliency figure: $RUN/explain/saliency.png   export: $RUN/export/"
+echo "report: $RUN/report.html   saliency figure: $RUN/explain/saliency.png   export: $RUN/export/"

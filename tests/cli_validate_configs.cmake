@@ -1,4 +1,4 @@
-# Every shipped recipe (not the _base_ pieces) validates; a broken one fails with file and JSON path.
+# Every shipped recipe (not the _base_ pieces) and every point of every sweep validates; a broken one fails with file and JSON path.
 # Fashion-MNIST is installed by scripts/setup.sh; without it this test fails rather than skipping recipes.
 if(NOT EXISTS /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz)
   message(FATAL_ERROR "dataset-fashion-mnist is not installed (scripts/setup.sh installs it)")
@@ -9,7 +9,11 @@ foreach(r ${recipes})
   if(r MATCHES "/_base_/")
     continue()
   endif()
-  execute_process(COMMAND ${ISP} validate ${r} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(r MATCHES "/sweeps/")  # sweep files: every point validates (isp sweep --validate)
+    execute_process(COMMAND ${ISP} sweep ${r} --validate RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  else()
+    execute_process(COMMAND ${ISP} validate ${r} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  endif()
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "isp validate ${r} failed (${rc}): ${out}${err}")
   endif()

@@ -414,18 +414,11 @@ void randomise_batchnorms(torch::nn::Module& m, uint64_t seed) {
   }
 }
 
-// Restores the process-wide folding switch however a test ends.
-struct FoldingSwitch {
-  bool saved = isp::batchnorm_folding();
-  explicit FoldingSwitch(bool on) { isp::set_batchnorm_folding(on); }
-  ~FoldingSwitch() { isp::set_batchnorm_folding(saved); }
-};
-
 }  // namespace
 
 TEST_CASE("ConvBatchNorm: folds only a frozen eval-mode BN, follows every change, keeps gradients") {
   torch::manual_seed(3);
-  FoldingSwitch on(true);
+  isp::ScopedBatchNormFolding on(true);
   torch::nn::Conv2d conv(torch::nn::Conv2dOptions(4, 6, 3).stride(2).padding(1).bias(true));
   torch::nn::BatchNorm2d bn(6);
   randomise_batchnorms(*bn, 4);
@@ -469,7 +462,7 @@ TEST_CASE("ConvBatchNorm: folds only a frozen eval-mode BN, follows every change
     bn->running_var.mul_(3.0);
     CHECK((fused(*conv, *bn, x) - separate()).abs().max().item<double>() < 1e-4);
     // Switched off process-wide: the layers run separately, bit for bit.
-    FoldingSwitch off(false);
+    isp::ScopedBatchNormFolding off(false);
     CHECK(torch::equal(fused(*conv, *bn, x), separate()));
     CHECK_FALSE(fused.last_call_folded());
   }
@@ -507,11 +500,11 @@ TEST_CASE_FIXTURE(BackboneFixture, "BatchNorm folding: frozen ResNet-20 and Mobi
     const auto x = torch::randn({4, 3, 32, 32});
     at::Tensor unfolded, folded;
     {
-      FoldingSwitch off(false);
+      isp::ScopedBatchNormFolding off(false);
       unfolded = bb->forward(x);
     }
     {
-      FoldingSwitch on(true);
+      isp::ScopedBatchNormFolding on(true);
       folded = bb->forward(x);
       const double delta = (folded - unfolded).abs().max().item<double>();
       MESSAGE(spec.dump() << ": max |delta logit| folded vs unfolded " << delta << " (logits up to "
@@ -520,7 +513,7 @@ TEST_CASE_FIXTURE(BackboneFixture, "BatchNorm folding: frozen ResNet-20 and Mobi
       CHECK(folded.argmax(1).equal(unfolded.argmax(1)));
       // Features (the selector's encoder scales) agree too.
       const auto ff = bb->forward_features(x);
-      FoldingSwitch off(false);
+      isp::ScopedBatchNormFolding off(false);
       const auto fu = bb->forward_features(x);
       for (std::size_t i = 0; i < ff.scales.size(); ++i)
         CHECK((ff.scales[i] - fu.scales[i]).abs().max().item<double>() <

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <fstream>
+#include <set>
 
 #include <fcntl.h>
 #include <sys/file.h>
@@ -340,7 +341,7 @@ TEST_CASE("stage fingerprints: --reuse takes over matching stages, --resume --fo
   isp::RunOptions ob;
   ob.recipe_path = (dir / "b.json").string();
   ob.work_dir = (dir / "b").string();
-  ob.reuse_from = oa.work_dir;
+  ob.reuse_from = {oa.work_dir};
   REQUIRE(isp::run_recipe(registry(), ob) == 0);
   json sb = read(dir / "b" / "summary.json");
   CHECK(sb["stages"]["classifier"].contains("reused_from"));
@@ -480,7 +481,7 @@ TEST_CASE("budget: the extracted architecture is projected onto the target, and 
   std::ofstream(dir / "miss.json") << miss.dump(2);
   o.recipe_path = (dir / "miss.json").string();
   o.work_dir = (dir / "miss").string();
-  o.reuse_from = (dir / "met").string();  // the classifier is shared
+  o.reuse_from = {(dir / "met").string()};  // the classifier is shared
   CHECK(isp::run_recipe(registry(), o) == 4);  // after writing the report and the export
   r = read(dir / "miss" / "report.json");
   CHECK(r["budget_met"] == false);
@@ -566,7 +567,7 @@ TEST_CASE("interpretation-steered pruning: the RBF-parameter term is minimised, 
     isp::RunOptions ro;
     ro.recipe_path = (dir / (name + ".json")).string();
     ro.work_dir = (dir / name).string();
-    ro.reuse_from = o.work_dir;
+    ro.reuse_from = {o.work_dir};
     REQUIRE(isp::run_recipe(registry(), ro) == 0);
     json r = read(dir / name / "report.json");
     const double shift = r["saliency"]["mean_center_shift_px"];
@@ -600,7 +601,7 @@ TEST_CASE("export saliency agreement: 1 for an unpruned copy, lower for a pruned
   std::ofstream(dir / "pruned.json") << recipe.dump(2);
   o.recipe_path = (dir / "pruned.json").string();
   o.work_dir = (dir / "pruned").string();
-  o.reuse_from = (dir / "full").string();
+  o.reuse_from = {(dir / "full").string()};
   REQUIRE(isp::run_recipe(registry(), o) == 0);
   json pr = read(dir / "pruned" / "report.json");
   MESSAGE("pruned to " << pr["flops_ratio"] << ": mask IoU " << pr["saliency"]["mask_iou_at_0.5"] << ", centre shift "
@@ -836,4 +837,94 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
     isp::save_state_dict_for_python(*b.backbone, (out / "weights.pt").string());
     CHECK(check_with_python_torch(out, dir / "backbone.log") == 1);
   }
+}
+
+TEST_CASE("isp sweep: every point validated first, shared stages reused, one table with mean +- std over seeds") {
+  auto dir = isp_test::temp_dir("sweep");
+  json r = tiny_pipeline_recipe();
+  r["nodes"]["export"]["original"] = false;
+  std::ofstream(dir / "tiny.json") << r.dump(2);
+  auto isp_cmd = [&](const std::string& args, const std::string& log) {
+    const std::string cmd = std::string(ISP_TEST_BINARY) + " " + args + " > " + (dir / log).string() + " 2>&1";
+    return std::system(cmd.c_str());
+  };
+  // A bad value in one point: refused before anything runs, naming the point.
+  std::ofstream(dir / "bad.json") << json{{"recipe", "tiny.json"},
+                                          {"axes", {{{"path", "nodes.finetune.lr"}, {"values", {0.01, "fast"}}}}}}.dump();
+  CHECK(isp_cmd("sweep " + (dir / "bad.json").string() + " --work-dir " + (dir / "bad").string(), "bad.log") != 0);
+  const std::string bad_log = isp::read_text_file((dir / "bad.log").string());
+  CHECK(bad_log.find("point lr=fast") != std::string::npos);
+  CHECK(bad_log.find("1 of 2 points are invalid") != std::string::npos);
+  CHECK_FALSE(fs::exists(dir / "bad"));
+
+  // Two pruning learning rates x two finetuning seeds... as a grid: 4 points; the classifier is trained once.
+  const json sweep = {{"description", "tiny"},
+                      {"recipe", "tiny.json"},
+                      {"axes", {{{"path", "nodes.prune.lr"}, {"name", "prune_lr"}, {"values", {0.2, 0.1}}},
+                                {{"path", "nodes.finetune.lr"}, {"name", "ft_lr"}, {"values", {0.01, 0.02}},
+                                 {"labels", {"low", "high"}}}}}};
+  std::ofstream(dir / "sweep.json") << sweep.dump(2);
+  const std::string run = "sweep " + (dir / "sweep.json").string() + " --work-dir " + (dir / "out").string();
+  REQUIRE_MESSAGE(isp_cmd(run, "sweep.log") == 0, isp::read_text_file((dir / "sweep.log").string()));
+  const json table = json::parse(isp::read_text_file((dir / "out" / "sweep.json").string()));
+  REQUIRE(table["points"].size() == 4);
+  std::set<std::string> names;
+  for (const auto& p : table["points"]) {
+    names.insert(p["run"].get<std::string>());
+    CHECK(p["status"] == "finished");
+    CHECK(p["metrics"]["FLOPs ratio"].is_number());
+    CHECK(p["metrics"]["finetuned top-1 %"].is_number());
+  }
+  CHECK(names == std::set<std::string>{"prune_lr=0.2,ft_lr=low", "prune_lr=0.2,ft_lr=high", "prune_lr=0.1,ft_lr=low",
+                                        "prune_lr=0.1,ft_lr=high"});
+  // Later points took the classifier (and, with the same pruning lr, the pruning stage) from earlier ones.
+  const std::string second = isp::read_text_file((dir / "out" / "prune_lr=0.2,ft_lr=high.log").string());
+  CHECK(second.find("classifier prune") != std::string::npos);
+  const std::string third = isp::read_text_file((dir / "out" / "prune_lr=0.1,ft_lr=low.log").string());
+  CHECK(third.find(": classifier\n") != std::string::npos);
+  const json s1 = json::parse(isp::read_text_file((dir / "out" / "prune_lr=0.2,ft_lr=low" / "summary.json").string()));
+  const json s2 = json::parse(isp::read_text_file((dir / "out" / "prune_lr=0.1,ft_lr=high" / "summary.json").string()));
+  CHECK_FALSE(s1["stages"]["classifier"].contains("reused_from"));
+  CHECK(s2["stages"]["classifier"].contains("reused_from"));
+  CHECK(table["summary"].size() == 4);  // no seed axis: one row per point
+  const std::string md = isp::read_text_file((dir / "out" / "sweep.md").string());
+  CHECK(md.find("| 0.1 | high | 1/1 |") != std::string::npos);
+  CHECK(isp::read_text_file((dir / "out" / "sweep.csv").string()).find("prune_lr,ft_lr,run,status,") == 0);
+  // report.html for the sweep (accuracy vs FLOPs with the Pareto front, a link per point) and for each run
+  // (curves per stage, kept widths): self-contained, no script, no external resource.
+  auto count = [](const std::string& text, const std::string& what) {
+    std::size_t n = 0;
+    for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+    return n;
+  };
+  const std::string html = isp::read_text_file((dir / "out" / "report.html").string());
+  CHECK(count(html, "<svg class=\"plot\"") == 1);
+  CHECK(html.find("Pareto front") != std::string::npos);
+  CHECK(count(html, "/report.html\">") == 4);
+  CHECK(count(html, "<circle") == 4);
+  const std::string run_html = isp::read_text_file((dir / "out" / "prune_lr=0.1,ft_lr=high" / "report.html").string());
+  for (const char* plot : {"classifier: losses", "classifier: accuracy, agreement, FLOPs ratio", "prune: losses",
+                           "prune: accuracy, agreement, FLOPs ratio", "finetune: losses", "Kept channels per gated layer"})
+    CHECK_MESSAGE(run_html.find(plot) != std::string::npos, plot);
+  CHECK(count(run_html, "<svg class=\"plot\"") >= 6);
+  CHECK(run_html.find("<script") == std::string::npos);
+  CHECK(run_html.find("http://") == run_html.find("http://www.w3.org/2000/svg"));  // the SVG namespace only
+
+  // A seed axis: rows that differ only in the seed become one row, mean +- std (population) over the seeds.
+  const json seeds = {{"recipe", "tiny.json"},
+                      {"mode", "zip"},
+                      {"axes", {{{"path", "seed"}, {"values", {1, 2}}}}}};
+  std::ofstream(dir / "seeds.json") << seeds.dump(2);
+  REQUIRE(isp_cmd("sweep " + (dir / "seeds.json").string() + " --work-dir " + (dir / "seeds").string() + " --jobs 2",
+                  "seeds.log") == 0);
+  const json st = json::parse(isp::read_text_file((dir / "seeds" / "sweep.json").string()));
+  REQUIRE(st["summary"].size() == 1);
+  const json flops = st["summary"][0]["metrics"]["FLOPs ratio"];
+  const double a = st["points"][0]["metrics"]["FLOPs ratio"].get<double>(), b = st["points"][1]["metrics"]["FLOPs ratio"].get<double>();
+  CHECK(flops["n"] == 2);
+  CHECK(flops["mean"].get<double>() == doctest::Approx((a + b) / 2));
+  CHECK(flops["std"].get<double>() == doctest::Approx(std::abs(a - b) / 2));
+  // Rerunning a finished sweep resumes every point and runs nothing again.
+  REQUIRE(isp_cmd("sweep " + (dir / "seeds.json").string() + " --work-dir " + (dir / "seeds").string(), "again.log") == 0);
+  CHECK(isp::read_text_file((dir / "seeds" / "seed=1.log").string()).find("[classifier] epoch") == std::string::npos);
 }

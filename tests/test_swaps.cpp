@@ -136,7 +136,7 @@ int run(const json& recipe, const fs::path& dir, const std::string& reuse = "", 
   isp::RunOptions o;
   o.recipe_path = (dir / "recipe.json").string();
   o.work_dir = (dir / "run").string();
-  o.reuse_from = reuse;
+  if (!reuse.empty()) o.reuse_from = {reuse};
   o.validate_only = validate_only;
   return isp::run_recipe(registry(), o);
 }

@@ -1,5 +1,6 @@
 // `isp`: run, validate and inspect recipes; list plugins.
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -8,11 +9,13 @@
 #include "isp/accel.h"
 #include "isp/registry/plugin.h"
 #include "isp/registry/registry.h"
+#include "isp/report_html.h"
 #include "isp/runner.h"
 
 #include "compare.h"
 #include "explain.h"
 #include "latency.h"
+#include "sweep.h"
 #include "reexport.h"
 
 namespace {
@@ -57,7 +60,7 @@ int main(int argc, char** argv) {
                 "with --resume: rerun the stages the changed recipe affects (old folders kept as <stage>.replaced-N)");
   run->add_option("--reuse", run_opt.reuse_from,
                   "start from another run's finished stages for as long as this recipe agrees with them "
-                  "(e.g. one classifier and AEM shared by several pruners)");
+                  "(e.g. one classifier and AEM shared by several pruners); repeat it to draw on several runs");
 
   isp::RunOptions val_opt;
   val_opt.validate_only = true;
@@ -94,6 +97,20 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"state_dict", "torchscript", "onnx"}));
   reexport->add_option("--out", rx_opt.out_dir, "output folder (default: <run>/export)");
 
+  isp_app::SweepOptions sw_opt;
+  auto* sweep = app.add_subcommand("sweep", "one recipe over a grid of values, component swaps and seeds: a run per "
+                                            "point, shared stages reused, sweep.md/json/csv (configs/sweeps/)");
+  sweep->add_option("sweep", sw_opt.sweep_path, "sweep JSON file")->required()->check(CLI::ExistingFile);
+  sweep->add_option("--work-dir", sw_opt.work_dir, "sweep folder (default: the file's work_dir, else work_dirs/<name>)");
+  sweep->add_option("--jobs", sw_opt.jobs, "points run at once after the first (default 1; mind the cores: each "
+                                           "point uses runtime.threads)")->check(CLI::Range(1, 256));
+  sweep->add_flag("--validate", sw_opt.validate_only, "check every point and stop");
+
+  std::string report_dir;
+  auto* report = app.add_subcommand("report", "write report.html for a run folder (with explain/ figures where present) "
+                                              "or a sweep folder (with its accuracy-vs-FLOPs Pareto plot)");
+  report->add_option("folder", report_dir, "run or sweep folder")->required()->check(CLI::ExistingDirectory);
+
   isp_app::LatencyOptions lat_opt;
   auto* latency = app.add_subcommand(
       "latency", "CPU latency of export folders in LibTorch from C++: isp's modules and model.ts.pt (torch::jit::load)");
@@ -123,6 +140,12 @@ int main(int argc, char** argv) {
     if (*compare) return compare_runs(compare_dirs, compare_md);
     if (*reexport) return isp_app::reexport(reg, rx_opt);
     if (*latency) return isp_app::latency(reg, lat_opt);
+    if (*sweep) return isp_app::sweep(reg, sw_opt);
+    if (*report) {
+      const bool is_sweep = std::filesystem::exists(std::filesystem::path(report_dir) / "sweep.json");
+      std::printf("wrote %s\n", (is_sweep ? isp::write_sweep_report_html(report_dir) : isp::write_run_report_html(report_dir)).c_str());
+      return 0;
+    }
   } catch (const isp::Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 2;

@@ -239,7 +239,8 @@ void reuse_stages(RunFolder& f, const std::vector<detail::PlannedStage>& plan, c
   const json src_fp = src_state.value("fingerprints", json::object());
   std::vector<std::string> reused;
   for (const auto& p : plan) {
-    if (!contains(src_state.value("completed", json::array()), p.name) || src_fp.value(p.name, std::string()) != p.fingerprint)
+    if (!contains(src_state.value("completed", json::array()), p.name) || src_fp.value(p.name, std::string()) != p.fingerprint ||
+        contains(f.state["completed"], p.name))  // an earlier --reuse folder gave it already
       continue;
     detail::link_tree((src / p.name).string(), f.dir + "/" + p.name);
     f.state["completed"].push_back(p.name);
@@ -362,7 +363,7 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   RunFolder f = open_run_folder(o, work);
   const json resolved = detail::resolved_document(r, ctx);
   handle_changed_stages(f, plan, o.force);
-  if (!o.reuse_from.empty()) reuse_stages(f, plan, o.reuse_from);
+  for (const auto& from : o.reuse_from) reuse_stages(f, plan, from);
   save(work + "/recipe.resolved.json", resolved);
   f.save_state();
 

@@ -22,9 +22,9 @@ struct RunOptions {
   // with resume: rerun the stages whose fingerprint changed (and those that take their results); their old
   // folders are renamed to <stage>.replaced-N. Without it a changed recipe is an error.
   bool force = false;
-  // a finished run folder: every stage whose fingerprint matches one of its finished stages is taken over
-  // (hard-linked) instead of run
-  std::string reuse_from;
+  // finished run folders: every stage whose fingerprint matches a finished stage of one of them (the first that
+  // has it) is taken over (hard-linked) instead of run
+  std::vector<std::string> reuse_from;
   bool validate_only = false;
 };
 

@@ -8,6 +8,7 @@
 //   export/original/              the same files for the unpruned classifier (option "original")
 //   export/summary.json           params, FLOPs and accuracy before/after
 //   report.md, report.json        (run folder) the comparison table a paper needs, wall time per stage
+//   report.html                   (run folder) the same with training curves and kept widths (isp/report_html.h)
 #include <torch/torch.h>
 
 #include <filesystem>
@@ -21,6 +22,7 @@
 #include "isp/interfaces/dataset.h"
 #include "isp/registry/plugin.h"
 #include "isp/registry/recipe.h"
+#include "isp/report_html.h"
 #include "isp/saliency_metrics.h"
 #include "isp/selector.h"
 #include "isp/train.h"
@@ -129,6 +131,7 @@ class Export : public isp::Stage {
     isp::write_file_atomic(dir + "/summary.json", report.dump(2) + "\n");
     isp::write_file_atomic(ctx.run_dir + "/report.json", report.dump(2) + "\n");
     isp::write_file_atomic(ctx.run_dir + "/report.md", markdown(report));
+    isp::write_run_report_html(ctx.run_dir);  // curves, widths; `isp explain` + `isp report` add the saliency figure
     ctx.summary = {{"export_dir", dir}, {"flops_reduction", report["flops_reduction"]}};
     publish_export(dir, report);
   }
@@ -296,6 +299,6 @@ std::shared_ptr<isp::Stage> make(const ExportOptions& o, isp::BuildContext& ctx)
 
 }  // namespace
 
-ISP_PLUGIN("0.2.0");
+ISP_PLUGIN("0.3.0");
 ISP_REGISTER(isp::Stage, "Export", 1, ExportOptions, make,
              "write the pruned network (structure + torch.load-able weights) and report.md/report.json");
