@@ -5,9 +5,10 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 pkgs="cmake g++ make ccache libtorch-dev libboost-dev nlohmann-json3-dev libtbb-dev doctest-dev libcli11-dev
-      libstb-dev zlib1g-dev libopenblas0-pthread dataset-fashion-mnist python3 python3-torch python3-onnx"
+      libstb-dev zlib1g-dev libopenblas0-pthread dataset-fashion-mnist python3 python3-torch python3-onnx chromium"
 # python3-torch, python3-onnx: the tests load exports with Debian's PyTorch and check model.onnx with the ONNX
-# checker (scripts/check_export_torch.py), runtimes independent of isp.
+# checker (scripts/check_export_torch.py), runtimes independent of isp. chromium: a test renders report.html in
+# headless Chromium (about 15 s to install from a Debian mirror).
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then

@@ -22,6 +22,7 @@
 #include "isp/interfaces/stage.h"
 #include "isp/registry/recipe.h"
 #include "isp/runner.h"
+#include <stb/stb_image.h>
 
 namespace fs = std::filesystem;
 using isp::json;
@@ -839,6 +840,13 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
   }
 }
 
+// Debian's chromium (or another Chromium build) for rendering report.html; empty where none is installed.
+static std::string find_chromium() {
+  for (const char* b : {"chromium", "chromium-browser", "google-chrome"})
+    if (std::system(("command -v " + std::string(b) + " >/dev/null 2>&1").c_str()) == 0) return b;
+  return "";
+}
+
 TEST_CASE("isp sweep: every point validated first, shared stages reused, one table with mean +- std over seeds") {
   auto dir = isp_test::temp_dir("sweep");
   json r = tiny_pipeline_recipe();
@@ -909,6 +917,36 @@ TEST_CASE("isp sweep: every point validated first, shared stages reused, one tab
   CHECK(count(run_html, "<svg class=\"plot\"") >= 6);
   CHECK(run_html.find("<script") == std::string::npos);
   CHECK(run_html.find("http://") == run_html.find("http://www.w3.org/2000/svg"));  // the SVG namespace only
+  // Rendered by a real browser: headless Chromium (scripts/setup.sh installs Debian's chromium) parses as many
+  // plots as the file holds, and its screenshot is not blank.
+  const std::string chromium = find_chromium();
+  if (chromium.empty()) {
+    MESSAGE("Chromium check skipped: no chromium on PATH (scripts/setup.sh installs Debian's chromium)");
+  } else {
+    for (const fs::path page : {dir / "out" / "report.html", dir / "out" / "prune_lr=0.1,ft_lr=high" / "report.html"}) {
+      const std::string text = isp::read_text_file(page.string());
+      const std::string flags = " --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1000,1400 ";
+      const std::string url = "'file://" + fs::absolute(page).string() + "'";
+      const fs::path dom = dir / "dom.html", shot = dir / "shot.png";
+      REQUIRE(std::system((chromium + flags + "--dump-dom " + url + " > " + dom.string() + " 2>/dev/null").c_str()) == 0);
+      CHECK(count(isp::read_text_file(dom.string()), "<svg class=\"plot\"") == count(text, "<svg class=\"plot\""));
+      REQUIRE(std::system((chromium + flags + "--screenshot=" + shot.string() + " " + url + " > /dev/null 2>&1").c_str()) == 0);
+      int w = 0, h = 0, c = 0;
+      unsigned char* px = stbi_load(shot.string().c_str(), &w, &h, &c, 3);
+      REQUIRE(px != nullptr);
+      CHECK(w == 1000);
+      std::size_t dark = 0, coloured = 0;
+      for (int i = 0; i < w * h; ++i) {
+        const int r = px[3 * i], g = px[3 * i + 1], b = px[3 * i + 2];
+        dark += r + g + b < 200;                                        // text
+        coloured += std::abs(r - g) > 60 || std::abs(g - b) > 60;       // plot lines, dots, bars
+      }
+      stbi_image_free(px);
+      MESSAGE(page.string() << ": " << dark << " dark and " << coloured << " coloured pixels of " << w * h);
+      CHECK(dark > 1000);
+      CHECK(coloured > 200);
+    }
+  }
 
   // A seed axis: rows that differ only in the seed become one row, mean +- std (population) over the seeds.
   const json seeds = {{"recipe", "tiny.json"},

@@ -146,7 +146,7 @@ std::string width_bars(const json& kept, const json& full) {
   if (n == 0) return "";
   double top = 1;
   for (std::size_t i = 0; i < n; ++i) top = std::max(top, full[i].get<double>());
-  const double W = std::max(320.0, 60.0 + 14.0 * n), H = 240, L = 50, B = 30, T = 28, bw = (W - L - 10) / n;
+  const double W = std::max(520.0, 60.0 + 14.0 * n), H = 240, L = 50, B = 30, T = 28, bw = (W - L - 10) / n;
   std::ostringstream o;
   o << "<svg class=\"plot\" xmlns=\"http://www.w3.org/2000/svg\" width=\"" << W << "\" height=\"" << H
     << "\" font-family=\"sans-serif\" font-size=\"11\">\n<rect width=\"" << W << "\" height=\"" << H << "\" fill=\"white\"/>\n";
