@@ -9,6 +9,7 @@ RUN=${RUN:-work_dirs/quick_fmnist}
 # --resume: a second invocation continues (or just re-reports) the same run instead of refusing.
 ./build/bin/isp run configs/isp/quick_fmnist.json --work-dir "$RUN" --resume
 ./build/bin/isp explain --run "$RUN" --images 8 --out "$RUN/explain"
+./build/bin/isp explain --run "$RUN" --images 8 --network pruned --out "$RUN/explain_pruned"
 ./build/bin/isp report "$RUN"   # report.html: tables, training curves, kept widths, the saliency figure
 # The exported networks (pruned, and the original in export/original/), checked by runtimes independent of isp:
 # Debian's PyTorch (weights.pt into plain torch.nn modules, model.ts.pt with torch.jit.load, the ONNX checker)

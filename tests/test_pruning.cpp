@@ -558,6 +558,21 @@ TEST_CASE("interpretation-steered pruning: the RBF-parameter term is minimised, 
   CHECK(last < 0.2 * first);
   json isp_report = read(dir / "isp" / "report.json");
   const double ratio = isp_report["flops_ratio"], isp_shift = isp_report["saliency"]["mean_center_shift_px"];
+  {  // `isp explain --network pruned`: the pruned network's own maps under the same AEM, and report.html shows both.
+    auto explain = [&](const std::string& network, const std::string& out) {
+      const std::string cmd = std::string(ISP_TEST_BINARY) + " explain --run " + (dir / "isp").string() + " --images 3 --network " +
+                              network + " --out " + (dir / "isp" / out).string() + " > " + (dir / (out + ".log")).string() + " 2>&1";
+      return std::system(cmd.c_str());
+    };
+    REQUIRE(explain("original", "explain") == 0);
+    REQUIRE(explain("pruned", "explain_pruned") == 0);
+    const json po = read(dir / "isp" / "explain" / "params.json"), pp = read(dir / "isp" / "explain_pruned" / "params.json");
+    CHECK(po.dump() != pp.dump());  // a different encoder gives different maps
+    REQUIRE(std::system((std::string(ISP_TEST_BINARY) + " report " + (dir / "isp").string() + " > /dev/null").c_str()) == 0);
+    const std::string html = isp::read_text_file((dir / "isp" / "report.html").string());
+    CHECK(html.find("Pruned network, same AEM") != std::string::npos);
+    CHECK(html.find("data:image/png;base64,") != std::string::npos);
+  }
   CHECK(ratio < 0.95);  // gates were cut, so the comparison is not trivial
   std::vector<double> random_shifts;
   for (int seed : {1, 2, 3, 4, 5}) {

@@ -220,7 +220,16 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
   std::string stage_name;
   const auto aem = run.latest<isp::ExplanationModel>(&stage_name);
   if (!aem) throw isp::Error(work + ": no finished stage of this run produced an explanation model (TrainSelector)");
-  const std::shared_ptr<isp::SelectorNet> sel = aem->selector;
+  std::shared_ptr<isp::SelectorNet> sel = aem->selector;
+  if (o.network == "pruned") {
+    // The pruned network's own maps: the same filter, decoder and head on its encoder (as the export stage
+    // measures them), from the run's last pruning or finetuning stage.
+    const auto pruned = run.latest<isp::PrunedNetwork>();
+    if (!pruned) throw isp::Error(work + ": --network pruned: no finished stage of this run produced a pruned network");
+    sel = std::make_shared<isp::SelectorNet>(pruned->network, sel->filter, sel->decoder, sel->head, sel->sampler);
+  } else if (o.network != "original") {
+    throw isp::Error("explain: --network must be original or pruned, got " + o.network);
+  }
   const std::string data_node = find_dataset_node(run, stage_name);
   const isp::DataBundle& data = run.ctx->node<isp::Dataset>(data_node)->data();
   if (data.test.size() == 0) throw isp::Error("explain: the dataset '" + data_node + "' has no test images");

@@ -14,6 +14,7 @@ struct ExplainOptions {
   int64_t images = 8;      // first N test images
   std::string label = "ground_truth";  // class conditioning the feature filter: ground_truth | predicted
   uint64_t seed = 1;       // seed of the drawn masks s ~ sampler(P)
+  std::string network = "original";  // original | pruned: the AEM's filter, decoder and head on the pruned encoder
 };
 
 // Figure geometry (pixels): tiles are the input upscaled kScale x (nearest); five columns separated by kGap;

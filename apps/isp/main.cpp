@@ -82,6 +82,9 @@ int main(int argc, char** argv) {
                                     "folder that contains it, i.e. the parent of the stage folder");
   ex_run->excludes(ex_ck);
   explain->add_option("--images", ex_opt.images, "the first N test images")->check(CLI::Range(1, 1000));
+  explain->add_option("--network", ex_opt.network, "whose maps: original (the classifier the AEM was trained on) or "
+                                                   "pruned (the run's pruned network under the same AEM)")
+      ->check(CLI::IsMember({"original", "pruned"}));
   explain->add_option("--out", ex_opt.out_dir, "output folder: saliency.png, row_<i>_<class>.png, curves.png, params.json, saliency_metrics.json")->required();
   explain->add_option("--label", ex_opt.label, "class that conditions the feature filter")
       ->check(CLI::IsMember({"ground_truth", "predicted"}));

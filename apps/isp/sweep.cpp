@@ -197,7 +197,7 @@ const std::vector<Column>& columns() {
       {"centre shift px", "/report/saliency/mean_center_shift_px", 1},
       {"deletion AUC (pruned)", "/report/saliency/pruned/deletion_auc", 1},
       {"mass on object (pruned)", "/report/saliency/pruned/mass_on_object", 1},
-      {"classifier top-1 %", "/summary/test_top1", 100},
+      {"classifier top-1 %", "/summary/stages/classifier/test_top1", 100},  // the top level holds the last stage's
       {"selector agreement %", "/summary/selector_agreement", 100},
       {"deletion AUC", "/summary/saliency/deletion_auc", 1},
       {"centred deletion AUC", "/summary/saliency/centred_gaussian/deletion_auc", 1},
@@ -239,11 +239,11 @@ void write_tables(const std::string& work, const std::vector<Axis>& axes, const 
       row["labels"][axes[a].name] = points[i].shown[a];
       csv << '"' << points[i].shown[a] << "\",";
     }
-    csv << points[i].label << "," << row["status"].get<std::string>();
+    csv << '"' << points[i].label << "\"," << row["status"].get<std::string>();  // folder names hold commas
     for (const auto* c : shown) {
       const json v = metric(runs[i], c->pointer);
       row["metrics"][c->name] = v;
-      csv << "," << (v.is_number() ? fmt(v.get<double>(), 1) : (v.is_boolean() ? v.dump() : ""));
+      csv << "," << (v.is_number() ? fmt(v.get<double>(), c->scale) : (v.is_boolean() ? v.dump() : ""));
     }
     csv << "\n";
     rows.push_back(row);
@@ -306,7 +306,10 @@ void write_tables(const std::string& work, const std::vector<Axis>& axes, const 
     md << "\n";
     summary.push_back(srow);
   }
-  isp::write_file_atomic(work + "/sweep.json", json{{"sweep", doc}, {"points", rows}, {"summary", summary}}.dump(2) + "\n");
+  json column_names = json::array();  // the table's order (a JSON object would sort them)
+  for (const auto* c : shown) column_names.push_back(c->name);
+  isp::write_file_atomic(work + "/sweep.json", json{{"sweep", doc}, {"columns", column_names}, {"points", rows},
+                                                    {"summary", summary}}.dump(2) + "\n");
   isp::write_file_atomic(work + "/sweep.csv", csv.str());
   isp::write_file_atomic(work + "/sweep.md", md.str());
 }

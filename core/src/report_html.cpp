@@ -176,7 +176,7 @@ std::string image_tag(const fs::path& png, const std::string& caption) {
 const char* kHead =
     "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>%s</title><style>"
     "body{font-family:sans-serif;margin:24px;max-width:1200px;color:#222}"
-    "table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+    "table{border-collapse:collapse;margin:8px 0 16px;display:block;overflow-x:auto}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
     "th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}"
     ".plots{display:flex;flex-wrap:wrap;gap:12px}figure{margin:8px 0}img{max-width:100%%;image-rendering:pixelated}"
     "</style></head><body>\n";
@@ -289,11 +289,15 @@ std::string write_run_report_html(const std::string& run_dir) {
   if (report.contains("kept_widths") && report.contains("full_widths"))
     o << "<h2>Kept widths</h2>\n" << width_bars(report["kept_widths"], report["full_widths"]);
   const std::string sal_png = image_tag(dir / "explain" / "saliency.png",
-                                        "Saliency of the original network (isp explain): input | P | input·P | s ~ P | input·s");
-  const std::string curves_png = image_tag(dir / "explain" / "curves.png", "Deletion and insertion curves");
-  if (!sal_png.empty() || !curves_png.empty()) o << "<h2>Saliency</h2>\n" << sal_png << curves_png;
+                                        "Original network (isp explain): input | P | input·P | s ~ P | input·s");
+  const std::string pruned_png = image_tag(dir / "explain_pruned" / "saliency.png",
+                                           "Pruned network, same AEM (isp explain --network pruned)");
+  const std::string curves_png = image_tag(dir / "explain" / "curves.png", "Deletion and insertion curves (original)");
+  if (!sal_png.empty() || !curves_png.empty())
+    o << "<h2>Saliency: original vs pruned</h2>\n<div class=\"plots\">" << sal_png << pruned_png << "</div>\n" << curves_png;
   else o << "<p>No saliency figure yet: <code>isp explain --run " << esc(run_dir) << " --out " << esc(run_dir)
-         << "/explain</code> draws it, then <code>isp report " << esc(run_dir) << "</code> adds it here.</p>\n";
+         << "/explain</code> (and <code>--network pruned --out " << esc(run_dir) << "/explain_pruned</code>) draw them, "
+         << "then <code>isp report " << esc(run_dir) << "</code> adds them here.</p>\n";
   if (summary.contains("stages")) {
     std::vector<std::vector<std::string>> rows;
     for (const auto& [name, st] : summary["stages"].items())
@@ -321,6 +325,7 @@ std::string write_sweep_report_html(const std::string& sweep_dir) {
     for (const auto& [k, v] : metrics.items())
       if (std::find(metric_names.begin(), metric_names.end(), k) == metric_names.end()) metric_names.push_back(k);
   }
+  if (sw.contains("columns")) metric_names = sw["columns"].get<std::vector<std::string>>();
   std::vector<std::string> header = {"run"};
   header.insert(header.end(), axis_names.begin(), axis_names.end());
   header.push_back("status");
@@ -336,12 +341,15 @@ std::string write_sweep_report_html(const std::string& sweep_dir) {
     for (const auto& a : axis_names) r.push_back(cell(labels.value(a, json())));
     r.push_back(esc(p.value("status", std::string())));
     const json m = p.value("metrics", json::object());
-    for (const auto& k : metric_names) r.push_back(cell(m.value(k, json())));
+    // sweep.json keeps fractions; columns named "... %" show percentages, as sweep.md does.
+    for (const auto& k : metric_names) r.push_back(cell(m.value(k, json()), k.find('%') != std::string::npos ? 100 : 1));
     rows.push_back(r);
     const json acc = m.value("finetuned top-1 %", json()), flops = m.value("FLOPs ratio", json());
     if (acc.is_number() && flops.is_number()) {
-      pts.xy.push_back({flops.get<double>(), acc.get<double>()});
-      names.push_back(run);
+      pts.xy.push_back({flops.get<double>(), 100 * acc.get<double>()});
+      std::string name;  // the point's axis labels, shorter than its folder name
+      for (const auto& a : axis_names) name += (name.empty() ? "" : ", ") + labels.value(a, std::string());
+      names.push_back(name.empty() ? run : name);
     }
   }
   o << "<h2>Points</h2>\n" << table(header, rows);
