@@ -32,14 +32,18 @@ double now_seconds() {
   return duration<double>(steady_clock::now().time_since_epoch()).count();
 }
 
-Progress::Progress(std::string label) : label_(std::move(label)), tty_(::isatty(STDERR_FILENO) != 0) {}
+Progress::Progress(std::string label)
+    : label_(std::move(label)), tty_(::isatty(STDERR_FILENO) != 0), last_(now_seconds()) {}
 void Progress::update(const std::string& text, bool force) {
   double t = now_seconds();
   if (tty_) {
     if (!force && t - last_ < 0.25) return;
     std::fprintf(stderr, "\r\x1b[K[%s] %s", label_.c_str(), text.c_str());
     std::fflush(stderr);
-  } else if (force) {
+  } else {
+    // Logs and pipes (a sweep's point logs): a plain line every 30 s inside a long epoch -- step, metrics, img/s,
+    // ETA -- besides the line per epoch, so a log shows where a long stage is.
+    if (!force && t - last_ < 30.0) return;
     std::fprintf(stderr, "[%s] %s\n", label_.c_str(), text.c_str());
   }
   last_ = t;
