@@ -70,6 +70,14 @@ json tiny_pipeline_recipe() {
 
 json ref(const std::string& n) { return {{"$ref", n}}; }
 
+// The tiny pipeline without finetuning: classifier -> prune -> export of the pruned network.
+json tiny_prune_export_recipe() {
+  json r = tiny_pipeline_recipe();
+  r["stages"] = {ref("classifier"), ref("prune"), ref("export")};
+  r["nodes"]["export"]["model"] = ref("prune");
+  return r;
+}
+
 // classifier -> predictor -> selector -> prune -> export with a real (tiny) AEM on synthetic blobs.
 json selector_pipeline_recipe() {
   json nodes = {
@@ -453,9 +461,7 @@ TEST_CASE("budget: the extracted architecture is projected onto the target, and 
   auto dir = isp_test::temp_dir("budget");
   auto read = [](const fs::path& p) { return json::parse(isp::read_text_file(p.string())); };
   // Met: the tiny pipeline's target 0.5 (learned gates, Lagrangian budget, projection to the target).
-  json met = tiny_pipeline_recipe();
-  met["stages"] = {ref("classifier"), ref("prune"), ref("export")};
-  met["nodes"]["export"]["model"] = ref("prune");
+  json met = tiny_prune_export_recipe();
   std::ofstream(dir / "met.json") << met.dump(2);
   isp::RunOptions o;
   o.recipe_path = (dir / "met.json").string();
@@ -753,10 +759,7 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
   }
   auto dir = isp_test::temp_dir("export_torch");
   // The export stage of the tiny pipeline writes sample.json, and PyTorch agrees with it.
-  json r = tiny_pipeline_recipe();
-  r["stages"] = {ref("classifier"), ref("prune"), ref("export")};
-  r["nodes"]["export"]["model"] = ref("prune");
-  std::ofstream(dir / "tiny.json") << r.dump(2);
+  std::ofstream(dir / "tiny.json") << tiny_prune_export_recipe().dump(2);
   isp::RunOptions o;
   o.recipe_path = (dir / "tiny.json").string();
   o.work_dir = (dir / "tiny").string();
