@@ -51,6 +51,7 @@ void Progress::update(const std::string& text, bool force) {
 void Progress::finish(const std::string& text) {
   if (tty_) std::fprintf(stderr, "\r\x1b[K");
   std::fprintf(stderr, "[%s] %s\n", label_.c_str(), text.c_str());
+  last_ = now_seconds();  // in logs, the next step line comes 30 s after any line, an epoch's included
 }
 
 static std::string fmt_duration(double s) {
