@@ -7,6 +7,7 @@
 #include <CLI/CLI.hpp>
 
 #include "isp/accel.h"
+#include "isp/distributed.h"
 #include "isp/registry/plugin.h"
 #include "isp/registry/registry.h"
 #include "isp/report_html.h"
@@ -61,6 +62,16 @@ int main(int argc, char** argv) {
   run->add_option("--reuse", run_opt.reuse_from,
                   "start from another run's finished stages for as long as this recipe agrees with them "
                   "(e.g. one classifier and AEM shared by several pruners); repeat it to draw on several runs");
+  isp::dist::LaunchOptions launch;
+  launch.nproc_per_node = 0;
+  run->add_option("--nproc-per-node", launch.nproc_per_node,
+                  "data-parallel: start N worker processes on this node (c10d: Gloo on the CPU, NCCL on CUDA), as "
+                  "torchrun does; the recipe's batch sizes stay global batches")->check(CLI::Range(1, 1024));
+  run->add_option("--nnodes", launch.nnodes, "data-parallel: number of nodes (default 1)")->check(CLI::Range(1, 65536));
+  run->add_option("--node-rank", launch.node_rank, "data-parallel: this node's rank (default 0)")->check(CLI::Range(0, 65535));
+  run->add_option("--master-addr", launch.master_addr, "data-parallel: address of rank 0's node (default 127.0.0.1)");
+  run->add_option("--master-port", launch.master_port, "data-parallel: rendezvous port on rank 0's node (default 29500)")
+      ->check(CLI::Range(1, 65535));
 
   isp::RunOptions val_opt;
   val_opt.validate_only = true;
@@ -136,6 +147,18 @@ int main(int argc, char** argv) {
   isp::Registry& reg = isp::global_registry();
   try {
     reg.load_default_plugins();
+    if (*run && launch.nproc_per_node > 0) {
+      // The launcher: the workers are `isp run` with the same arguments and torchrun's environment variables.
+      std::vector<std::string> args{"run", run_opt.recipe_path};
+      for (const auto& s : run_opt.overrides) args.insert(args.end(), {"--set", s});
+      if (!run_opt.work_dir.empty()) args.insert(args.end(), {"--work-dir", run_opt.work_dir});
+      if (run_opt.resume) args.push_back("--resume");
+      if (run_opt.force) args.push_back("--force");
+      for (const auto& s : run_opt.reuse_from) args.insert(args.end(), {"--reuse", s});
+      return isp::dist::launch(args, launch);
+    }
+    if (*run && launch.nproc_per_node == 0 && (launch.nnodes != 1 || launch.node_rank != 0))
+      throw isp::Error("--nnodes and --node-rank need --nproc-per-node");
     if (*run) return isp::run_recipe(reg, run_opt);
     if (*validate) return isp::run_recipe(reg, val_opt);
     if (*plugins) return cmd_plugins(reg, as_json, kind);

@@ -15,6 +15,7 @@
 #include "isp/checkpoint.h"
 #include "isp/optim.h"
 #include "isp/data.h"
+#include "isp/distributed.h"
 #include "isp/registry/recipe.h"
 #include "isp/train.h"
 
@@ -41,7 +42,14 @@ EvalResult evaluate_classifier(const Classifier& c, const ImageSplit& split, int
   torch::NoGradGuard ng;
   bool was_training = c.module->is_training();
   c.module->eval();
-  BatchLoader loader(split, batch_size, false, Augmentation{}, device);
+  // Data-parallel: each rank evaluates its contiguous share of the split; the sums are added over the ranks.
+  ImageSplit part = split;
+  if (dist::active()) {
+    const auto [begin, end] = dist::shard_range(split.size(), dist::rank(), dist::world_size());
+    part.images = split.images.narrow(0, begin, end - begin);
+    part.labels = split.labels.narrow(0, begin, end - begin);
+  }
+  BatchLoader loader(part, batch_size, false, Augmentation{}, device);
   loader.start_epoch(0, 0);
   at::Tensor correct = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(device));
   at::Tensor loss = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
@@ -52,9 +60,11 @@ EvalResult evaluate_classifier(const Classifier& c, const ImageSplit& split, int
     correct += logits.argmax(1).eq(y).sum();
     loss += torch::nn::functional::cross_entropy(logits, y, torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum)).to(torch::kDouble);
   }
+  at::Tensor sums = torch::stack({correct.to(torch::kDouble), loss});
+  dist::allreduce_sum(sums, "evaluation sums");
   r.n = split.size();
-  r.top1 = static_cast<double>(correct.item<int64_t>()) / static_cast<double>(r.n);
-  r.loss = loss.item<double>() / static_cast<double>(r.n);
+  r.top1 = sums[0].item<double>() / static_cast<double>(r.n);
+  r.loss = sums[1].item<double>() / static_cast<double>(r.n);
   c.module->train(was_training);
   return r;
 }

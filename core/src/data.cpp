@@ -201,7 +201,19 @@ void BatchLoader::use_gather_path() {
 
 int64_t BatchLoader::num_batches() const {
   if (n_ == 0) return 0;
+  if (world_ > 1) return n_ / batch_size_ + (!drop_last_ && n_ % batch_size_ >= world_ ? 1 : 0);
   return drop_last_ ? std::max<int64_t>(1, n_ / batch_size_) : (n_ + batch_size_ - 1) / batch_size_;
+}
+
+void BatchLoader::shard(int rank, int world) {
+  if (world < 1 || rank < 0 || rank >= world) throw Error("BatchLoader::shard: bad rank/world");
+  if (world > 1 && batch_size_ % world != 0)
+    throw Error("data-parallel run: the batch size " + std::to_string(batch_size_) + " does not split evenly over " +
+                std::to_string(world) + " ranks; choose a batch_size divisible by the world size");
+  if (world > 1 && n_ < world)
+    throw Error("data-parallel run: " + std::to_string(n_) + " samples cannot be shared by " + std::to_string(world) + " ranks");
+  rank_ = rank;
+  world_ = world;
 }
 
 void BatchLoader::start_epoch(uint64_t seed, int64_t epoch) {
@@ -230,9 +242,11 @@ void BatchLoader::start_epoch(uint64_t seed, int64_t epoch) {
 }
 
 Batch BatchLoader::get(int64_t i) const {
-  int64_t begin = i * batch_size_;
-  int64_t end = std::min(n_, begin + batch_size_);
-  int64_t b = end - begin;
+  const int64_t global_begin = i * batch_size_;
+  const int64_t global_b = std::min(n_, global_begin + batch_size_) - global_begin;
+  // This rank's slice of the global batch (all of it in one process).
+  const int64_t b = global_b / world_, skip = static_cast<int64_t>(rank_) * b;
+  const int64_t begin = global_begin + skip, end = begin + b;
   if (gather_) return get_on_device(begin, b);
   std::vector<int64_t> idx(order_.begin() + begin, order_.begin() + end);
   bool augment = aug_.crop_padding > 0 || aug_.horizontal_flip;
@@ -247,10 +261,16 @@ Batch BatchLoader::get(int64_t i) const {
   const int64_t p = aug_.crop_padding;
   std::vector<int64_t> dy(b), dx(b);
   std::vector<char> flip(b);
-  for (int64_t k = 0; k < b; ++k) {
-    dy[k] = p ? static_cast<int64_t>(r.below(2 * p + 1)) - p : 0;
-    dx[k] = p ? static_cast<int64_t>(r.below(2 * p + 1)) - p : 0;
-    flip[k] = aug_.horizontal_flip ? static_cast<char>(r.below(2)) : 0;
+  // The noise of the whole global batch is drawn, this rank keeps its slice: the same numbers as in one process.
+  for (int64_t g = 0; g < skip + b; ++g) {
+    const int64_t k = g - skip;
+    const int64_t y0 = p ? static_cast<int64_t>(r.below(2 * p + 1)) - p : 0;
+    const int64_t x0 = p ? static_cast<int64_t>(r.below(2 * p + 1)) - p : 0;
+    const char f = aug_.horizontal_flip ? static_cast<char>(r.below(2)) : 0;
+    if (k < 0) continue;
+    dy[k] = y0;
+    dx[k] = x0;
+    flip[k] = f;
   }
   const int64_t C = images_.size(1), H = images_.size(2), W = images_.size(3);
   std::vector<float> pad(C, 0.f);

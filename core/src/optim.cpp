@@ -7,11 +7,16 @@
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include "isp/distributed.h"
 #include "isp/registry/error.h"
 
 namespace isp {
 
 namespace {
+// DDP's default bucket size: big enough that per-message latency does not dominate, small enough that the first
+// buckets are reduced while the backward pass is still computing the rest.
+constexpr int64_t kDistBucketBytes = 25 << 20;
+
 std::string shape_of(const at::Tensor& t) {
   std::string s = "[";
   for (int64_t i = 0; i < t.dim(); ++i) s += (i ? "," : "") + std::to_string(t.size(i));
@@ -43,9 +48,19 @@ FlatOptimizer::FlatOptimizer(std::vector<at::Tensor> params, double lr) : lr_val
   flat_grad_ = at::zeros({total}, opts.requires_grad(false));
   lr_ = at::full({}, lr, opts.dtype(at::kDouble).requires_grad(false));
   relink();
+  if (dist::active()) {
+    // Every rank starts from rank 0's values (they agree anyway when every rank seeded alike; this makes it so),
+    // and gradients are averaged in buckets of the flat gradient buffer as the backward pass fills them.
+    dist::broadcast({flat_param_}, "initial parameters");
+    buckets_ = std::make_unique<dist::GradientBuckets>(params_, offsets_, flat_grad_, kDistBucketBytes);
+  }
 }
 
 FlatOptimizer::~FlatOptimizer() = default;
+
+void FlatOptimizer::sync_gradients() {
+  if (buckets_) buckets_->finish();
+}
 
 void FlatOptimizer::relink() {
   c10::NoGradGuard ng;
@@ -105,6 +120,7 @@ FlatSgd::FlatSgd(std::vector<at::Tensor> params, const FlatSgdOptions& o) : Flat
 #define ISP_NO_AUTOCAST c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset)
 
 void FlatSgd::step() {
+  sync_gradients();
   c10::NoGradGuard ng;
   ISP_NO_AUTOCAST;
   at::Tensor d = o_.weight_decay != 0 ? flat_grad_.add(flat_param_, o_.weight_decay) : flat_grad_;
@@ -128,6 +144,7 @@ FlatAdam::FlatAdam(std::vector<at::Tensor> params, const FlatAdamOptions& o) : F
 }
 
 void FlatAdam::step() {
+  sync_gradients();
   c10::NoGradGuard ng;
   ISP_NO_AUTOCAST;
   step_.add_(1);

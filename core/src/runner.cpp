@@ -2,6 +2,7 @@
 // resume (--resume), reruns of changed stages (--force) and reuse of another run's stages (--reuse).
 #include "isp/accel.h"
 #include "isp/runner.h"
+#include "isp/distributed.h"
 #include "isp/interfaces/backbone.h"
 
 #include <ATen/Context.h>
@@ -70,12 +71,13 @@ Runtime apply_runtime(const Recipe& r) {
   json rt = r.doc.value("runtime", json::object());
   if (!rt.is_object()) throw RecipeError(r.where("/runtime"), "expected an object");
   static const std::set<std::string> known = {"threads", "device", "deterministic", "precision", "channels_last",
-                                               "cuda_graphs", "fold_batchnorm"};
+                                               "cuda_graphs", "fold_batchnorm", "dist_backend", "dist_timeout_s",
+                                               "dist_allow_reshard"};
   for (auto it = rt.begin(); it != rt.end(); ++it)
     if (!known.count(it.key()))
       throw RecipeError(r.where("/runtime/" + it.key()),
                         "unknown runtime setting (known: threads, device, deterministic, precision, channels_last, "
-                        "cuda_graphs, fold_batchnorm)");
+                        "cuda_graphs, fold_batchnorm, dist_backend, dist_timeout_s, dist_allow_reshard)");
   Runtime out;
   out.threads = 0;
   if (rt.contains("threads")) {
@@ -83,7 +85,12 @@ Runtime apply_runtime(const Recipe& r) {
       throw RecipeError(r.where("/runtime/threads"), "expected an integer >= 0 (0 = all cores), got " + rt["threads"].dump());
     out.threads = rt["threads"];
   }
-  if (out.threads == 0) out.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (out.threads == 0) {
+    // All cores, shared by the processes of this node in a data-parallel run (LOCAL_WORLD_SIZE, as torchrun sets).
+    const char* local_world = std::getenv("LOCAL_WORLD_SIZE");
+    const int procs = local_world ? std::max(1, std::atoi(local_world)) : 1;
+    out.threads = std::max(1, static_cast<int>(std::max(1u, std::thread::hardware_concurrency())) / procs);
+  }
   // The default intra-op pool starts with 1 thread on small VMs: always set it.
   at::set_num_threads(out.threads);
   std::string dev = rt.value("device", std::string("auto"));
@@ -113,7 +120,22 @@ Runtime apply_runtime(const Recipe& r) {
     throw RecipeError(r.where(std::string("/runtime/") + key), "expected true, false or \"auto\", got " + v.dump());
   };
   out.speed.channels_last = on_off_auto("channels_last", cuda);
-  out.speed.cuda_graphs = on_off_auto("cuda_graphs", cuda && cuda_graphs_supported() && !deterministic);
+  // Data-parallel runs (isp/distributed.h). Their gradient allreduces start from hooks inside the backward pass,
+  // which a captured CUDA graph would not replay: CUDA graphs are off there.
+  const bool data_parallel = dist::world_from_env().world_size > 1;
+  out.dist.backend = rt.value("dist_backend", std::string("auto"));
+  if (out.dist.backend != "auto" && out.dist.backend != "gloo" && out.dist.backend != "nccl")
+    throw RecipeError(r.where("/runtime/dist_backend"), "expected \"auto\", \"gloo\" or \"nccl\", got \"" + out.dist.backend + "\"");
+  if (rt.contains("dist_timeout_s") && (!rt["dist_timeout_s"].is_number() || rt["dist_timeout_s"].get<double>() < 1))
+    throw RecipeError(r.where("/runtime/dist_timeout_s"), "expected a number of seconds >= 1, got " + rt["dist_timeout_s"].dump());
+  out.dist.timeout_s = rt.value("dist_timeout_s", out.dist.timeout_s);
+  if (rt.contains("dist_allow_reshard") && !rt["dist_allow_reshard"].is_boolean())
+    throw RecipeError(r.where("/runtime/dist_allow_reshard"), "expected true or false, got " + rt["dist_allow_reshard"].dump());
+  out.dist.allow_reshard = rt.value("dist_allow_reshard", false);
+  if (data_parallel && rt.value("cuda_graphs", json("auto")) == json(true))
+    throw RecipeError(r.where("/runtime/cuda_graphs"), "CUDA graphs cannot capture a data-parallel step (its gradient "
+                                                         "allreduces start inside the backward pass); use \"auto\" or false");
+  out.speed.cuda_graphs = on_off_auto("cuda_graphs", cuda && cuda_graphs_supported() && !deterministic && !data_parallel);
   if (out.speed.cuda_graphs && !cuda)
     throw RecipeError(r.where("/runtime/cuda_graphs"), "CUDA graphs need runtime.device cuda; the device is " +
                                                            out.device.str());
@@ -293,6 +315,7 @@ int execute(RunFolder& f, std::vector<detail::PlannedStage>& plan, const Runtime
     rc.interrupted = &g_interrupted;
     rc.finished = finished;
     rc.log_metrics = [&metrics_path, name = p.name](json line) {
+      if (!writes_files()) return;  // data-parallel rank > 0
       line["stage"] = name;
       std::ofstream out(metrics_path, std::ios::app);
       out << line.dump() << "\n";
@@ -318,6 +341,8 @@ int execute(RunFolder& f, std::vector<detail::PlannedStage>& plan, const Runtime
     f.summary["stages"][p.name] = rc.summary;
     for (auto it = rc.summary.begin(); it != rc.summary.end(); ++it) f.summary[it.key()] = it.value();
     f.summary["device"] = rt.device.str();
+    f.summary["world_size"] = dist::world_size();
+    f.summary["dist_backend"] = dist::backend();
     f.summary["threads"] = at::get_num_threads();
     f.summary["speed"] = {{"precision", rt.speed.bf16 ? "bf16" : "fp32"}, {"channels_last", rt.speed.channels_last},
                           {"cuda_graphs", rt.speed.cuda_graphs}, {"fold_batchnorm", rt.speed.fold_batchnorm}};
@@ -360,12 +385,32 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   std::string work = o.work_dir;
   if (work.empty()) work = r.doc.value("work_dir", std::string());
   if (work.empty()) work = "work_dirs/" + fs::path(o.recipe_path).stem().string();
-  RunFolder f = open_run_folder(o, work);
+  // Data-parallel (RANK/WORLD_SIZE set, e.g. by --nproc-per-node): join the group. Rank 0 owns the run folder
+  // (lock, state, --force, --reuse); the others wait for it, then follow its state and write nothing.
+  struct GroupScope {
+    ~GroupScope() { dist::shutdown(); }
+  } group_scope;
+  const dist::WorldInfo world = dist::world_from_env();
+  dist::init(world, rt.dist, rt.device);
   const json resolved = detail::resolved_document(r, ctx);
-  handle_changed_stages(f, plan, o.force);
-  for (const auto& from : o.reuse_from) reuse_stages(f, plan, from);
-  save(work + "/recipe.resolved.json", resolved);
-  f.save_state();
+  RunFolder f;
+  if (world.rank == 0) {
+    f = open_run_folder(o, work);
+    handle_changed_stages(f, plan, o.force);
+    for (const auto& from : o.reuse_from) reuse_stages(f, plan, from);
+    save(work + "/recipe.resolved.json", resolved);
+    f.save_state();
+  }
+  dist::barrier("run folder ready");
+  if (world.rank != 0) {
+    f.dir = work;
+    f.state = detail::read_json_or(work + "/state.json", json{{"completed", json::array()}});
+    f.summary = detail::read_json_or(work + "/summary.json", json::object());
+    if (!f.summary.contains("stages")) f.summary["stages"] = json::object();
+  }
+  if (world.world_size > 1)
+    std::fprintf(stderr, "[rank %d of %d] %s backend, %d thread(s), run folder %s\n", world.rank, world.world_size,
+                 dist::backend().c_str(), at::get_num_threads(), work.c_str());
 
   g_interrupted.store(false);
   auto previous = std::signal(SIGINT, on_sigint);

@@ -16,6 +16,7 @@
 
 #include "isp/checkpoint.h"
 #include "isp/data.h"
+#include "isp/distributed.h"
 #include "isp/op_profile.h"
 #include "isp/optim.h"
 #include "isp/registry/recipe.h"
@@ -35,6 +36,7 @@ double now_seconds() {
 Progress::Progress(std::string label)
     : label_(std::move(label)), tty_(::isatty(STDERR_FILENO) != 0), last_(now_seconds()) {}
 void Progress::update(const std::string& text, bool force) {
+  if (dist::rank() != 0) return;  // data-parallel: rank 0 reports the global figures
   double t = now_seconds();
   if (tty_) {
     if (!force && t - last_ < 0.25) return;
@@ -49,6 +51,7 @@ void Progress::update(const std::string& text, bool force) {
   last_ = t;
 }
 void Progress::finish(const std::string& text) {
+  if (dist::rank() != 0) return;
   if (tty_) std::fprintf(stderr, "\r\x1b[K");
   std::fprintf(stderr, "[%s] %s\n", label_.c_str(), text.c_str());
   last_ = now_seconds();  // in logs, the next step line comes 30 s after any line, an epoch's included
@@ -89,6 +92,7 @@ void TrainLoopHooks::checkpoint(torch::nn::Module& module, torch::optim::Optimiz
     r.optimizer("optimizer", optimizer);
   };
   save_best = [&module, name](CheckpointWriter& w) { w.module(name, module); };
+  replicas = {&module};
 }
 
 void TrainLoopHooks::checkpoint(torch::nn::Module& module, FlatOptimizer& optimizer, const std::string& name) {
@@ -102,6 +106,7 @@ void TrainLoopHooks::checkpoint(torch::nn::Module& module, FlatOptimizer& optimi
     r.optimizer("optimizer", optimizer);
   };
   save_best = [&module, name](CheckpointWriter& w) { w.module(name, module); };
+  replicas = {&module};
 }
 
 TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& h, BatchLoader& loader, RunContext& ctx) {
@@ -129,11 +134,31 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
       std::fprintf(stderr, "[%s] WARNING: %s; resuming from the previous checkpoint %s\n", ctx.stage_name.c_str(),
                    e.what(), prev_path.c_str());
       resumed = std::make_unique<CheckpointReader>(prev_path);
-      fs::remove(ckpt_path);  // so the next save does not rotate the damaged file over the good one
+      if (writes_files()) fs::remove(ckpt_path);  // so the next save does not rotate the damaged file over the good one
     }
   }
+  // Data-parallel: this rank's slice of every global batch; its own noise stream (rank 0 keeps the one-process
+  // stream, so a world of one is the single-process run).
+  const int world = dist::world_size(), rank = dist::rank();
+  if (world > 1) loader.shard(rank, world);
+  auto seed_rank_streams = [&] {
+    if (rank == 0) return;
+    const uint64_t s = mix_seed(ctx.seed, static_cast<uint64_t>(rank), 0xD157);
+    at::Generator(at::detail::getDefaultCPUGenerator()).set_current_seed(s);
+    if (!ctx.device.is_cpu()) at::Generator(at::globalContext().defaultGenerator(ctx.device)).set_current_seed(s);
+  };
+  auto sync_replica_buffers = [&](const char* what) {
+    for (auto* m : h.replicas) dist::broadcast_module(*m, /*parameters=*/false, /*buffers=*/true, what);
+  };
+  if (!resumed) seed_rank_streams();
   if (resumed) {
     CheckpointReader& r = *resumed;
+    const int64_t saved_world = r.meta().value("world_size", int64_t{1});
+    if (saved_world != world && !dist::settings().allow_reshard)
+      throw Error(r.path() + ": this checkpoint was written by a run of " + std::to_string(saved_world) +
+                  " process(es), and this run has " + std::to_string(world) + "; resume with the same world size, or "
+                  "set runtime.dist_allow_reshard to continue with the data split anew (the epoch's remaining "
+                  "batches are then not exactly the ones the original run would have taken)");
     h.load(r);
     const json& m = r.meta();
     start_epoch = m.at("epoch");
@@ -145,9 +170,11 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
     res.train_seconds = m.value("train_seconds", 0.0);
     std::vector<double> saved = m.value("sums", std::vector<double>{});
     if (saved.size() == k) sums = saved;
-    if (r.has("rng")) at::Generator(at::detail::getDefaultCPUGenerator()).set_state(r.tensor("rng"));
-    if (!ctx.device.is_cpu() && r.has("rng_device"))
-      at::Generator(at::globalContext().defaultGenerator(ctx.device)).set_state(r.tensor("rng_device"));
+    const std::string sfx = rank == 0 ? "" : "_rank" + std::to_string(rank);
+    if (r.has("rng" + sfx)) at::Generator(at::detail::getDefaultCPUGenerator()).set_state(r.tensor("rng" + sfx));
+    else seed_rank_streams();  // re-sharded: this rank had no stream in the saved run
+    if (!ctx.device.is_cpu() && r.has("rng_device" + sfx))
+      at::Generator(at::globalContext().defaultGenerator(ctx.device)).set_state(r.tensor("rng_device" + sfx));
     // The selected weights so far must still be readable: find out now, not at model selection after the
     // remaining epochs (CheckpointReader names the file and what is wrong with it).
     if (res.best_epoch > 0) {
@@ -163,13 +190,22 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
   auto save_checkpoint = [&](int64_t epoch, int64_t step) {
     CheckpointWriter w;
     h.save(w);
-    w.tensor("rng", at::detail::getDefaultCPUGenerator().get_state());
-    if (!ctx.device.is_cpu())
-      w.tensor("rng_device", at::Generator(at::globalContext().defaultGenerator(ctx.device)).get_state());
+    // Every rank's noise streams go into rank 0's one checkpoint: a resumed run continues each of them.
+    const at::Tensor cpu_rng = at::detail::getDefaultCPUGenerator().get_state();
+    const std::vector<at::Tensor> cpu_rngs = dist::allgather(cpu_rng, "checkpoint RNG states");
+    for (int q = 0; q < world; ++q)
+      w.tensor(q == 0 ? "rng" : "rng_rank" + std::to_string(q), cpu_rngs[static_cast<std::size_t>(q)]);
+    if (!ctx.device.is_cpu()) {
+      const at::Tensor dev_rng = at::Generator(at::globalContext().defaultGenerator(ctx.device)).get_state();
+      const std::vector<at::Tensor> dev_rngs = dist::allgather(dev_rng, "checkpoint RNG states");
+      for (int q = 0; q < world; ++q)
+        w.tensor(q == 0 ? "rng_device" : "rng_device_rank" + std::to_string(q), dev_rngs[static_cast<std::size_t>(q)]);
+    }
     w.meta({{"epoch", epoch}, {"step", step}, {"best_epoch", res.best_epoch},
             {"best_score", std::isfinite(res.best_score) ? json(res.best_score) : json(nullptr)}, {"sums", sums},
             {"seen_in_epoch", seen_in_epoch}, {"images_seen", res.images_seen}, {"train_seconds", res.train_seconds},
-            {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}});
+            {"recipe", ctx.resolved_recipe}, {"stage", ctx.stage_name}, {"world_size", world}});
+    if (!writes_files()) return;  // rank > 0
     if (fs::exists(ckpt_path)) fs::rename(ckpt_path, prev_path);
     w.save_atomic(ckpt_path);
   };
@@ -203,14 +239,19 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
       if (profile_steps > 0 && steps_this_process == kTimingWarmupSteps) op_profile = std::make_unique<OpProfile>();
       Batch b = loader.get(step);
       dev_sums += h.step(b).detach().to(torch::kDouble).reshape({static_cast<int64_t>(k)}) * static_cast<double>(b.size());
-      seen_in_epoch += b.size();
-      res.images_seen += b.size();
+      seen_in_epoch += b.size() * world;  // the global batch (every rank's slice has the same size)
+      res.images_seen += b.size() * world;
       if (++steps_this_process == interrupt_after && ctx.interrupted) ctx.interrupted->store(true);
+      // Ctrl-C reaches the ranks at different steps: they agree to stop at the same one, decided here once.
+      bool stop_now = ctx.stop_requested();
+      if (world > 1) stop_now = dist::allreduce_max(stop_now ? 1.0 : 0.0, "stop flag") > 0;
+      if (stop_now && ctx.interrupted) ctx.interrupted->store(true);
       if (op_profile && steps_this_process == kTimingWarmupSteps + profile_steps) {
         if (!ctx.device.is_cpu()) dev_sums.cpu();  // the steps' queued kernels finish inside the profile
         const std::string table = op_profile->table(30, static_cast<double>(profile_steps));
         op_profile.reset();
-        std::ofstream(fs::path(ctx.stage_dir) / "op_profile.txt")
+        if (writes_files())
+          std::ofstream(fs::path(ctx.stage_dir) / "op_profile.txt")
             << ctx.stage_name << ": self time per step over " << profile_steps << " steps after "
             << kTimingWarmupSteps << " warm-up steps\n" << table;
         std::fprintf(stderr, "[%s] operator profile per step (%lld steps):\n%s", ctx.stage_name.c_str(),
@@ -219,7 +260,8 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
       const bool last_step = step + 1 == steps_per_epoch;
       ++window_steps;
       window_images += b.size();
-      if (last_step || step % spec.progress_every == 0 || ctx.stop_requested()) {
+      if (last_step || step % spec.progress_every == 0 || stop_now) {
+        dist::allreduce_sum(dev_sums, "step metrics");  // every rank's sums: the global batch's means
         at::Tensor host = dev_sums.cpu();
         for (std::size_t j = 0; j < k; ++j) sums[j] += host[static_cast<int64_t>(j)].item<double>();
         dev_sums.zero_();
@@ -245,7 +287,7 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
                       fmt_duration(per_step * static_cast<double>(total_steps - done)).c_str());
         progress.update(text + buf);
       }
-      if (ctx.stop_requested()) {
+      if (stop_now) {
         res.train_seconds += now_seconds() - t_epoch;
         save_checkpoint(epoch, step + 1);
         progress.finish("interrupted: checkpoint written to " + ckpt_path);
@@ -269,7 +311,10 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
     }
     const bool eval_now = (epoch + 1) % spec.eval_every == 0 || epoch + 1 == spec.epochs;
     if (eval_now && h.evaluate) {
+      sync_replica_buffers("BatchNorm statistics before evaluation");
       json val = h.evaluate(epoch);
+      // Rank 0's figures decide (model selection): every rank takes the same decision.
+      if (world > 1) val = json::parse(dist::broadcast_string(val.dump(), "evaluation metrics"));
       for (auto it = val.begin(); it != val.end(); ++it) {
         line[it.key()] = it.value();
         if (it.value().is_number()) text += " " + describe_metric(it.key(), it.value().get<double>());
@@ -293,6 +338,9 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
     seen_in_epoch = 0;
     save_checkpoint(epoch + 1, 0);
   }
+  sync_replica_buffers("BatchNorm statistics at the end of training");
+  // best.pt and checkpoint.pt are complete before any rank reads them.
+  dist::barrier("end of " + ctx.stage_name + "'s training loop");
   return res;
 }
 

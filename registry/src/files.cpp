@@ -1,5 +1,6 @@
 // Whole-file reads and atomic writes (temporary file in the same folder, fsync, rename): every file a run
 // writes goes through write_file_atomic, so a crash never leaves a half-written checkpoint or report.
+#include <atomic>
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -40,7 +41,14 @@ bool kill_now() {
 }
 }  // namespace
 
+namespace {
+std::atomic<bool> g_writes_files{true};
+}
+void set_writes_files(bool enabled) { g_writes_files.store(enabled); }
+bool writes_files() { return g_writes_files.load(); }
+
 void write_file_atomic(const std::string& path, const std::string& content) {
+  if (!writes_files()) return;
   const bool die_halfway = kill_now();
   fs::path p(path);
   if (p.has_parent_path()) fs::create_directories(p.parent_path());

@@ -27,6 +27,12 @@ class ISP_API BatchLoader {
   void start_epoch(uint64_t seed, int64_t epoch);
   // Batch i of the current epoch; augmentation noise derived from (seed, epoch, i).
   Batch get(int64_t i) const;
+  // Data-parallel training: batch i becomes this rank's 1/world slice of the global batch i (the same
+  // permutation and augmentation noise on every rank, so the ranks together see exactly the one-process batch).
+  // The batch size must divide by `world`; a last partial batch is cut to a multiple of `world` (at most world-1
+  // samples of an epoch are skipped), and dropped when it has fewer than `world` samples.
+  void shard(int rank, int world);
+  int world() const { return world_; }
   // The accelerator's path (the epoch's plan uploaded once, batches gathered by index grids) on any device;
   // automatic off the CPU. Tests use it to check that both paths give the same batches.
   void use_gather_path();
@@ -44,6 +50,7 @@ class ISP_API BatchLoader {
   at::Tensor pad_, rows_, cols_;  // accelerator: pad values [1,C,1,1], arange(H), arange(W)
   uint64_t seed_ = 0;
   int64_t epoch_ = 0;
+  int rank_ = 0, world_ = 1;
 };
 
 // Deterministic 64-bit mix of several integers (splitmix64), used for every derived seed.

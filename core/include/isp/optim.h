@@ -12,6 +12,7 @@
 // (p·(1 − lr·wd)) for AdamW; momentum buffer initialised with the first gradient (dampening 0); Adam's bias
 // corrections 1 − βᵗ. One difference: torch.optim skips a parameter whose gradient is None in a step, here
 // every gradient is defined (zero when unused), so such a parameter still decays.
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -21,6 +22,8 @@
 #include "isp/registry/api.h"
 
 namespace isp {
+
+namespace dist { class GradientBuckets; }
 
 class ISP_API FlatOptimizer {
  public:
@@ -36,6 +39,8 @@ class ISP_API FlatOptimizer {
   // the flat buffer and makes them views again. Cheap when nothing changed.
   void relink();
   int64_t numel() const { return flat_param_.numel(); }
+  // Data-parallel runs (isp/distributed.h): the gradient buckets of this optimizer (nullptr in one process).
+  const dist::GradientBuckets* gradient_buckets() const { return buckets_.get(); }
   // The optimizer's state, by name (momentum buffers, Adam moments, step, lr): what a checkpoint saves.
   std::vector<std::pair<std::string, at::Tensor>> state() const;
   // Copies saved state in place (throws isp::Error naming the entry when shapes differ).
@@ -44,6 +49,9 @@ class ISP_API FlatOptimizer {
  protected:
   FlatOptimizer(std::vector<at::Tensor> params, double lr);
   void add_state(const std::string& name, at::Tensor t) { state_.emplace_back(name, std::move(t)); }
+  // In a data-parallel run: waits for the gradient allreduces (started during backward) and averages; every
+  // step() begins with it. Nothing in one process.
+  void sync_gradients();
   std::vector<at::Tensor> params_;
   std::vector<int64_t> offsets_;
   std::vector<std::vector<int64_t>> strides_;
@@ -53,6 +61,7 @@ class ISP_API FlatOptimizer {
 
  private:
   std::vector<std::pair<std::string, at::Tensor>> state_;
+  std::unique_ptr<dist::GradientBuckets> buckets_;
 };
 
 struct FlatSgdOptions {

@@ -8,6 +8,7 @@
 
 #include <c10/core/Device.h>
 
+#include "isp/distributed.h"
 #include "isp/interfaces/stage.h"
 #include "isp/registry/build_context.h"
 #include "isp/registry/recipe.h"
@@ -33,6 +34,7 @@ struct Runtime {
   c10::Device device = c10::Device(c10::kCPU);
   int threads = 1;
   SpeedSettings speed;
+  dist::Settings dist;  // runtime.dist_backend, dist_timeout_s, dist_allow_reshard (data-parallel runs)
 };
 
 // Loads the recipe's `plugins` entries (files or folders, relative to the recipe) into `reg`.

@@ -45,6 +45,10 @@ struct TrainLoopHooks {
   std::function<void(CheckpointWriter&)> save;        // everything step() changes: model, optimiser, ...
   std::function<void(CheckpointReader&)> load;
   std::function<void(CheckpointWriter&)> save_best;   // what best.pt holds (required with score)
+  // Data-parallel runs (isp/distributed.h): the trained modules, whose buffers (BatchNorm statistics, computed
+  // per rank) are made rank 0's before every evaluation and at the end, as DDP's broadcast_buffers does.
+  // checkpoint() sets it to its module.
+  std::vector<torch::nn::Module*> replicas;
   // The common case: save/load = the module (as `name`) and its optimiser, save_best = the module.
   ISP_API void checkpoint(torch::nn::Module& module, torch::optim::Optimizer& optimizer, const std::string& name = "model");
   // The same for a flat optimizer; after loading the module, its parameters are linked back into the buffer.

@@ -59,6 +59,11 @@ ISP_API void check_references(const Recipe& r);
 
 // Writes text to `path` atomically: a temporary file in the same folder, fsync'd, then renamed over it.
 ISP_API void write_file_atomic(const std::string& path, const std::string& content);
+// Whether this process writes files. A data-parallel run (isp/distributed.h) turns it off on every rank but 0:
+// they compute what rank 0 computes, and write_file_atomic (through which checkpoints, reports and the run
+// folder's state all go) does nothing there.
+ISP_API void set_writes_files(bool enabled);
+ISP_API bool writes_files();
 ISP_API std::string read_text_file(const std::string& path);
 
 }  // namespace isp
