@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <c10/core/GradMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
@@ -52,7 +53,9 @@ FlatOptimizer::FlatOptimizer(std::vector<at::Tensor> params, double lr) : lr_val
     // Every rank starts from rank 0's values (they agree anyway when every rank seeded alike; this makes it so),
     // and gradients are averaged in buckets of the flat gradient buffer as the backward pass fills them.
     dist::broadcast({flat_param_}, "initial parameters");
-    buckets_ = std::make_unique<dist::GradientBuckets>(params_, offsets_, flat_grad_, kDistBucketBytes);
+    const char* env = std::getenv("ISP_DIST_BUCKET_BYTES");  // tests: small buckets on small models
+    const int64_t cap = env ? std::max<int64_t>(256, std::atoll(env)) : kDistBucketBytes;
+    buckets_ = std::make_unique<dist::GradientBuckets>(params_, offsets_, flat_grad_, cap);
   }
 }
 
