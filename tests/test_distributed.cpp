@@ -248,3 +248,28 @@ TEST_CASE("a rank killed with SIGKILL ends the other with a clear error; the fol
   CHECK(s["epochs"] == 40);
   fs::remove_all(dir);
 }
+
+TEST_CASE("a rank that hangs (SIGSTOP) ends the other within runtime.dist_timeout_s, with a clear error") {
+  const auto dir = isp_test::temp_dir("dist_hang");
+  const fs::path log0 = dir / "rank0.txt", log1 = dir / "rank1.txt";
+  const double timeout_s = 5;
+  std::ofstream(dir / "r.json") << tiny_recipe(40, timeout_s).dump(2);
+  const int port = free_port();
+  const std::vector<std::string> args{"run", (dir / "r.json").string(), "--work-dir", (dir / "w").string()};
+  const pid_t r0 = spawn(ISP_TEST_BINARY, args, rank_env(0, 2, port), log0);
+  const pid_t r1 = spawn(ISP_TEST_BINARY, args, rank_env(1, 2, port), log1);
+  REQUIRE_MESSAGE(wait_until([&] { return fs::exists(dir / "w" / "classifier" / "checkpoint.pt"); }, 120), tail(log0));
+  REQUIRE(::kill(r1, SIGSTOP) == 0);
+  const auto t_stop = std::chrono::steady_clock::now();
+  const int code = wait_exit(r0);
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_stop).count();
+  ::kill(r1, SIGKILL);
+  wait_exit(r1);
+  MESSAGE("rank 0 exited with " << code << " " << took << " s after rank 1 stopped (timeout " << timeout_s << " s)");
+  CHECK(code == 2);
+  CHECK(took >= timeout_s - 1);
+  CHECK(took < timeout_s + 10);
+  const std::string text = isp::read_text_file(log0.string());
+  CHECK_MESSAGE(text.find("did not answer within runtime.dist_timeout_s = 5 s") != std::string::npos, tail(log0));
+  fs::remove_all(dir);
+}

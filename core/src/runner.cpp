@@ -411,12 +411,42 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   if (world.world_size > 1)
     std::fprintf(stderr, "[rank %d of %d] %s backend, %d thread(s), run folder %s\n", world.rank, world.world_size,
                  dist::backend().c_str(), at::get_num_threads(), work.c_str());
+  // Ranks > 0 log to <work>/logs/rank<r>.log, so the console shows each line once (rank 0's); their errors
+  // still reach the console, naming that file.
+  int console = -1;
+  std::string rank_log;
+  if (world.rank != 0) {
+    rank_log = work + "/logs/rank" + std::to_string(world.rank) + ".log";
+    fs::create_directories(work + "/logs");
+    const int fd = ::open(rank_log.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      std::fflush(stderr);
+      console = ::dup(STDERR_FILENO);
+      ::dup2(fd, STDERR_FILENO);
+      ::close(fd);
+    }
+  }
+  struct ConsoleRestore {
+    int fd;
+    ~ConsoleRestore() {
+      if (fd < 0) return;
+      std::fflush(stderr);
+      ::dup2(fd, STDERR_FILENO);
+      ::close(fd);
+    }
+  } console_restore{console};
 
   g_interrupted.store(false);
   auto previous = std::signal(SIGINT, on_sigint);
   int code = 0;
   try {
     code = execute(f, plan, rt, resolved, o.resume);
+  } catch (const std::exception& e) {
+    std::signal(SIGINT, previous);
+    if (console < 0) throw;
+    // Into the rank's log, and (main prints it once the console is back) to the console with the log's name.
+    std::fprintf(stderr, "error: %s\n", e.what());
+    throw Error(std::string(e.what()) + " [rank " + std::to_string(world.rank) + "; its log: " + rank_log + "]");
   } catch (...) {
     std::signal(SIGINT, previous);
     throw;
