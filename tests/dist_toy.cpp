@@ -1,4 +1,5 @@
-// isp_dist_toy WORK_DIR OUT_FILE: trains a BatchNorm-free toy network for 2 epochs (12 steps of global batch 16,
+// isp_dist_toy WORK_DIR OUT_FILE [bn]: trains a toy network (BatchNorm-free, or with "bn" a conv + BatchNorm pair
+// run through isp::ConvBatchNorm, synchronised when ISP_TOY_SYNC_BN=1) for 2 epochs (12 steps of global batch 16,
 // with crop and flip augmentation) through isp's own training path -- BatchLoader, FlatSgd with momentum and
 // weight decay, run_train_loop -- in one process, or data-parallel when RANK/WORLD_SIZE/MASTER_* are set. Rank 0
 // writes the final parameters to OUT_FILE as float64. test_distributed.cpp compares a 2-process run with a
@@ -6,38 +7,50 @@
 #include <torch/torch.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <fstream>
 
 #include "isp/data.h"
 #include "isp/distributed.h"
+#include "isp/interfaces/backbone.h"
 #include "isp/optim.h"
 #include "isp/registry/recipe.h"
 #include "isp/train.h"
 
 namespace {
 struct Toy : torch::nn::Module {
-  Toy() {
+  explicit Toy(bool with_bn) {
     conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)));
+    if (with_bn) bn = register_module("bn", torch::nn::BatchNorm2d(4));
     fc = register_module("fc", torch::nn::Linear(4 * 8 * 8, 3));
   }
-  at::Tensor forward(const at::Tensor& x) { return fc->forward(torch::relu(conv->forward(x)).flatten(1)); }
+  at::Tensor forward(const at::Tensor& x) {
+    const at::Tensor h = bn ? conv_bn(*conv, *bn, x) : conv->forward(x);
+    return fc->forward(torch::relu(h).flatten(1));
+  }
   torch::nn::Conv2d conv{nullptr};
+  torch::nn::BatchNorm2d bn{nullptr};
   torch::nn::Linear fc{nullptr};
+  isp::ConvBatchNorm conv_bn;
 };
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    std::fprintf(stderr, "usage: isp_dist_toy WORK_DIR OUT_FILE\n");
+  if (argc < 3 || argc > 4) {
+    std::fprintf(stderr, "usage: isp_dist_toy WORK_DIR OUT_FILE [bn]\n");
     return 2;
   }
+  const bool with_bn = argc == 4 && std::string(argv[3]) == "bn";
   try {
     at::set_num_threads(1);
     isp::dist::Settings settings;
     settings.timeout_s = 60;
+    const char* sync = std::getenv("ISP_TOY_SYNC_BN");
+    settings.sync_batchnorm = sync && std::string(sync) == "1";
     isp::dist::init(isp::dist::world_from_env(), settings, c10::Device(c10::kCPU));
     torch::manual_seed(7);
-    auto model = std::make_shared<Toy>();
+    auto model = std::make_shared<Toy>(with_bn);
     isp::ImageSplit split;
     split.images = torch::randn({96, 1, 8, 8});
     split.labels = torch::randint(0, 3, {96}, torch::kLong);
@@ -65,6 +78,7 @@ int main(int argc, char** argv) {
     isp::run_train_loop(spec, hooks, loader, ctx);
     std::vector<at::Tensor> flat;
     for (const auto& p : model->parameters()) flat.push_back(p.detach().to(torch::kDouble).reshape({-1}));
+    for (const auto& b : model->buffers()) flat.push_back(b.detach().to(torch::kDouble).reshape({-1}));
     at::Tensor all = torch::cat(flat).contiguous();
     if (isp::writes_files()) {
       std::ofstream out(argv[2], std::ios::binary);

@@ -155,6 +155,38 @@ TEST_CASE("data-parallel: 2 processes x 1 thread end with the weights of 1 proce
   fs::remove_all(dir);
 }
 
+TEST_CASE("SyncBatchNorm: with runtime.dist_sync_batchnorm 2 processes end with 1 process's weights and BatchNorm "
+          "statistics; with per-rank statistics (the default) they do not") {
+  const auto dir = isp_test::temp_dir("dist_syncbn");
+  const fs::path log = dir / "log.txt";
+  auto two_ranks = [&](const std::string& name, bool sync) {
+    const int port = free_port();
+    std::vector<pid_t> pids;
+    for (int r = 0; r < 2; ++r) {
+      auto env = rank_env(r, 2, port);
+      env.push_back(std::string("ISP_TOY_SYNC_BN=") + (sync ? "1" : "0"));
+      pids.push_back(spawn(ISP_TEST_DIST_TOY, {(dir / name).string(), (dir / (name + ".bin")).string(), "bn"}, env, log));
+    }
+    for (pid_t p : pids) REQUIRE_MESSAGE(wait_exit(p) == 0, tail(log));
+    return read_doubles(dir / (name + ".bin"));
+  };
+  REQUIRE(wait_exit(spawn(ISP_TEST_DIST_TOY, {(dir / "one").string(), (dir / "one.bin").string(), "bn"}, {}, log)) == 0);
+  const std::vector<double> one = read_doubles(dir / "one.bin");
+  const std::vector<double> synced = two_ranks("sync", true), per_rank = two_ranks("per_rank", false);
+  REQUIRE(one.size() == 828);  // 819 parameters, running mean and variance, batches tracked
+  REQUIRE(synced.size() == one.size());
+  REQUIRE(per_rank.size() == one.size());
+  double d_sync = 0, d_rank = 0;
+  for (std::size_t i = 0; i < one.size(); ++i) {
+    d_sync = std::max(d_sync, std::abs(one[i] - synced[i]));
+    d_rank = std::max(d_rank, std::abs(one[i] - per_rank[i]));
+  }
+  MESSAGE("max |difference| to 1 process: SyncBatchNorm " << d_sync << ", per-rank statistics " << d_rank);
+  CHECK(d_sync <= 1e-6);
+  CHECK(d_rank > 1e-4);
+  fs::remove_all(dir);
+}
+
 TEST_CASE("isp run --nproc-per-node 2: the quick classifier reaches one process's accuracy; world size 2 recorded") {
   const auto dir = isp_test::temp_dir("dist_quick");
   const fs::path log = dir / "log.txt";

@@ -7,6 +7,7 @@
 
 #include <atomic>
 
+#include "isp/distributed.h"
 #include "isp/interfaces/backbone.h"
 
 namespace isp {
@@ -39,7 +40,10 @@ at::Tensor ConvBatchNorm::operator()(torch::nn::Conv2dImpl& conv, torch::nn::Bat
       !(c10::GradMode::is_enabled() &&
         (wants_grad(conv.weight) || wants_grad(conv.bias) || wants_grad(bn.weight) || wants_grad(bn.bias)));
   last_folded_ = foldable;
-  if (!foldable) return bn.forward(conv.forward(x));
+  if (!foldable) {
+    const at::Tensor y = conv.forward(x);
+    return dist::sync_batchnorm_applies(bn) ? dist::sync_batch_norm(y, bn) : bn.forward(y);
+  }
 
   // Folded afresh on every call, a few small kernels over the weights. A cache keyed on the tensors' version
   // counters served stale folds: BN running statistics are updated inside the batch_norm kernel and optimizer

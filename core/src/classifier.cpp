@@ -43,13 +43,7 @@ EvalResult evaluate_classifier(const Classifier& c, const ImageSplit& split, int
   bool was_training = c.module->is_training();
   c.module->eval();
   // Data-parallel: each rank evaluates its contiguous share of the split; the sums are added over the ranks.
-  ImageSplit part = split;
-  if (dist::active()) {
-    const auto [begin, end] = dist::shard_range(split.size(), dist::rank(), dist::world_size());
-    part.images = split.images.narrow(0, begin, end - begin);
-    part.labels = split.labels.narrow(0, begin, end - begin);
-  }
-  BatchLoader loader(part, batch_size, false, Augmentation{}, device);
+  BatchLoader loader(rank_share(split), batch_size, false, Augmentation{}, device);
   loader.start_epoch(0, 0);
   at::Tensor correct = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(device));
   at::Tensor loss = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));

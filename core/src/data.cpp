@@ -1,5 +1,6 @@
 // Dataset helpers (bundle assembly, stratified splits) and the batch loader.
 #include "isp/data.h"
+#include "isp/distributed.h"
 
 #include <ATen/ATen.h>
 #include <torch/nn/module.h>
@@ -203,6 +204,15 @@ int64_t BatchLoader::num_batches() const {
   if (n_ == 0) return 0;
   if (world_ > 1) return n_ / batch_size_ + (!drop_last_ && n_ % batch_size_ >= world_ ? 1 : 0);
   return drop_last_ ? std::max<int64_t>(1, n_ / batch_size_) : (n_ + batch_size_ - 1) / batch_size_;
+}
+
+ImageSplit rank_share(const ImageSplit& split) {
+  if (!dist::active()) return split;
+  const auto [begin, end] = dist::shard_range(split.size(), dist::rank(), dist::world_size());
+  ImageSplit part = split;
+  part.images = split.images.narrow(0, begin, end - begin);
+  part.labels = split.labels.narrow(0, begin, end - begin);
+  return part;
 }
 
 void BatchLoader::shard(int rank, int world) {

@@ -270,6 +270,23 @@ std::vector<at::Tensor> allgather(const at::Tensor& t, const std::string& what) 
   return res;
 }
 
+at::Tensor allgather_rows(const at::Tensor& local, int64_t n_total, const std::string& what) {
+  if (!g_group) return local;
+  const int world = g_group->world.world_size;
+  const int64_t most = (n_total + world - 1) / world;  // equal shapes for allgather: pad every share to the largest
+  std::vector<int64_t> shape = local.sizes().vec();
+  shape[0] = most;
+  at::Tensor padded = at::zeros(shape, local.options());
+  if (local.size(0) > 0) padded.narrow(0, 0, local.size(0)).copy_(local);
+  std::vector<at::Tensor> all = allgather(padded, what);
+  std::vector<at::Tensor> parts;
+  for (int r = 0; r < world; ++r) {
+    const auto [begin, end] = shard_range(n_total, r, world);
+    parts.push_back(all[static_cast<std::size_t>(r)].narrow(0, 0, end - begin));
+  }
+  return at::cat(parts, 0);
+}
+
 std::string broadcast_string(const std::string& s, const std::string& what) {
   if (!g_group) return s;
   std::vector<at::Tensor> len{for_comm(at::full({1}, static_cast<int64_t>(s.size()), at::kLong))};

@@ -72,12 +72,13 @@ Runtime apply_runtime(const Recipe& r) {
   if (!rt.is_object()) throw RecipeError(r.where("/runtime"), "expected an object");
   static const std::set<std::string> known = {"threads", "device", "deterministic", "precision", "channels_last",
                                                "cuda_graphs", "fold_batchnorm", "dist_backend", "dist_timeout_s",
-                                               "dist_allow_reshard"};
+                                               "dist_allow_reshard", "dist_sync_batchnorm"};
   for (auto it = rt.begin(); it != rt.end(); ++it)
     if (!known.count(it.key()))
       throw RecipeError(r.where("/runtime/" + it.key()),
                         "unknown runtime setting (known: threads, device, deterministic, precision, channels_last, "
-                        "cuda_graphs, fold_batchnorm, dist_backend, dist_timeout_s, dist_allow_reshard)");
+                        "cuda_graphs, fold_batchnorm, dist_backend, dist_timeout_s, dist_allow_reshard, "
+                        "dist_sync_batchnorm)");
   Runtime out;
   out.threads = 0;
   if (rt.contains("threads")) {
@@ -132,6 +133,9 @@ Runtime apply_runtime(const Recipe& r) {
   if (rt.contains("dist_allow_reshard") && !rt["dist_allow_reshard"].is_boolean())
     throw RecipeError(r.where("/runtime/dist_allow_reshard"), "expected true or false, got " + rt["dist_allow_reshard"].dump());
   out.dist.allow_reshard = rt.value("dist_allow_reshard", false);
+  if (rt.contains("dist_sync_batchnorm") && !rt["dist_sync_batchnorm"].is_boolean())
+    throw RecipeError(r.where("/runtime/dist_sync_batchnorm"), "expected true or false, got " + rt["dist_sync_batchnorm"].dump());
+  out.dist.sync_batchnorm = rt.value("dist_sync_batchnorm", false);
   if (data_parallel && rt.value("cuda_graphs", json("auto")) == json(true))
     throw RecipeError(r.where("/runtime/cuda_graphs"), "CUDA graphs cannot capture a data-parallel step (its gradient "
                                                          "allreduces start inside the backward pass); use \"auto\" or false");
@@ -343,6 +347,7 @@ int execute(RunFolder& f, std::vector<detail::PlannedStage>& plan, const Runtime
     f.summary["device"] = rt.device.str();
     f.summary["world_size"] = dist::world_size();
     f.summary["dist_backend"] = dist::backend();
+    f.summary["dist_sync_batchnorm"] = dist::active() && dist::settings().sync_batchnorm;
     f.summary["threads"] = at::get_num_threads();
     f.summary["speed"] = {{"precision", rt.speed.bf16 ? "bf16" : "fp32"}, {"channels_last", rt.speed.channels_last},
                           {"cuda_graphs", rt.speed.cuda_graphs}, {"fold_batchnorm", rt.speed.fold_batchnorm}};

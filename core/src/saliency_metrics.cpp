@@ -1,5 +1,6 @@
 // Faithfulness and localisation of saliency maps (isp/saliency_metrics.h, docs/method.md §9).
 #include "isp/saliency_metrics.h"
+#include "isp/distributed.h"
 
 #include <torch/torch.h>
 
@@ -100,9 +101,13 @@ SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&
   const at::Tensor rank_map = ranks_of(maps.view({n, h * w})), rank_random = ranks_of(random_scores),
                    rank_centred = ranks_of(centred_scores.contiguous());
 
+  // Data-parallel: each rank draws the curves of its share of the images (the costly part: 3 orderings x steps
+  // classifier passes), and every rank gathers all of them.
+  const auto [first, last] = dist::active() ? dist::shard_range(n, dist::rank(), dist::world_size())
+                                             : std::pair<int64_t, int64_t>{0, n};
   std::vector<at::Tensor> cd[3], ci[3];
-  for (int64_t b0 = 0; b0 < n; b0 += opt.batch_size) {
-    const int64_t b = std::min(opt.batch_size, n - b0);
+  for (int64_t b0 = first; b0 < last; b0 += opt.batch_size) {
+    const int64_t b = std::min(opt.batch_size, last - b0);
     const at::Tensor x = in.images.narrow(0, b0, b);
     // The whole image and the empty one (every pixel removed: the value 0) in one call: the class the classifier
     // predicts on the whole image, and both ends of every curve.
@@ -118,7 +123,11 @@ SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&
   }
   CurvePair* pairs[3] = {&r.map, &r.random, &r.centred};
   for (int o = 0; o < 3; ++o) {
-    const at::Tensor d = at::cat(cd[o], 0).to(at::kDouble), i = at::cat(ci[o], 0).to(at::kDouble);
+    const auto share = [&](std::vector<at::Tensor>& parts) {
+      at::Tensor t = parts.empty() ? at::zeros({0, opt.steps + 1}, fopts) : at::cat(parts, 0).to(at::kFloat);
+      return dist::allgather_rows(t, n, "saliency curves").to(at::kDouble);
+    };
+    const at::Tensor d = share(cd[o]), i = share(ci[o]);
     pairs[o]->deletion = to_vector(d.mean(0));
     pairs[o]->insertion = to_vector(i.mean(0));
     pairs[o]->deletion_auc = auc_of(d).mean().item<double>();

@@ -259,7 +259,7 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
       }
       const bool last_step = step + 1 == steps_per_epoch;
       ++window_steps;
-      window_images += b.size();
+      window_images += b.size() * world;
       if (last_step || step % spec.progress_every == 0 || stop_now) {
         dist::allreduce_sum(dev_sums, "step metrics");  // every rank's sums: the global batch's means
         at::Tensor host = dev_sums.cpu();

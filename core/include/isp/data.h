@@ -53,6 +53,10 @@ class ISP_API BatchLoader {
   int rank_ = 0, world_ = 1;
 };
 
+// This rank's contiguous share of `split` in a data-parallel run (isp/distributed.h), for sharded evaluation
+// whose sums are then added over the ranks; the whole split in one process.
+ISP_API ImageSplit rank_share(const ImageSplit& split);
+
 // Deterministic 64-bit mix of several integers (splitmix64), used for every derived seed.
 ISP_API uint64_t mix_seed(uint64_t a, uint64_t b = 0, uint64_t c = 0);
 

@@ -21,7 +21,7 @@
 
 #include "isp/registry/api.h"
 
-namespace torch { namespace nn { class Module; } }
+namespace torch { namespace nn { class Module; class BatchNorm2dImpl; } }
 
 namespace isp {
 namespace dist {
@@ -38,6 +38,7 @@ struct Settings {
   std::string backend = "auto";  // auto (gloo on the CPU, nccl on CUDA), gloo, nccl
   double timeout_s = 300;        // a collective (or the rendezvous) that waits longer fails with a clear error
   bool allow_reshard = false;    // --resume with another world size than the checkpoint's
+  bool sync_batchnorm = false;   // BatchNorm statistics of the global batch (SyncBatchNorm) instead of per rank
 };
 ISP_API const Settings& settings();
 
@@ -61,10 +62,19 @@ ISP_API void allreduce_sum(at::Tensor t, const std::string& what);              
 ISP_API double allreduce_max(double v, const std::string& what);
 // Every rank's copy of `t` (same shape on all), in rank order.
 ISP_API std::vector<at::Tensor> allgather(const at::Tensor& t, const std::string& what);
+// Rows computed in shares: every rank holds the rows shard_range(n_total, rank, world) of an [n_total, ...]
+// tensor; every rank gets the whole tensor, in order.
+ISP_API at::Tensor allgather_rows(const at::Tensor& local, int64_t n_total, const std::string& what);
 // Rank 0's string on every rank.
 ISP_API std::string broadcast_string(const std::string& s, const std::string& what);
 // Rank 0's parameters and/or buffers copied into every rank's module.
 ISP_API void broadcast_module(torch::nn::Module& m, bool parameters, bool buffers, const std::string& what);
+
+// SyncBatchNorm (sync_batchnorm.cpp): whether `bn` runs synchronised now (a data-parallel run with
+// runtime.dist_sync_batchnorm, bn in training mode), and the synchronised forward. ConvBatchNorm, through which
+// the backbones run every conv + BatchNorm pair, uses it.
+ISP_API bool sync_batchnorm_applies(const torch::nn::BatchNorm2dImpl& bn);
+ISP_API at::Tensor sync_batch_norm(const at::Tensor& x, torch::nn::BatchNorm2dImpl& bn);
 
 // The half-open range [begin, end) of `n` items that is `rank`'s share when split evenly (sharded evaluation).
 ISP_API std::pair<int64_t, int64_t> shard_range(int64_t n, int rank, int world);

@@ -21,6 +21,7 @@
 #include "isp/interfaces/dataset.h"
 #include "isp/registry/plugin.h"
 #include "isp/registry/recipe.h"
+#include "isp/distributed.h"
 #include "isp/train.h"
 #include "isp/accel.h"
 #include "isp/optim.h"
@@ -231,7 +232,8 @@ class TrainPredictor : public isp::Stage {
     predictor_->eval();
     classifier_->eval();
     ScopedSeed seeded(device, static_cast<uint64_t>(opt_.eval_seed));
-    isp::BatchLoader loader(split, opt_.eval_batch_size, false, isp::Augmentation{}, device);
+    // Data-parallel: this rank's share of the split; the sums are added over the ranks.
+    isp::BatchLoader loader(isp::rank_share(split), opt_.eval_batch_size, false, isp::Augmentation{}, device);
     loader.start_epoch(0, 0);
     at::Tensor kl = torch::zeros({}, torch::TensorOptions().dtype(torch::kDouble).device(device));
     at::Tensor agree = torch::zeros({}, torch::TensorOptions().dtype(torch::kLong).device(device));
@@ -244,9 +246,11 @@ class TrainPredictor : public isp::Stage {
       kl += isp::kl_per_sample(z, p).sum().to(torch::kDouble);
       agree += p.argmax(1).eq(z.argmax(1)).sum();
     }
+    at::Tensor sums = torch::stack({kl, agree.to(torch::kDouble)});
+    isp::dist::allreduce_sum(sums, "predictor evaluation");
     r.n = split.size();
-    r.kl = kl.item<double>() / static_cast<double>(r.n);
-    r.agreement = static_cast<double>(agree.item<int64_t>()) / static_cast<double>(r.n);
+    r.kl = sums[0].item<double>() / static_cast<double>(r.n);
+    r.agreement = sums[1].item<double>() / static_cast<double>(r.n);
     predictor_->train(was_training);
     return r;
   }

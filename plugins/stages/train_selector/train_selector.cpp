@@ -22,6 +22,7 @@
 #include "isp/interfaces/regularizer.h"
 #include "isp/registry/plugin.h"
 #include "isp/registry/recipe.h"
+#include "isp/distributed.h"
 #include "isp/train.h"
 #include "isp/accel.h"
 #include "isp/optim.h"
@@ -309,7 +310,8 @@ class TrainSelector : public isp::Stage {
     selector_->eval();
     classifier_->eval();
     predictor_->eval();
-    isp::BatchLoader loader(split, opt_.eval_batch_size, false, isp::Augmentation{}, device);
+    // Data-parallel: this rank's share of the split; the sums are added over the ranks.
+    isp::BatchLoader loader(isp::rank_share(split), opt_.eval_batch_size, false, isp::Augmentation{}, device);
     loader.start_epoch(0, 0);
     const auto dopt = torch::TensorOptions().dtype(torch::kDouble).device(device);
     at::Tensor kl = torch::zeros({}, dopt), area = torch::zeros({}, dopt);
@@ -325,10 +327,12 @@ class TrainSelector : public isp::Stage {
       agree += p.argmax(1).eq(z.argmax(1)).sum();
       area += P.flatten(1).mean(1).sum().to(torch::kDouble);
     }
+    at::Tensor sums = torch::stack({kl, area, agree.to(torch::kDouble)});
+    isp::dist::allreduce_sum(sums, "selector evaluation");
     r.n = split.size();
-    r.kl = kl.item<double>() / static_cast<double>(r.n);
-    r.area = area.item<double>() / static_cast<double>(r.n);
-    r.agreement = static_cast<double>(agree.item<int64_t>()) / static_cast<double>(r.n);
+    r.kl = sums[0].item<double>() / static_cast<double>(r.n);
+    r.area = sums[1].item<double>() / static_cast<double>(r.n);
+    r.agreement = sums[2].item<double>() / static_cast<double>(r.n);
     selector_->train(was_training);
     return r;
   }
