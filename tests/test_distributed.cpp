@@ -155,8 +155,8 @@ TEST_CASE("data-parallel: 2 processes x 1 thread end with the weights of 1 proce
   fs::remove_all(dir);
 }
 
-TEST_CASE("SyncBatchNorm: with runtime.dist_sync_batchnorm 2 processes end with 1 process's weights and BatchNorm "
-          "statistics; with per-rank statistics (the default) they do not") {
+TEST_CASE("SyncBatchNorm: 2 processes with runtime.dist_sync_batchnorm end with the weights and BatchNorm statistics "
+          "of 1 process but not with per-rank statistics (the default)") {
   const auto dir = isp_test::temp_dir("dist_syncbn");
   const fs::path log = dir / "log.txt";
   auto two_ranks = [&](const std::string& name, bool sync) {
@@ -187,7 +187,7 @@ TEST_CASE("SyncBatchNorm: with runtime.dist_sync_batchnorm 2 processes end with 
   fs::remove_all(dir);
 }
 
-TEST_CASE("isp run --nproc-per-node 2: the quick classifier reaches one process's accuracy; world size 2 recorded") {
+TEST_CASE("isp run --nproc-per-node 2: the quick classifier reaches the accuracy of 1 process and records world size 2") {
   const auto dir = isp_test::temp_dir("dist_quick");
   const fs::path log = dir / "log.txt";
   const std::string recipe = std::string(ISP_SOURCE_DIR) + "/configs/classifier/quick_fmnist.json";
@@ -239,8 +239,8 @@ TEST_CASE("two launchers as two nodes on loopback (--nnodes 2 --node-rank 0/1) f
   fs::remove_all(dir);
 }
 
-TEST_CASE("a rank killed with SIGKILL ends the other with a clear error; the folder resumes with 2 processes and "
-          "refuses 1") {
+TEST_CASE("a rank killed with SIGKILL ends the other with a clear error and the folder resumes with 2 processes but "
+          "not 1") {
   const auto dir = isp_test::temp_dir("dist_kill");
   const fs::path log0 = dir / "rank0.txt", log1 = dir / "rank1.txt", log = dir / "log.txt";
   const double timeout_s = 20;
@@ -281,7 +281,7 @@ TEST_CASE("a rank killed with SIGKILL ends the other with a clear error; the fol
   fs::remove_all(dir);
 }
 
-TEST_CASE("a rank that hangs (SIGSTOP) ends the other within runtime.dist_timeout_s, with a clear error") {
+TEST_CASE("a rank that hangs (SIGSTOP) ends the other within runtime.dist_timeout_s with a clear error") {
   const auto dir = isp_test::temp_dir("dist_hang");
   const fs::path log0 = dir / "rank0.txt", log1 = dir / "rank1.txt";
   const double timeout_s = 5;
@@ -303,5 +303,53 @@ TEST_CASE("a rank that hangs (SIGSTOP) ends the other within runtime.dist_timeou
   CHECK(took < timeout_s + 10);
   const std::string text = isp::read_text_file(log0.string());
   CHECK_MESSAGE(text.find("did not answer within runtime.dist_timeout_s = 5 s") != std::string::npos, tail(log0));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("Ctrl-C on one rank: both stop at the same step and the resumed 2-process run ends bit-identical to an "
+          "uninterrupted one") {
+  const auto dir = isp_test::temp_dir("dist_interrupt");
+  const fs::path log = dir / "log.txt";
+  std::ofstream(dir / "r.json") << tiny_recipe(3, 60).dump(2);
+  auto two_ranks = [&](const std::string& work, bool resume, int interrupt_rank0_after) {
+    const int port = free_port();
+    std::vector<std::string> args{"run", (dir / "r.json").string(), "--work-dir", (dir / work).string()};
+    if (resume) args.push_back("--resume");
+    std::vector<pid_t> pids;
+    for (int r = 0; r < 2; ++r) {
+      auto env = rank_env(r, 2, port);
+      // Only rank 0 sees the (injected) Ctrl-C: the ranks must still agree on the step to stop at.
+      if (r == 0 && interrupt_rank0_after > 0) env.push_back("ISP_INTERRUPT_AFTER_STEPS=" + std::to_string(interrupt_rank0_after));
+      pids.push_back(spawn(ISP_TEST_BINARY, args, env, log));
+    }
+    std::vector<int> codes;
+    for (pid_t p : pids) codes.push_back(wait_exit(p));
+    return codes;
+  };
+  const std::vector<int> ok{0, 0}, interrupted{130, 130};
+  REQUIRE(two_ranks("ref", false, 0) == ok);
+  REQUIRE_MESSAGE(two_ranks("cut", false, 11) == interrupted, tail(log));
+  isp::CheckpointReader cut((dir / "cut" / "classifier" / "checkpoint.pt").string());
+  CHECK(cut.meta()["epoch"] == 1);  // 8 steps per epoch: step 11 is the 3rd step of epoch 2
+  CHECK(cut.meta()["step"] == 3);
+  REQUIRE_MESSAGE(two_ranks("cut", true, 0) == ok, tail(log));
+  isp::CheckpointReader a((dir / "ref" / "classifier" / "final.pt").string()), b((dir / "cut" / "classifier" / "final.pt").string());
+  int compared = 0;
+  auto ta = a.all_tensors(), tb = b.all_tensors();
+  for (const auto& [name, t] : ta) {
+    REQUIRE(tb.count(name));
+    CHECK_MESSAGE(at::equal(t, tb[name]), name);
+    ++compared;
+  }
+  CHECK(compared > 20);
+
+  // runtime.dist_allow_reshard: the interrupted 2-process run continues in 1 process.
+  REQUIRE_MESSAGE(two_ranks("reshard", false, 11) == interrupted, tail(log));
+  REQUIRE_MESSAGE(wait_exit(spawn(ISP_TEST_BINARY, {"run", (dir / "r.json").string(), "--work-dir",
+                                                    (dir / "reshard").string(), "--resume", "--set",
+                                                    "runtime.dist_allow_reshard=true"}, {}, log)) == 0, tail(log));
+  const json s = json::parse(isp::read_text_file((dir / "reshard" / "summary.json").string()));
+  CHECK(s["world_size"] == 1);
+  CHECK(s["epochs"] == 3);
   fs::remove_all(dir);
 }

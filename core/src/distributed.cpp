@@ -65,6 +65,7 @@ struct Group {
   std::unique_ptr<Comm> comm;
 };
 std::unique_ptr<Group> g_group;
+Settings g_settings;  // the run's settings, also in one process (dist_allow_reshard applies there too)
 
 std::string where() {
   if (!g_group) return "distributed";
@@ -131,6 +132,7 @@ bool gloo_available() { return ISP_HAVE_GLOO != 0; }
 bool nccl_available() { return ISP_HAVE_NCCL != 0; }
 
 void init(const WorldInfo& w, const Settings& s, c10::Device device) {
+  g_settings = s;
   if (w.world_size <= 1) return;
   if (g_group) throw Error("distributed: init called twice");
   std::string backend = s.backend;
@@ -197,13 +199,11 @@ void init(const WorldInfo& w, const Settings& s, c10::Device device) {
 
 void shutdown() {
   g_group.reset();
+  g_settings = Settings();
   set_writes_files(true);
 }
 bool active() { return g_group != nullptr; }
-const Settings& settings() {
-  static const Settings defaults;
-  return g_group ? g_group->settings : defaults;
-}
+const Settings& settings() { return g_settings; }
 int rank() { return g_group ? g_group->world.rank : 0; }
 int world_size() { return g_group ? g_group->world.world_size : 1; }
 std::string backend() { return g_group ? g_group->backend : "none"; }
