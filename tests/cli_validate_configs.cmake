@@ -3,6 +3,15 @@
 if(NOT EXISTS /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz)
   message(FATAL_ERROR "dataset-fashion-mnist is not installed (scripts/setup.sh installs it)")
 endif()
+# configs/isp/quick_imagefolder.json reads an image folder: a tiny one made by the script its description names.
+find_program(PYTHON3 python3 REQUIRED)
+set(folder ${CMAKE_CURRENT_BINARY_DIR}/validate_imagefolder)
+execute_process(COMMAND ${PYTHON3} ${CONFIGS}/../scripts/make_fmnist_imagefolder.py ${folder} --size 32 --train-per-class 3
+                        --test-per-class 2 RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "scripts/make_fmnist_imagefolder.py failed (${rc}): ${out}${err}")
+endif()
+set(ENV{ISP_IMAGEFOLDER_ROOT} ${folder})
 file(GLOB_RECURSE recipes ${CONFIGS}/*.json)
 set(count 0)
 foreach(r ${recipes})

@@ -96,7 +96,7 @@ TEST_CASE("ImageFolder: class names from folders, square resize, normalisation, 
   fs::remove_all(root.parent_path());
 }
 
-TEST_CASE("ImageFolder: a corrupt file is an error naming it, or skipped and counted; missing folders are errors") {
+TEST_CASE("ImageFolder: a corrupt file is an error naming it, or skipped and counted and missing folders are errors") {
   const fs::path root = make_folder("imagefolder_bad");
   std::ofstream(root / "grey" / "broken.png") << "\x89PNG but not really";
   const json spec = {{"type", "ImageFolder"}, {"root", root.string()}, {"image_size", 8}};

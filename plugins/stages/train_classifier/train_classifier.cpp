@@ -31,6 +31,12 @@ class TrainClassifier : public isp::Stage {
       throw isp::RecipeError(opt_.model.where, "the backbone has " + std::to_string(architecture_->num_classes()) +
                                                    " classes but the dataset has " +
                                                    std::to_string(data_->data().num_classes()));
+    // The FLOPs count and the AEM's mask grid follow the backbone's input size: it must be the images' size.
+    const at::Tensor& images = data_->data().train.images;
+    if (images.defined() && images.dim() == 4 && images.size(2) != architecture_->input_size())
+      throw isp::RecipeError(opt_.model.where, "the backbone's input_size is " + std::to_string(architecture_->input_size()) +
+                                                   " but the dataset's images are " + std::to_string(images.size(2)) + "x" +
+                                                   std::to_string(images.size(3)) + " (set the backbone's input_size)");
     const isp::ComponentRecord* rec = ctx.record_of(architecture_.get());
     backbone_type_ = rec ? rec->type : std::string();
   }
