@@ -214,7 +214,7 @@ TEST_CASE("saliency metrics: deletion and insertion AUC of a perfect and a rever
   CHECK_FALSE(perfect.centre_std_row.has_value());
 }
 
-TEST_CASE("saliency metrics: mass on the object for a map on it, off it and flat; centre spread") {
+TEST_CASE("saliency metrics: mass on the object for a map on it, off it and flat, and centre spread") {
   const at::Tensor x = evidence_images(2);
   const at::Tensor fg = x.squeeze(1).gt(0.5);  // E is the object
   at::Tensor on = at::zeros({2, 1, 8, 8}), off = at::zeros({2, 1, 8, 8});

@@ -198,7 +198,7 @@ TEST_CASE("build context: kinds are checked at references, schema errors carry t
   CHECK(ctx2.resolved_nodes().at("s")["marker"] == "ISP_FIXTURE_RAN");
 }
 
-TEST_CASE("registry: type names parse as [scope::]Name[@version]; malformed ones name the recipe path") {
+TEST_CASE("registry: type names parse as [scope::]Name[@version] and malformed ones name the recipe path") {
   auto t = isp::TypeName::parse("mylab::RbfMaskHead@2");
   CHECK(t.scope == "mylab");
   CHECK(t.name == "RbfMaskHead");
