@@ -1,11 +1,8 @@
-// Data-parallel runs on c10d (isp/distributed.h): the process group, collectives with clear errors, gradient
-// buckets overlapped with the backward pass. The launcher is in launch.cpp.
+// Data-parallel runs on c10d (isp/distributed.h): the process group and collectives with clear errors. The
+// gradient buckets are in gradient_buckets.cpp, SyncBatchNorm in sync_batchnorm.cpp, the launcher in launch.cpp.
 #include "isp/distributed.h"
 
 #include <torch/nn/module.h>
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/utils/lambda_post_hook.h>
-#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #if ISP_HAVE_GLOO
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
@@ -25,6 +22,7 @@
 
 #include "isp/registry/error.h"
 #include "isp/registry/recipe.h"
+#include "distributed_internal.h"
 
 namespace isp {
 namespace dist {
@@ -317,122 +315,15 @@ std::pair<int64_t, int64_t> shard_range(int64_t n, int r, int world) {
   return {begin, begin + base + (r < extra ? 1 : 0)};
 }
 
-// ------------------------------------------------------------------------------------------ gradient buckets
-
-struct GradientBuckets::State {
-  struct Bucket {
-    int64_t begin = 0, end = 0;  // range of the flat gradient buffer
-    int size = 0, pending = 0;   // parameters in it; those whose gradient has not arrived this step
-    c10::intrusive_ptr<c10d::Work> work;
-  };
-  std::mutex mu;
-  bool alive = true;
-  at::Tensor flat;
-  std::vector<Bucket> buckets;  // in the order the backward pass fills them (last parameters first)
-  std::size_t next_launch = 0;  // buckets start in order, so every rank issues the same sequence of collectives
-  int64_t overlapped = 0, overlapped_last = 0;
-  bool fired_twice = false;
-  std::vector<std::shared_ptr<torch::autograd::Node>> accumulators;  // kept alive: the hooks live on them
-
-  void launch_ready() {  // with mu held
-    while (next_launch < buckets.size() && buckets[next_launch].pending == 0) {
-      Bucket& b = buckets[next_launch++];
-      std::vector<at::Tensor> v{flat.narrow(0, b.begin, b.end - b.begin)};
-      b.work = g_group->comm->allreduce(v, c10d::ReduceOp::SUM);
-    }
-  }
-  void on_ready(std::size_t i) {
-    std::lock_guard<std::mutex> lock(mu);
-    if (!alive || !g_group) return;
-    Bucket& b = buckets[i];
-    if (b.pending == 0 || b.work) {
-      fired_twice = true;
-      return;
-    }
-    if (--b.pending == 0) {
-      const std::size_t before = next_launch;
-      launch_ready();
-      overlapped += static_cast<int64_t>(next_launch - before);
-    }
-  }
-};
-
-GradientBuckets::GradientBuckets(const std::vector<at::Tensor>& params, const std::vector<int64_t>& offsets,
-                                 at::Tensor flat_grad, int64_t bucket_bytes)
-    : state_(std::make_shared<State>()) {
-  State& s = *state_;
-  s.flat = flat_grad;
-  const int64_t n = static_cast<int64_t>(params.size());
-  const int64_t elem = static_cast<int64_t>(flat_grad.element_size());
-  // As DDP: a small first bucket, so communication starts early in the backward pass.
-  int64_t cap = std::min<int64_t>(bucket_bytes, 1 << 20);
-  std::vector<int> bucket_of(params.size(), -1);
-  int64_t i = n - 1;
-  while (i >= 0) {
-    State::Bucket b;
-    b.end = i + 1 < n ? offsets[static_cast<std::size_t>(i + 1)] : flat_grad.numel();
-    int64_t bytes = 0;
-    while (i >= 0 && (bytes == 0 || bytes < cap)) {
-      bytes += params[static_cast<std::size_t>(i)].numel() * elem;
-      bucket_of[static_cast<std::size_t>(i)] = static_cast<int>(s.buckets.size());
-      ++b.size;
-      --i;
-    }
-    b.begin = offsets[static_cast<std::size_t>(i + 1)];
-    b.pending = b.size;
-    s.buckets.push_back(b);
-    cap = bucket_bytes;
-  }
-  std::weak_ptr<State> weak = state_;
-  for (std::size_t k = 0; k < params.size(); ++k) {
-    auto acc = torch::autograd::impl::grad_accumulator(params[k]);
-    if (!acc) throw Error("distributed: a trainable parameter has no gradient accumulator (not a leaf?)");
-    const std::size_t b = static_cast<std::size_t>(bucket_of[k]);
-    acc->add_post_hook(std::make_unique<torch::autograd::utils::LambdaPostHook>(
-        [weak, b](const torch::autograd::variable_list& outputs, const torch::autograd::variable_list&) {
-          if (auto st = weak.lock()) st->on_ready(b);
-          return outputs;
-        }));
-    s.accumulators.push_back(std::move(acc));
-  }
+// What gradient_buckets.cpp needs of the group (distributed_internal.h).
+namespace detail {
+c10::intrusive_ptr<c10d::Work> start_allreduce_sum(at::Tensor t) {
+  std::vector<at::Tensor> v{std::move(t)};
+  return g_group->comm->allreduce(v, c10d::ReduceOp::SUM);
 }
-
-GradientBuckets::~GradientBuckets() {
-  std::lock_guard<std::mutex> lock(state_->mu);
-  state_->alive = false;  // the hooks stay on the accumulators (they cannot be removed) but do nothing
-}
-
-int64_t GradientBuckets::num_buckets() const { return static_cast<int64_t>(state_->buckets.size()); }
-int64_t GradientBuckets::overlapped_last_step() const { return state_->overlapped_last; }
-
-void GradientBuckets::finish() {
-  if (!g_group) return;
-  State& s = *state_;
-  std::vector<c10::intrusive_ptr<c10d::Work>> works;
-  bool twice = false;
-  {
-    std::lock_guard<std::mutex> lock(s.mu);
-    // Parameters that got no gradient this step (unused) hold zeros: their buckets go now.
-    for (auto& b : s.buckets) b.pending = 0;
-    s.launch_ready();
-    for (auto& b : s.buckets) {
-      works.push_back(b.work);
-      b.work.reset();
-      b.pending = b.size;
-    }
-    s.next_launch = 0;
-    s.overlapped_last = s.overlapped;
-    s.overlapped = 0;
-    twice = s.fired_twice;
-    s.fired_twice = false;
-  }
-  for (auto& w : works) wait_for(w, "gradient allreduce");
-  if (twice)
-    throw Error(where() + ": a parameter's gradient was accumulated twice in one optimizer step (two backward passes "
-                "per step); data-parallel training needs one backward pass per step");
-  c10::NoGradGuard ng;
-  s.flat.div_(static_cast<double>(g_group->world.world_size));
-}
+void wait(const c10::intrusive_ptr<c10d::Work>& work, const std::string& what) { wait_for(work, what); }
+std::string where() { return dist::where(); }
+}  // namespace detail
 
 }  // namespace dist
 }  // namespace isp

@@ -1,6 +1,8 @@
-// The torchrun-like launcher behind `isp run --nproc-per-node N` (isp/distributed.h: launch).
+// The torchrun-like launcher behind `isp run --nproc-per-node N` (isp/distributed.h: launch), and the workers'
+// own logs (WorkerLog).
 #include "isp/distributed.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -11,6 +13,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <thread>
 #include <vector>
@@ -37,6 +40,24 @@ std::string describe_status(int status) {
   return "stopped";
 }
 }  // namespace
+
+WorkerLog::WorkerLog(int rank, const std::string& log_path) : path_(log_path) {
+  if (rank == 0) return;
+  std::filesystem::create_directories(std::filesystem::path(log_path).parent_path());
+  const int fd = ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+  if (fd < 0) return;  // then the console it stays
+  std::fflush(stderr);
+  console_ = ::dup(STDERR_FILENO);
+  ::dup2(fd, STDERR_FILENO);
+  ::close(fd);
+}
+
+WorkerLog::~WorkerLog() {
+  if (console_ < 0) return;
+  std::fflush(stderr);
+  ::dup2(console_, STDERR_FILENO);
+  ::close(console_);
+}
 
 int launch(const std::vector<std::string>& args, const LaunchOptions& o) {
   if (o.nproc_per_node < 1) throw Error("--nproc-per-node: expected at least 1");

@@ -100,6 +100,21 @@ class ISP_API GradientBuckets {
   std::shared_ptr<State> state_;
 };
 
+// A data-parallel worker of rank > 0 writes its stderr to `log_path` for the object's lifetime, so the console
+// shows each line once (rank 0's); the destructor gives stderr back to the console. Nothing on rank 0.
+class ISP_API WorkerLog {
+ public:
+  WorkerLog(int rank, const std::string& log_path);
+  ~WorkerLog();
+  WorkerLog(const WorkerLog&) = delete;
+  WorkerLog& operator=(const WorkerLog&) = delete;
+  bool active() const { return console_ >= 0; }
+  const std::string& path() const { return path_; }
+ private:
+  int console_ = -1;
+  std::string path_;
+};
+
 // Starts nproc_per_node copies of this executable with `args` (argv[1...]) and torchrun's environment variables,
 // forwards SIGINT/SIGTERM to them, and returns 0 when all succeed. When one fails, the others get `grace_s`
 // seconds to stop on their own (their collectives fail with a clear error), then SIGTERM, then SIGKILL.
