@@ -722,12 +722,7 @@ namespace {
 
 // Runs scripts/check_export_torch.py on an export folder: 0 = PyTorch reproduced sample.json's logits, 77 = no
 // PyTorch on this machine.
-// Debian's python3-torch belongs to /usr/bin/python3, which another python3 on PATH (pyenv, a venv) may hide.
-std::string python_with_torch() {
-  for (const char* py : {"/usr/bin/python3", "python3"})
-    if (std::system((std::string(py) + " -c 'import torch' >/dev/null 2>&1").c_str()) == 0) return py;
-  return "";
-}
+using isp_test::python_with_torch;
 
 int check_with_python_torch(const fs::path& export_dir, const fs::path& log) {
   const std::string cmd = python_with_torch() + " " + std::string(ISP_SOURCE_DIR) + "/scripts/check_export_torch.py " +

@@ -40,6 +40,13 @@ inline isp::Registry& shared_registry() {
   }();
   return *reg;
 }
+// The python3 that has torch: Debian's python3-torch belongs to /usr/bin/python3, which another python3 on PATH
+// (pyenv, a venv) may hide. "" when none has it.
+inline std::string python_with_torch() {
+  for (const char* py : {"/usr/bin/python3", "python3"})
+    if (std::system((std::string(py) + " -c 'import torch' >/dev/null 2>&1").c_str()) == 0) return py;
+  return "";
+}
 // The message of the exception `f` throws, or "" when it does not throw.
 inline std::string error_of(const std::function<void()>& f) {
   try {

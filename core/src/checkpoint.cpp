@@ -10,6 +10,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <set>
 #include <limits>
 #include <sstream>
 
@@ -217,6 +219,58 @@ void save_state_dict_for_python(const torch::nn::Module& m, const std::string& p
   write_file_atomic(path, std::string(bytes.begin(), bytes.end()));
 }
 
+bool is_python_state_dict_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  char magic[4] = {0, 0, 0, 0};
+  in.read(magic, 4);
+  return in.gcount() == 4 && magic[0] == 'P' && magic[1] == 'K' && magic[2] == 3 && magic[3] == 4;
+}
+
+void load_state_dict_from_python(torch::nn::Module& m, const std::string& path) {
+  if (!fs::exists(path)) throw Error(path + ": no such file (expected a state dict saved by torch.save)");
+  const std::string bytes = read_text_file(path);
+  c10::IValue v;
+  try {
+    v = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
+  } catch (const std::exception& e) {
+    std::string why = e.what();
+    if (auto nl = why.find('\n'); nl != std::string::npos) why = why.substr(0, nl);
+    throw Error(path + ": not a state dict saved by torch.save (zip format): " + why);
+  }
+  if (!v.isGenericDict()) throw Error(path + ": expected a {name: tensor} dict (torch.save(model.state_dict()))");
+  auto dict = v.toGenericDict();
+  torch::NoGradGuard ng;
+  std::vector<std::string> missing, wrong;
+  std::size_t matched = 0;
+  auto assign = [&](const std::string& name, at::Tensor& t) {
+    c10::IValue key(name);
+    if (!dict.contains(key) || !dict.at(key).isTensor()) return missing.push_back(name);
+    at::Tensor src = dict.at(key).toTensor();
+    if (src.sizes() != t.sizes())
+      return wrong.push_back(name + " " + c10::str(src.sizes()) + " (the network has " + c10::str(t.sizes()) + ")");
+    t.copy_(src);
+    ++matched;
+  };
+  for (auto& p : m.named_parameters()) assign(p.key(), p.value());
+  for (auto& b : m.named_buffers()) assign(b.key(), b.value());
+  auto first = [](const std::vector<std::string>& v) {
+    std::string s;
+    for (std::size_t i = 0; i < v.size() && i < 3; ++i) s += (i ? ", " : "") + v[i];
+    return s + (v.size() > 3 ? ", ... (" + std::to_string(v.size()) + " in all)" : "");
+  };
+  if (!wrong.empty()) throw Error(path + ": shapes differ from the network's: " + first(wrong));
+  if (!missing.empty()) throw Error(path + ": missing " + first(missing));
+  if (matched != dict.size()) {
+    std::vector<std::string> extra;
+    std::set<std::string> known;
+    for (auto& p : m.named_parameters()) known.insert(p.key());
+    for (auto& b : m.named_buffers()) known.insert(b.key());
+    for (const auto& kv : dict)
+      if (!kv.key().isString() || !known.count(kv.key().toStringRef())) extra.push_back(kv.key().isString() ? kv.key().toStringRef() : "?");
+    throw Error(path + ": holds tensors the network does not have: " + first(extra));
+  }
+}
+
 LoadedExport load_export(Registry& reg, const std::string& dir) {
   const std::string sp = dir + "/structure.json", wp = dir + "/weights.pt";
   if (!fs::exists(sp)) throw Error(dir + ": not an isp export (no structure.json)");
@@ -232,23 +286,7 @@ LoadedExport load_export(Registry& reg, const std::string& dir) {
   json recipe = {{"nodes", {{"model", out.structure.at("spec")}}}};
   BuildContext ctx(reg, recipe, [&sp](const std::string& p) { return Where{sp, p == "/nodes/model" ? "/spec" : p}; });
   out.model = ctx.node<Backbone>("model");
-  std::string bytes = read_text_file(wp);
-  c10::IValue v = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
-  if (!v.isGenericDict()) throw Error(wp + ": expected a {name: tensor} dict");
-  auto dict = v.toGenericDict();
-  torch::NoGradGuard ng;
-  std::size_t matched = 0;
-  auto assign = [&](const std::string& name, at::Tensor& t) {
-    c10::IValue key(name);
-    if (!dict.contains(key)) throw Error(wp + ": missing tensor '" + name + "'");
-    at::Tensor src = dict.at(key).toTensor();
-    if (src.sizes() != t.sizes()) throw Error(wp + ": tensor '" + name + "' has shape " + c10::str(src.sizes()) + ", the structure expects " + c10::str(t.sizes()));
-    t.copy_(src);
-    ++matched;
-  };
-  for (auto& p : out.model->named_parameters()) assign(p.key(), p.value());
-  for (auto& b : out.model->named_buffers()) assign(b.key(), b.value());
-  if (matched != dict.size()) throw Error(wp + ": holds " + std::to_string(dict.size()) + " tensors, the structure uses " + std::to_string(matched));
+  load_state_dict_from_python(*out.model, wp);
   out.model->eval();
   return out;
 }

@@ -63,6 +63,12 @@ ISP_API LoadedExport load_export(Registry& reg, const std::string& dir);
 
 // State dict (name -> tensor) in the zip format Python's torch.load reads as a plain dict.
 ISP_API void save_state_dict_for_python(const torch::nn::Module& m, const std::string& path);
+// The reverse: a {name: tensor} dict saved by Python's torch.save (zip format; e.g. torch.save(model.state_dict()))
+// copied into `m`'s parameters and buffers by name. Every name of `m` must be there with its shape and the file
+// must hold nothing else; otherwise an isp::Error names the file and the first offending names.
+ISP_API void load_state_dict_from_python(torch::nn::Module& m, const std::string& path);
+// Whether `path` is a torch.save zip file (rather than an isp checkpoint).
+ISP_API bool is_python_state_dict_file(const std::string& path);
 // `net` as a self-contained TorchScript module (torch.jit.load in Python, torch::jit::load in C++, no isp
 // needed): the backbone's torchscript_forward() over its weights with every conv + BN pair folded (eval-mode
 // semantics). Written atomically. Throws where the backbone declares no TorchScript forward.

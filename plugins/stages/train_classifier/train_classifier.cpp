@@ -18,7 +18,8 @@ struct TrainClassifierOptions : isp::SgdScheduleOptions {
   template <class V> void visit(V& v) {
     v("model", model, "the backbone architecture to train ({\"$ref\": node})", isp::required(), isp::of_kind("backbone"));
     v("data", data, "the dataset ({\"$ref\": node})", isp::required(), isp::of_kind("dataset"));
-    v("init_from", init_from, "optional isp checkpoint (module 'model') to start from instead of random weights");
+    v("init_from", init_from, "start from these weights instead of random ones: an isp checkpoint (module 'model') or "
+      "a state dict saved by Python's torch.save(model.state_dict()) with this backbone's names");
     isp::SgdScheduleOptions::visit(v);
   }
 };
@@ -51,7 +52,10 @@ class TrainClassifier : public isp::Stage {
 
   void run(isp::RunContext& ctx) override {
     auto net = architecture_->with_widths({});  // this stage's own network, initialised under its seed
-    if (!opt_.init_from.empty()) isp::CheckpointReader(opt_.init_from).module("model", *net);
+    if (!opt_.init_from.empty()) {
+      if (isp::is_python_state_dict_file(opt_.init_from)) isp::load_state_dict_from_python(*net, opt_.init_from);
+      else isp::CheckpointReader(opt_.init_from).module("model", *net);
+    }
     isp::Classifier c{net.get(), [m = net.get()](const at::Tensor& x) { return m->forward(x); }};
     ctx.summary = isp::fit_classifier(c, data_->data(), opt_, ctx);
     // A copy Python reads with torch.load() as a plain {name: tensor} dict.
