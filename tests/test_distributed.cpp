@@ -43,35 +43,12 @@ int free_port() {
   return ntohs(a.sin_port);
 }
 
-// Starts `exe args...` with extra environment entries, stdout and stderr appended to `log`.
+using isp_test::spawn_logged;
 pid_t spawn(const std::string& exe, const std::vector<std::string>& args, const std::vector<std::string>& env,
             const fs::path& log) {
-  std::vector<std::string> a{exe};
-  a.insert(a.end(), args.begin(), args.end());
-  std::vector<char*> argv;
-  for (auto& s : a) argv.push_back(s.data());
-  argv.push_back(nullptr);
-  std::vector<std::string> envs = env;
-  for (char** e = environ; *e; ++e) envs.emplace_back(*e);
-  std::vector<char*> envp;
-  for (auto& e : envs) envp.push_back(e.data());
-  envp.push_back(nullptr);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_adddup2(&fa, 1, 2);
-  pid_t pid = -1;
-  const int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv.data(), envp.data());
-  posix_spawn_file_actions_destroy(&fa);
-  REQUIRE(rc == 0);
-  return pid;
+  return spawn_logged(exe, args, env, log);
 }
-
-int wait_exit(pid_t pid) {  // exit code, or -signal
-  int status = 0;
-  REQUIRE(::waitpid(pid, &status, 0) == pid);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
-}
+int wait_exit(pid_t pid) { return isp_test::exit_status(pid); }  // exit code, or -signal
 
 std::vector<std::string> rank_env(int rank, int world, int port) {
   return {"RANK=" + std::to_string(rank), "WORLD_SIZE=" + std::to_string(world), "LOCAL_RANK=" + std::to_string(rank),
@@ -113,6 +90,19 @@ bool wait_until(const std::function<bool()>& cond, double seconds) {
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   return cond();
+}
+
+// Two ranks of tiny_recipe(40 epochs) started by hand (no launcher), each logging to dir/rank<r>.txt; returns
+// their pids once the first epoch's checkpoint exists.
+std::pair<pid_t, pid_t> two_ranks_past_first_checkpoint(const fs::path& dir, double timeout_s) {
+  std::ofstream(dir / "r.json") << tiny_recipe(40, timeout_s).dump(2);
+  const int port = free_port();
+  const std::vector<std::string> args{"run", (dir / "r.json").string(), "--work-dir", (dir / "w").string()};
+  const pid_t r0 = spawn(ISP_TEST_BINARY, args, rank_env(0, 2, port), dir / "rank0.txt");
+  const pid_t r1 = spawn(ISP_TEST_BINARY, args, rank_env(1, 2, port), dir / "rank1.txt");
+  REQUIRE_MESSAGE(wait_until([&] { return fs::exists(dir / "w" / "classifier" / "checkpoint.pt"); }, 120),
+                  tail(dir / "rank0.txt"));
+  return {r0, r1};
 }
 
 }  // namespace
@@ -242,15 +232,10 @@ TEST_CASE("two launchers as two nodes on loopback (--nnodes 2 --node-rank 0/1) f
 TEST_CASE("a rank killed with SIGKILL ends the other with a clear error and the folder resumes with 2 processes but "
           "not 1") {
   const auto dir = isp_test::temp_dir("dist_kill");
-  const fs::path log0 = dir / "rank0.txt", log1 = dir / "rank1.txt", log = dir / "log.txt";
+  const fs::path log0 = dir / "rank0.txt", log = dir / "log.txt";
   const double timeout_s = 20;
-  std::ofstream(dir / "r.json") << tiny_recipe(40, timeout_s).dump(2);
-  const int port = free_port();
-  const std::vector<std::string> args{"run", (dir / "r.json").string(), "--work-dir", (dir / "w").string()};
-  const pid_t r0 = spawn(ISP_TEST_BINARY, args, rank_env(0, 2, port), log0);
-  const pid_t r1 = spawn(ISP_TEST_BINARY, args, rank_env(1, 2, port), log1);
   // Once an epoch's checkpoint exists, rank 1 dies.
-  REQUIRE_MESSAGE(wait_until([&] { return fs::exists(dir / "w" / "classifier" / "checkpoint.pt"); }, 120), tail(log0));
+  const auto [r0, r1] = two_ranks_past_first_checkpoint(dir, timeout_s);
   REQUIRE(::kill(r1, SIGKILL) == 0);
   const auto t_kill = std::chrono::steady_clock::now();
   CHECK(wait_exit(r1) == -SIGKILL);
@@ -283,14 +268,9 @@ TEST_CASE("a rank killed with SIGKILL ends the other with a clear error and the 
 
 TEST_CASE("a rank that hangs (SIGSTOP) ends the other within runtime.dist_timeout_s with a clear error") {
   const auto dir = isp_test::temp_dir("dist_hang");
-  const fs::path log0 = dir / "rank0.txt", log1 = dir / "rank1.txt";
+  const fs::path log0 = dir / "rank0.txt";
   const double timeout_s = 5;
-  std::ofstream(dir / "r.json") << tiny_recipe(40, timeout_s).dump(2);
-  const int port = free_port();
-  const std::vector<std::string> args{"run", (dir / "r.json").string(), "--work-dir", (dir / "w").string()};
-  const pid_t r0 = spawn(ISP_TEST_BINARY, args, rank_env(0, 2, port), log0);
-  const pid_t r1 = spawn(ISP_TEST_BINARY, args, rank_env(1, 2, port), log1);
-  REQUIRE_MESSAGE(wait_until([&] { return fs::exists(dir / "w" / "classifier" / "checkpoint.pt"); }, 120), tail(log0));
+  const auto [r0, r1] = two_ranks_past_first_checkpoint(dir, timeout_s);
   REQUIRE(::kill(r1, SIGSTOP) == 0);
   const auto t_stop = std::chrono::steady_clock::now();
   const int code = wait_exit(r0);

@@ -71,33 +71,13 @@ json kill_recipe() {
 // Starts `isp run` (stdout and stderr appended to `log`), with extra environment entries.
 pid_t start_isp(const fs::path& recipe, const fs::path& work, bool resume, const std::vector<std::string>& env,
                 const fs::path& log) {
-  std::vector<std::string> args{ISP_TEST_BINARY, "run", recipe.string(), "--work-dir", work.string()};
+  std::vector<std::string> args{"run", recipe.string(), "--work-dir", work.string()};
   if (resume) args.push_back("--resume");
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  std::vector<std::string> envs = env;
-  for (char** e = environ; *e; ++e) envs.emplace_back(*e);
-  std::vector<char*> envp;
-  for (auto& e : envs) envp.push_back(e.data());
-  envp.push_back(nullptr);
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  posix_spawn_file_actions_adddup2(&fa, 1, 2);
-  pid_t pid = -1;
-  const int rc = posix_spawn(&pid, ISP_TEST_BINARY, &fa, nullptr, argv.data(), envp.data());
-  posix_spawn_file_actions_destroy(&fa);
-  REQUIRE(rc == 0);
-  return pid;
+  return isp_test::spawn_logged(ISP_TEST_BINARY, args, env, log);
 }
 
-// Exit code, or -signal.
-int wait_for(pid_t pid) {
-  int status = 0;
-  REQUIRE(::waitpid(pid, &status, 0) == pid);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
-}
+using isp_test::exit_status;
+int wait_for(pid_t pid) { return exit_status(pid); }  // exit code, or -signal
 
 double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();

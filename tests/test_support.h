@@ -11,15 +11,21 @@
 #undef CHECK_GE
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "isp/registry/build_context.h"
 #include "isp/registry/registry.h"
+
+extern char** environ;
 
 namespace isp_test {
 inline std::string plugin(const std::string& name) { return std::string(ISP_TEST_PLUGIN_DIR) + "/lib" + name + ".so"; }
@@ -39,6 +45,36 @@ inline isp::Registry& shared_registry() {
     return r;
   }();
   return *reg;
+}
+// Starts `exe args...` (argv[0] = exe) with extra environment entries before the inherited ones, stdout and stderr
+// appended to `log`.
+inline pid_t spawn_logged(const std::string& exe, const std::vector<std::string>& args,
+                          const std::vector<std::string>& env, const std::filesystem::path& log) {
+  std::vector<std::string> a{exe};
+  a.insert(a.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (auto& x : a) argv.push_back(x.data());
+  argv.push_back(nullptr);
+  std::vector<std::string> envs = env;
+  for (char** e = environ; *e; ++e) envs.emplace_back(*e);
+  std::vector<char*> envp;
+  for (auto& e : envs) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+  posix_spawn_file_actions_adddup2(&fa, 1, 2);
+  pid_t pid = -1;
+  const int rc = posix_spawn(&pid, exe.c_str(), &fa, nullptr, argv.data(), envp.data());
+  posix_spawn_file_actions_destroy(&fa);
+  REQUIRE(rc == 0);
+  return pid;
+}
+// Waits for `pid`: its exit code, or -signal.
+inline int exit_status(pid_t pid) {
+  int status = 0;
+  REQUIRE(::waitpid(pid, &status, 0) == pid);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
 }
 // The python3 that has torch: Debian's python3-torch belongs to /usr/bin/python3, which another python3 on PATH
 // (pyenv, a venv) may hide. "" when none has it.
