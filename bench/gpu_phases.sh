@@ -20,7 +20,7 @@ OUT_DIR=${OUT_DIR:-work_dirs/gpu_phases}
 ARCHS=${ARCHS:-resnet56 mobilenetv2}
 if [ "$mode" = cuda ]; then
   STEPS=${STEPS:-100}
-  CONFIGS=${CONFIGS:-eager_fp32 graphs_fp32 graphs_cl_fp32 graphs_cl_bf16 eager_cl_bf16}
+  CONFIGS=${CONFIGS:-eager_fp32 graphs_fp32 graphs_cl_fp32 graphs_cl_bf16 graphs_cl_bf16_unfolded eager_cl_bf16}
   if [ -z "${ISP_BIN:-}" ]; then
     bash scripts/build_cuda.sh build-cuda
     ISP_BIN=build-cuda/bin/isp

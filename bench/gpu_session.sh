@@ -59,7 +59,8 @@ fi
 [ -x "$ISP" ] || { echo "no $ISP: run the build part"; exit 1; }
 
 if start_part phases 100; then
-  ISP_BIN=$ISP OUT_DIR="$WORK/phases" ARCHS=resnet56 bash bench/gpu_phases.sh || echo "phases resnet56: some runs failed"
+  ISP_BIN=$ISP OUT_DIR="$WORK/phases" ARCHS=resnet56 CONFIGS="${PHASE_CONFIGS:-eager_fp32 graphs_fp32 graphs_cl_fp32 graphs_cl_bf16 graphs_cl_bf16_unfolded}" \
+    bash bench/gpu_phases.sh || echo "phases resnet56: some runs failed"
   save
 fi
 
@@ -147,7 +148,7 @@ if start_part mobilenet 150; then
 fi
 if [ -d "$WORK/phases" ]; then
   python3 bench/phase_table.py "$WORK/phases" --archs resnet56 mobilenetv2 \
-    --configs eager_fp32 eager_cl_bf16 graphs_fp32 graphs_cl_fp32 graphs_cl_bf16 > "$WORK/phases_table.md" || true
+    --configs eager_fp32 eager_cl_bf16 graphs_fp32 graphs_cl_fp32 graphs_cl_bf16_unfolded graphs_cl_bf16 > "$WORK/phases_table.md" || true
 fi
 
 if start_part refuse 30; then

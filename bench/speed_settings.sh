@@ -7,6 +7,8 @@ speed_settings() {  # CONFIG -> its runtime settings
     graphs_fp32)    echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=false runtime.precision="fp32"' ;;
     graphs_cl_fp32) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="fp32"' ;;
     graphs_cl_bf16) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="bf16"' ;;
+    # the defaults without BN folding: what the frozen networks' kept folds give (selector, gate learning)
+    graphs_cl_bf16_unfolded) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="bf16" runtime.fold_batchnorm=false' ;;
     cpu_eager_fp32) echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="fp32"' ;;
     # cpu_before: isp as it was before BN folding and the allocator setting (bench/gpu_phases.sh also sets
     # ISP_GLIBC_MALLOC_DEFAULTS=1 for it).

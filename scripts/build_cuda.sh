@@ -140,10 +140,22 @@ fi
 # --- build ------------------------------------------------------------------------------------------------
 targets=${ISP_BUILD_TARGETS:-}
 say "building with $jobs jobs${targets:+ (targets: $targets)}"
-if [[ -n $targets ]]; then
-  cmake --build "$build" -j "$jobs" --target $targets
-else
-  cmake --build "$build" -j "$jobs"
+build_all() {
+  if [[ -n $targets ]]; then
+    cmake --build "$build" -j "$jobs" --target $targets
+  else
+    cmake --build "$build" -j "$jobs"
+  fi
+}
+if ! build_all; then
+  # The one part of isp that uses LibTorch's internal headers is c10d (data-parallel runs): where they do not
+  # compile against this LibTorch, build without it rather than not at all, and say so (ISP_NO_C10D_FALLBACK=1
+  # turns this off).
+  if [[ ${ISP_NO_C10D_FALLBACK:-0} == 1 ]] || grep -q 'ISP_WITH_C10D:BOOL=OFF' "$build/CMakeCache.txt"; then exit 1; fi
+  say "warning: the build failed (errors above); building again with -DISP_WITH_C10D=OFF: no data-parallel runs"
+  cmake "$build" -DISP_WITH_C10D=OFF > /dev/null
+  build_all
+  say "warning: BUILT WITHOUT c10d (ISP_WITH_C10D=OFF): the errors above are what to fix"
 fi
 
 # --- where things are -------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 // Backbone plugins ResNetCifar and MobileNetV2Cifar (docs/method.md §2.1, §2.2, §3.4), built through the registry.
 #include "test_support.h"  // torch first, glog's CHECK macros dropped, then doctest
 
+#include <ATen/autocast_mode.h>
+#include <torch/version.h>
+
 #include <algorithm>
 #include <memory>
 #include <string>
@@ -9,6 +12,7 @@
 
 #include "isp/registry/error.h"
 #include "isp/interfaces/backbone.h"
+#include "isp/train.h"
 #include "isp/registry/registry.h"
 
 using isp::json;
@@ -414,6 +418,29 @@ void randomise_batchnorms(torch::nn::Module& m, uint64_t seed) {
   }
 }
 
+// bfloat16 autocast on the CPU for a scope (the API changed in LibTorch 2.4).
+class CpuBf16Autocast {
+ public:
+  CpuBf16Autocast() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_enabled(at::kCPU, true);
+    at::autocast::set_autocast_dtype(at::kCPU, at::kBFloat16);
+#else
+    at::autocast::set_cpu_enabled(true);
+    at::autocast::set_autocast_cpu_dtype(at::kBFloat16);
+#endif
+    at::autocast::increment_nesting();
+  }
+  ~CpuBf16Autocast() {
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 4)
+    at::autocast::set_autocast_enabled(at::kCPU, false);
+#else
+    at::autocast::set_cpu_enabled(false);
+#endif
+  }
+};
+
 }  // namespace
 
 TEST_CASE("ConvBatchNorm: folds only a frozen eval-mode BN, follows every change, keeps gradients") {
@@ -486,6 +513,71 @@ TEST_CASE("ConvBatchNorm: folds only a frozen eval-mode BN, follows every change
     CHECK_NOTHROW(fresh(*conv, *bn, xg).sum().backward());
     CHECK(fresh.last_call_folded());
   }
+}
+
+TEST_CASE_FIXTURE(BackboneFixture, "BatchNorm folding: a network held by FrozenParameters folds once and refolds only when it must") {
+  isp::ScopedBatchNormFolding on(true);
+  auto bb = build(json{{"type", "ResNetCifar"}, {"depth", 20}});
+  randomise_batchnorms(*bb, 5);
+  bb->eval();
+  const auto x = torch::randn({3, 3, 32, 32});
+  at::Tensor unfolded;
+  {
+    isp::ScopedBatchNormFolding off(false);
+    torch::NoGradGuard ng;
+    unfolded = bb->forward(x);
+  }
+  auto delta = [&](const at::Tensor& y, const at::Tensor& ref) { return (y - ref).abs().max().item<double>(); };
+  const double tol = 1e-4 * unfolded.abs().max().item<double>() + 1e-5;
+  at::Tensor bf16_per_call;  // folded on every call, cast by autocast on every call
+  {
+    torch::NoGradGuard ng;
+    CpuBf16Autocast bf16;
+    bf16_per_call = bb->forward(x);
+  }
+  const std::size_t before = isp::kept_batchnorm_folds();
+  {
+    isp::FrozenParameters frozen(*bb);
+    const auto xg = x.clone().requires_grad_(true);
+    const auto y1 = bb->forward(xg);  // grad mode on, parameters frozen: folded (the selector's predictor pass)
+    const std::size_t kept = isp::kept_batchnorm_folds() - before;
+    CHECK(kept == 19);  // ResNet-20: 19 conv + BN pairs (option A shortcuts have no conv)
+    CHECK(delta(y1, unfolded) < tol);
+    y1.sum().backward();
+    CHECK(xg.grad().defined());
+    // Reused, not recomputed: same values bit for bit, nothing new kept.
+    torch::NoGradGuard ng;
+    CHECK(torch::equal(bb->forward(x), y1.detach()));
+    CHECK(isp::kept_batchnorm_folds() - before == kept);
+    {  // Under bf16 autocast the kept fold's own bf16 copy replaces autocast's cast: the same numbers, bit for bit.
+      CpuBf16Autocast bf16;
+      const auto y = bb->forward(x);
+      CHECK(torch::equal(y, bf16_per_call));
+      CHECK(torch::equal(bb->forward(x), bf16_per_call));
+    }
+    // A training-mode forward changes the running statistics: its folds are dropped, and the next frozen call
+    // sees the new statistics.
+    bb->train();
+    bb->forward(x * 3.0 + 1.0);
+    CHECK(isp::kept_batchnorm_folds() == before);
+    bb->eval();
+    at::Tensor after_train;
+    {
+      isp::ScopedBatchNormFolding off(false);
+      after_train = bb->forward(x);
+    }
+    CHECK(delta(after_train, unfolded) > 10 * tol);  // the statistics did move
+    CHECK(delta(bb->forward(x), after_train) < tol);
+    // New storage (channels_last, as runtime.channels_last converts a frozen network) is refolded.
+    for (auto& p : bb->parameters())
+      if (p.dim() == 4) p.set_data(p.detach().contiguous(at::MemoryFormat::ChannelsLast));
+    CHECK(delta(bb->forward(x), after_train) < tol);
+    {
+      isp::FrozenParameters nested(*bb);  // a second owner of the same network
+    }
+    CHECK(isp::kept_batchnorm_folds() - before == kept);  // still held by the outer owner
+  }
+  CHECK(isp::kept_batchnorm_folds() == before);  // gone with the scope
 }
 
 TEST_CASE_FIXTURE(BackboneFixture, "BatchNorm folding: frozen ResNet-20 and MobileNetV2 give the unfolded logits") {

@@ -1,5 +1,6 @@
 // Speed settings of training steps: channels_last, bfloat16 autocast and CUDA-graph capture (isp/accel.h).
 #include "isp/accel.h"
+#include "autocast_internal.h"
 
 #include <torch/nn/module.h>
 #include <torch/version.h>
@@ -72,6 +73,15 @@ void set_autocast_state(bool cuda, AutocastState st) {
 #endif
 }
 
+}  // namespace
+
+at::ScalarType autocast_dtype_for(c10::DeviceType device) {
+  if (device != c10::DeviceType::CUDA && device != c10::DeviceType::CPU) return at::ScalarType::Undefined;
+  const AutocastState st = autocast_state(device == c10::DeviceType::CUDA);
+  return st.enabled ? st.dtype : at::ScalarType::Undefined;
+}
+
+namespace {
 // bfloat16 autocast for a scope on CUDA or on the CPU. The cast cache is off under CUDA-graph capture: cached
 // casts would live outside the graph's memory pool.
 class Bf16Autocast {

@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "isp/accel.h"
+#include "isp/interfaces/backbone.h"
 #include "isp/checkpoint.h"
 #include "isp/optim.h"
 #include "isp/data.h"
@@ -170,9 +171,11 @@ FrozenParameters::FrozenParameters(torch::nn::Module& m) {
     flags_.push_back(p.requires_grad());
     p.set_requires_grad(false);
   }
+  keep_batchnorm_folds(this, m);
 }
 
 FrozenParameters::~FrozenParameters() {
+  drop_batchnorm_folds(this);
   for (std::size_t i = 0; i < params_.size(); ++i) params_[i].set_requires_grad(flags_[i]);
 }
 

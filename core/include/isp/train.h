@@ -112,7 +112,8 @@ struct AdamSettings {
 };
 
 // Turns off requires_grad of a frozen network's parameters for a scope (gradients still flow through it to
-// its input), and restores the previous flags afterwards.
+// its input), and restores the previous flags afterwards. Meanwhile its folded conv + BN pairs are computed once
+// (keep_batchnorm_folds, isp/interfaces/backbone.h): nothing may write its weights in place during the scope.
 class FrozenParameters {
  public:
   explicit FrozenParameters(torch::nn::Module& m);

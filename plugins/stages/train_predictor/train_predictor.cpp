@@ -109,6 +109,7 @@ class TrainPredictor : public isp::Stage {
     const isp::DataBundle& data = data_->data();
     classifier_->to(ctx.device);
     classifier_->eval();
+    isp::FrozenParameters frozen_cls(*classifier_);  // the targets' network: its BN folds are computed once
     predictor_->to(ctx.device);
     isp::apply_memory_format(*classifier_, ctx.speed);
     isp::apply_memory_format(*predictor_, ctx.speed);

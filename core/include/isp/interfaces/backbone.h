@@ -18,8 +18,10 @@ namespace isp {
 // with weight W * s and bias beta + s * (b - mean): one pass over the activation instead of two. It is used only
 // where it is exact up to rounding and changes nothing a gradient needs: the BN is in eval mode and uses running
 // statistics, and no conv or BN parameter would receive a gradient (grad mode off, or none requires grad).
-// Otherwise the layers run as they are. The fold is computed on every call (a few small kernels over the
-// weights), never cached: see core/src/batchnorm_fold.cpp. Backbones call it for every conv a BN follows directly.
+// Otherwise the layers run as they are. Backbones call it for every conv a BN follows directly.
+// The fold is computed on every call (a few small kernels over the weights), except for the convolutions of a
+// network held by keep_batchnorm_folds below: those folds are computed once and kept (core/src/batchnorm_fold.cpp
+// says why a general cache is unsafe).
 class ISP_API ConvBatchNorm {
  public:
   at::Tensor operator()(torch::nn::Conv2dImpl& conv, torch::nn::BatchNorm2dImpl& bn, const at::Tensor& x);
@@ -33,6 +35,17 @@ class ISP_API ConvBatchNorm {
 // Process-wide switch (runtime.fold_batchnorm, default on); off runs every conv and BN separately.
 ISP_API void set_batchnorm_folding(bool on);
 ISP_API bool batchnorm_folding();
+// Folds kept for the lifetime of `owner` (isp::FrozenParameters, isp/train.h): every conv of `frozen` that runs
+// folded computes its folded weight and bias once and reuses them until drop_batchnorm_folds(owner). In a captured
+// CUDA graph the fold kernels then leave the step altogether. The owner promises that nothing writes the
+// network's parameters or BN statistics in place meanwhile; what still changes them is seen: a training-mode BN
+// forward drops that layer's fold, and new storage (.to(), channels_last, a load that replaces the tensors)
+// refolds. Nested owners of one network are counted.
+ISP_API void keep_batchnorm_folds(const void* owner, torch::nn::Module& frozen);
+ISP_API void drop_batchnorm_folds(const void* owner);
+// How many folds are kept now (tests).
+ISP_API std::size_t kept_batchnorm_folds();
+
 // The switch set for one scope and restored after it (exports and checks that need the unfolded layers).
 class ScopedBatchNormFolding {
  public:
