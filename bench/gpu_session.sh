@@ -120,7 +120,7 @@ fi
 
 if start_part pipeline 90 && [ -d .gpudata/fashion-mnist ]; then
   mkdir -p "$WORK/pipeline"
-  for cfg in default graphs_cl_bf16; do
+  for cfg in ${PIPELINE_CONFIGS:-default graphs_cl_fp32}; do
     t=$SECONDS
     # shellcheck disable=SC2046
     $ISP run configs/isp/quick_fmnist.json --work-dir "$WORK/pipeline/$cfg" --set 'runtime.device="cuda"' \
