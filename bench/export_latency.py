@@ -50,7 +50,7 @@ def main():
     for name, d in dirs.items():
         spec = dict(json.load(open(os.path.join(d, "structure.json")))["spec"])
         net = ref.build(spec)
-        net.load_state_dict(torch.load(os.path.join(d, "weights.pt")), strict=True)
+        net.load_state_dict(torch.load(os.path.join(d, "weights.pt"), weights_only=True), strict=True)
         nets[name] = net.eval()
     c, hw = spec.get("in_channels", 3), spec.get("input_size", 32)
     # Every (network, runtime, batch) is timed in ROUNDS interleaved rounds and the median of the round medians

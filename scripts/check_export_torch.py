@@ -152,7 +152,9 @@ def main():
     with open(os.path.join(a.export_dir, "sample.json")) as f:
         sample = json.load(f)
     model = build(spec)
-    state = torch.load(os.path.join(a.export_dir, "weights.pt"), map_location="cpu")
+    # weights_only=True: the default of torch.load since PyTorch 2.6, and the safe way to read weights at all
+    # (the file must hold only tensors and plain containers).
+    state = torch.load(os.path.join(a.export_dir, "weights.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)  # raises on any missing, unexpected or misshapen tensor
     model.eval()
     torch.set_num_threads(1)

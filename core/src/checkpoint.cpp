@@ -1,6 +1,8 @@
 // Checkpoints (atomic, named modules/optimizers/tensors + JSON meta), Python-readable state dicts and
 // reloading an export folder.
 #include <torch/torch.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/pickler.h>
 
 #include <unistd.h>
 
@@ -211,12 +213,40 @@ std::map<std::string, at::Tensor> CheckpointReader::all_tensors() {
 
 const json& CheckpointReader::meta() const { return impl_->contents.meta; }
 
+namespace {
+// torch.save's zip format, pickled without type tags. torch::pickle_save tags typed dicts with the global
+// torch.jit._pickle.restore_type_tag, which torch.load refuses under weights_only=True, its default since
+// PyTorch 2.6; untagged, the file holds only a plain dict, tensors and storages, which it accepts.
+std::string pickle_for_torch_load(const c10::IValue& value) {
+  std::string pickle;
+  torch::jit::Pickler pickler([&pickle](const char* bytes, size_t n) { pickle.append(bytes, n); },
+                              /*tensor_table=*/nullptr, /*type_renamer=*/nullptr, /*memoized_class_types=*/nullptr,
+                              /*get_tensor_id=*/nullptr, /*tag_aggregates=*/false);
+  pickler.protocol();
+  pickler.pushIValue(value);
+  pickler.stop();
+  std::string out;
+  caffe2::serialize::PyTorchStreamWriter zip([&out](const void* bytes, size_t n) -> size_t {
+    out.append(static_cast<const char*>(bytes), n);
+    return n;
+  });
+  const auto& tensors = pickler.tensorData();  // the storages the pickle names by index
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    const auto data = torch::jit::getWriteableTensorData(tensors[i]);
+    zip.writeRecord("data/" + std::to_string(i), data.data(), data.sizeInBytes());
+  }
+  zip.writeRecord("data.pkl", pickle.data(), pickle.size());
+  zip.writeRecord("byteorder", "little", 6);  // as torch.save writes it; x86 and ARM are little-endian
+  zip.writeEndOfFile();
+  return out;
+}
+}  // namespace
+
 void save_state_dict_for_python(const torch::nn::Module& m, const std::string& path) {
   c10::Dict<std::string, at::Tensor> dict;
-  for (const auto& p : m.named_parameters()) dict.insert(p.key(), p.value().detach().cpu());
-  for (const auto& b : m.named_buffers()) dict.insert(b.key(), b.value().detach().cpu());
-  std::vector<char> bytes = torch::pickle_save(c10::IValue(dict));
-  write_file_atomic(path, std::string(bytes.begin(), bytes.end()));
+  for (const auto& p : m.named_parameters()) dict.insert(p.key(), p.value().detach().cpu().contiguous());
+  for (const auto& b : m.named_buffers()) dict.insert(b.key(), b.value().detach().cpu().contiguous());
+  write_file_atomic(path, pickle_for_torch_load(c10::IValue(dict)));
 }
 
 bool is_python_state_dict_file(const std::string& path) {
