@@ -9,7 +9,8 @@ where python3-onnx is installed (onnxruntime runs it: scripts/check_export_onnxr
 
 Exit status: 0 within the tolerance, 1 beyond it or on any mismatch, 77 when PyTorch is not installed
 (Debian: apt install python3-torch). The models below are also a starting point for using the pruned network
-in Python: ResNetCifar and MobileNetV2Cifar with the kept widths of structure.json.
+in Python: ResNetCifar, MobileNetV2Cifar and ResNet (torchvision's layout) with the kept widths of
+structure.json.
 """
 import argparse
 import json
@@ -127,7 +128,70 @@ class MobileNetV2Cifar(nn.Module):
         return self.linear(out.mean((2, 3)))
 
 
-MODELS = {"ResNetCifar": ResNetCifar, "MobileNetV2Cifar": MobileNetV2Cifar}
+class TvBlock(nn.Module):
+    """isp's ResNet block in torchvision's names: BasicBlock (one gated width) or Bottleneck (two)."""
+
+    def __init__(self, in_planes, out_planes, mid, stride, bottleneck):
+        super().__init__()
+        self.bottleneck = bottleneck
+        if bottleneck:
+            self.conv1 = nn.Conv2d(in_planes, mid[0], 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(mid[0])
+            self.conv2 = nn.Conv2d(mid[0], mid[1], 3, stride, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(mid[1])
+            self.conv3 = nn.Conv2d(mid[1], out_planes, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(out_planes)
+        else:
+            self.conv1 = nn.Conv2d(in_planes, mid[0], 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(mid[0])
+            self.conv2 = nn.Conv2d(mid[0], out_planes, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(out_planes)
+        self.downsample = None
+        if stride != 1 or in_planes != out_planes:
+            self.downsample = nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False),
+                                            nn.BatchNorm2d(out_planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        if self.bottleneck:
+            out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        else:
+            out = self.bn2(self.conv2(out))
+        return F.relu(out + (self.downsample(x) if self.downsample is not None else x))
+
+
+class ResNet(nn.Module):
+    """isp's ImageNet ResNet (torchvision's layout and names) with the kept widths of structure.json; unpruned,
+    its state dict is exactly torchvision.models.resnet<depth>()'s."""
+
+    def __init__(self, depth=50, num_classes=1000, in_channels=3, widths=(), **_):
+        super().__init__()
+        bottleneck = depth >= 50
+        blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}[depth]
+        per_block, expansion = (2, 4) if bottleneck else (1, 1)
+        widths = list(widths)
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        in_planes, k = 64, 0
+        for stage, n in enumerate(blocks):
+            planes = 64 << stage
+            layer = []
+            for b in range(n):
+                mid = widths[k:k + per_block] if widths else [planes] * per_block
+                k += per_block
+                layer.append(TvBlock(in_planes, planes * expansion, mid, 2 if stage > 0 and b == 0 else 1, bottleneck))
+                in_planes = planes * expansion
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*layer))
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x):
+        out = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        for stage in range(1, 5):
+            out = getattr(self, f"layer{stage}")(out)
+        return self.fc(out.mean((2, 3)))
+
+
+MODELS = {"ResNetCifar": ResNetCifar, "MobileNetV2Cifar": MobileNetV2Cifar, "ResNet": ResNet}
 
 
 def build(spec):

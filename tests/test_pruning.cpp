@@ -802,7 +802,13 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
   for (const json& spec : {json{{"type", "ResNetCifar"}, {"depth", 20}, {"num_classes", 7}, {"in_channels", 1},
                                 {"widths", {3, 16, 5, 9, 32, 1, 64, 17, 40}}},
                            json{{"type", "MobileNetV2Cifar"}, {"num_classes", 5}, {"input_size", 16},
-                                {"widths", {7, 30, 99, 5, 144, 60, 1, 192, 100, 384, 17, 576, 300, 200, 960, 33, 9}}}}) {
+                                {"widths", {7, 30, 99, 5, 144, 60, 1, 192, 100, 384, 17, 576, 300, 200, 960, 33, 9}}},
+                           // ImageNet layouts (max pool, downsample convs, bottlenecks), small pruned widths
+                           json{{"type", "ResNet"}, {"depth", 18}, {"num_classes", 6}, {"input_size", 64},
+                                {"widths", {5, 64, 3, 17, 1, 40, 9, 33}}},
+                           json{{"type", "ResNet"}, {"depth", 50}, {"num_classes", 4}, {"input_size", 32},
+                                {"widths", {3, 5, 8, 1, 6, 7, 9, 10, 4, 4, 12, 3, 16, 2, 5, 5, 8, 8, 1, 1, 9, 4,
+                                            24, 7, 3, 3, 17, 30, 8, 2, 6, 6}}}}) {
     CAPTURE(spec.dump());
     Built b = build(json{{"backbone", spec}});
     torch::manual_seed(5);
@@ -845,7 +851,7 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
     // And a damaged weight is caught: the check can fail.
     {
       torch::NoGradGuard ng;
-      const std::string head = spec["type"] == "ResNetCifar" ? "fc.weight" : "linear.weight";
+      const std::string head = spec["type"] == "MobileNetV2Cifar" ? "linear.weight" : "fc.weight";
       b.backbone->named_parameters()[head].mul_(1.5);
     }
     isp::save_state_dict_for_python(*b.backbone, (out / "weights.pt").string());

@@ -15,10 +15,12 @@
 #include <fstream>
 #include <set>
 #include <limits>
+#include <map>
 #include <sstream>
 
 #include "isp/checkpoint.h"
 #include "checkpoint_format.h"
+#include "torch_save_reader.h"
 #include "isp/optim.h"
 #include "isp/interfaces/backbone.h"
 #include "isp/registry/build_context.h"
@@ -258,24 +260,17 @@ bool is_python_state_dict_file(const std::string& path) {
 
 void load_state_dict_from_python(torch::nn::Module& m, const std::string& path) {
   if (!fs::exists(path)) throw Error(path + ": no such file (expected a state dict saved by torch.save)");
-  const std::string bytes = read_text_file(path);
-  c10::IValue v;
-  try {
-    v = torch::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
-  } catch (const std::exception& e) {
-    std::string why = e.what();
-    if (auto nl = why.find('\n'); nl != std::string::npos) why = why.substr(0, nl);
-    throw Error(path + ": not a state dict saved by torch.save (zip format): " + why);
-  }
-  if (!v.isGenericDict()) throw Error(path + ": expected a {name: tensor} dict (torch.save(model.state_dict()))");
-  auto dict = v.toGenericDict();
+  if (!is_python_state_dict_file(path))
+    throw Error(path + ": not a state dict saved by torch.save (zip format): it does not start as a zip file");
+  std::map<std::string, at::Tensor> dict;
+  for (auto& [name, t] : read_torch_save_state_dict(path)) dict[name] = std::move(t);
   torch::NoGradGuard ng;
   std::vector<std::string> missing, wrong;
   std::size_t matched = 0;
   auto assign = [&](const std::string& name, at::Tensor& t) {
-    c10::IValue key(name);
-    if (!dict.contains(key) || !dict.at(key).isTensor()) return missing.push_back(name);
-    at::Tensor src = dict.at(key).toTensor();
+    auto it = dict.find(name);
+    if (it == dict.end()) return missing.push_back(name);
+    const at::Tensor& src = it->second;
     if (src.sizes() != t.sizes())
       return wrong.push_back(name + " " + c10::str(src.sizes()) + " (the network has " + c10::str(t.sizes()) + ")");
     t.copy_(src);
@@ -296,7 +291,7 @@ void load_state_dict_from_python(torch::nn::Module& m, const std::string& path) 
     for (auto& p : m.named_parameters()) known.insert(p.key());
     for (auto& b : m.named_buffers()) known.insert(b.key());
     for (const auto& kv : dict)
-      if (!kv.key().isString() || !known.count(kv.key().toStringRef())) extra.push_back(kv.key().isString() ? kv.key().toStringRef() : "?");
+      if (!known.count(kv.first)) extra.push_back(kv.first);
     throw Error(path + ": holds tensors the network does not have: " + first(extra));
   }
 }

@@ -59,6 +59,9 @@ LayerCostBreakdown layer_cost(const LayerShape& l, double cin, double cout, doub
     case LayerOp::AvgPool:
       c.flops = cin * ihw;
       return c;
+    case LayerOp::MaxPool:  // the official pooling hook: kernel^2 per output element
+      c.flops = static_cast<double>(l.kernel * l.kernel) * cout * ohw;
+      return c;
     case LayerOp::FunctionalRelu:
     case LayerOp::FunctionalAvgPool:
     case LayerOp::Add:

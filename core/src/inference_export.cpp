@@ -57,6 +57,11 @@ std::string InferenceGraph::avg_pool(const std::string& in, int64_t kernel) {
   op.kind = Kind::AvgPool, op.a = in, op.stride = kernel;
   return push(op);
 }
+std::string InferenceGraph::max_pool(const std::string& in, int64_t kernel, int64_t stride, int64_t padding) {
+  Op op;
+  op.kind = Kind::MaxPool, op.a = in, op.kernel = kernel, op.stride = stride, op.padding = padding;
+  return push(op);
+}
 std::string InferenceGraph::pad_channels(const std::string& in, int64_t amount) {
   Op op;
   op.kind = Kind::PadChannels, op.a = in, op.amount = amount;
@@ -88,6 +93,9 @@ std::string InferenceGraph::torchscript() const {
       case Kind::Relu: e = "torch.relu(" + op.a + ")"; break;
       case Kind::Add: e = op.a + " + " + op.b; break;
       case Kind::AvgPool: e = "torch.avg_pool2d(" + op.a + ", " + pair(op.stride) + ", " + pair(op.stride) + ")"; break;
+      case Kind::MaxPool:
+        e = "torch.max_pool2d(" + op.a + ", " + pair(op.kernel) + ", " + pair(op.stride) + ", " + pair(op.padding) + ")";
+        break;
       case Kind::PadChannels:  // pads run from the last dimension: W, H, then C at its end
         e = "torch.constant_pad_nd(" + op.a + ", [0, 0, 0, 0, 0, " + std::to_string(op.amount) + "], 0.0)";
         break;
@@ -282,6 +290,13 @@ void save_onnx(const Backbone& net, const std::string& path) {
         g.message(1, node("AveragePool", {a}, out,
                           {ints_attr("kernel_shape", {op.stride, op.stride}), ints_attr("strides", {op.stride, op.stride})}));
         break;
+      case K::MaxPool: {
+        const int64_t p = op.padding;  // ONNX MaxPool pads with -inf, as torch.max_pool2d does
+        g.message(1, node("MaxPool", {a}, out,
+                          {ints_attr("kernel_shape", {op.kernel, op.kernel}), ints_attr("strides", {op.stride, op.stride}),
+                           ints_attr("pads", {p, p, p, p})}));
+        break;
+      }
       case K::PadChannels: {
         // pads = [begin of N, C, H, W, end of N, C, H, W]: zero channels appended at the end of C.
         const std::string pads = out + "_pads";

@@ -35,6 +35,7 @@ const char* to_string(LayerOp op) {
     case LayerOp::FunctionalRelu: return "functional_relu";
     case LayerOp::FunctionalAvgPool: return "functional_avgpool";
     case LayerOp::Add: return "add";
+    case LayerOp::MaxPool: return "maxpool";
   }
   return "unknown";
 }

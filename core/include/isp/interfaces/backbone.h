@@ -66,8 +66,10 @@ struct GatedLayer {
 
 // What the cost model (cost.h) counts. The Functional* ops and Add are what the official counter cannot see
 // (applied inline, not as nn modules): they cost 0 FLOPs and are listed only so the table reads like forward().
-enum class LayerOp { Conv, BatchNorm, Relu, Linear, AvgPool, FunctionalRelu, FunctionalAvgPool, Add };
-// "conv", "bn", "relu", "linear", "avgpool", "functional_relu", "functional_avgpool", "add" (reports).
+enum class LayerOp { Conv, BatchNorm, Relu, Linear, AvgPool, FunctionalRelu, FunctionalAvgPool, Add, MaxPool };
+// "conv", "bn", "relu", "linear", "avgpool", "functional_relu", "functional_avgpool", "add", "maxpool" (reports).
+// MaxPool (an nn.MaxPool2d module, ImageNet stems): declare it with declare_layer and its kernel; it counts
+// kernel^2 * numel(out) as the official counter's pooling hook does.
 ISP_API const char* to_string(LayerOp op);
 
 // One layer of a backbone's topology. `name` is its parameter-name prefix ("layer1.0.conv1": the tensors are

@@ -13,12 +13,13 @@ namespace isp {
 
 class ISP_API InferenceGraph {
  public:
-  enum class Kind { Conv, Relu, Add, AvgPool, PadChannels, GlobalMean, Linear };
+  enum class Kind { Conv, Relu, Add, AvgPool, PadChannels, GlobalMean, Linear, MaxPool };
   struct Op {
     Kind kind = Kind::Relu;
     std::string out, a, b;  // result, operands
     std::string layer;      // Conv / Linear: the layer-table name whose weights it uses
-    int64_t stride = 1, padding = 0, groups = 1;  // Conv; AvgPool: kernel = stride
+    int64_t stride = 1, padding = 0, groups = 1;  // Conv; AvgPool: kernel = stride; MaxPool: stride, padding
+    int64_t kernel = 1;                           // MaxPool
     int64_t amount = 0;                           // PadChannels: zero channels appended
   };
 
@@ -27,6 +28,7 @@ class ISP_API InferenceGraph {
   std::string relu(const std::string& in);
   std::string add(const std::string& a, const std::string& b);
   std::string avg_pool(const std::string& in, int64_t kernel);  // stride = kernel
+  std::string max_pool(const std::string& in, int64_t kernel, int64_t stride, int64_t padding);  // -inf padding
   std::string pad_channels(const std::string& in, int64_t amount);
   std::string global_mean(const std::string& in);  // [N, C, H, W] -> [N, C]
   std::string linear(const std::string& layer, const std::string& in);
