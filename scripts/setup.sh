@@ -5,10 +5,11 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO=sudo; fi
 pkgs="cmake g++ make ccache libtorch-dev libboost-dev nlohmann-json3-dev libtbb-dev doctest-dev libcli11-dev libgloo-dev
-      libstb-dev zlib1g-dev libopenblas0-pthread dataset-fashion-mnist python3 python3-torch python3-onnx chromium"
+      libstb-dev zlib1g-dev libopenblas0-pthread dataset-fashion-mnist python3 python3-torch python3-torchvision python3-onnx chromium"
 # libgloo-dev: the headers of the Gloo library Debian's LibTorch is built with (data-parallel runs on c10d).
 # python3-torch, python3-onnx: the tests load exports with Debian's PyTorch and check model.onnx with the ONNX
-# checker (scripts/check_export_torch.py), runtimes independent of isp. chromium: a test renders report.html in
+# checker (scripts/check_export_torch.py), runtimes independent of isp; python3-torchvision: a test loads
+# torchvision's own ResNets into isp's ResNet by name and compares logits. chromium: a test renders report.html in
 # headless Chromium (about 15 s to install from a Debian mirror).
 missing=""
 for p in $pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done

@@ -985,3 +985,29 @@ TEST_CASE("isp sweep: every point validated first, shared stages reused, one tab
   REQUIRE(isp_cmd("sweep " + (dir / "seeds.json").string() + " --work-dir " + (dir / "seeds").string(), "again.log") == 0);
   CHECK(isp::read_text_file((dir / "seeds" / "seed=1.log").string()).find("[classifier] epoch") == std::string::npos);
 }
+
+TEST_CASE("the whole pipeline with the ImageNet-layout ResNet-18: AEM over four scales, pruning inside blocks, export") {
+  auto dir = isp_test::temp_dir("resnet18_pipeline");
+  auto read = [](const fs::path& p) { return json::parse(isp::read_text_file(p.string())); };
+  json recipe = selector_pipeline_recipe();
+  recipe["nodes"]["backbone"] = {{"type", "ResNet"}, {"depth", 18}, {"num_classes", 4}, {"input_size", 32}};
+  recipe["nodes"]["head"]["kernel_size"] = 8;  // the finest scale: 32 px / 4
+  recipe["nodes"]["flops"] = {{"type", "FlopsBudget"}, {"target", 0.6}};
+  recipe["nodes"]["prune"]["regularizers"] = {ref("interp"), ref("flops")};
+  std::ofstream(dir / "r18.json") << recipe.dump(2);
+  isp::RunOptions o;
+  o.recipe_path = (dir / "r18.json").string();
+  o.work_dir = (dir / "run").string();
+  REQUIRE(isp::run_recipe(registry(), o) == 0);
+  const json report = read(dir / "run" / "report.json");
+  MESSAGE("ResNet-18 tiny pipeline: FLOPs ratio " << report["flops_ratio"] << ", mask IoU "
+                                                  << report["saliency"]["mask_iou_at_0.5"]);
+  CHECK(report["budget_met"] == true);
+  CHECK(report["flops_ratio"].get<double>() <= 0.6 + 0.005);
+  const json structure = read(dir / "run" / "export" / "structure.json");
+  CHECK(structure["spec"]["type"].get<std::string>().find("ResNet") != std::string::npos);
+  CHECK(structure["spec"]["widths"].size() == 8);
+  CHECK(fs::exists(dir / "run" / "export" / "model.onnx"));
+  if (python_has_torch()) CHECK(check_with_python_torch(dir / "run" / "export", dir / "check.log") == 0);
+  fs::remove_all(dir);
+}

@@ -140,7 +140,8 @@ json fit_classifier(const Classifier& c, const DataBundle& data, const SgdSchedu
     };
     hooks.score = [](const json& line, int64_t) { return line["val_top1"].get<double>(); };
   }
-  TrainLoopResult res = run_train_loop(spec, hooks, train, ctx);
+  TrainLoopResult res;  // epochs 0: the network as it came (pretrained weights), evaluated only
+  if (opt.epochs > 0) res = run_train_loop(spec, hooks, train, ctx);
 
   // Model selection on the validation split, never on the test split.
   if (has_val && res.best_epoch > 0) CheckpointReader(res.best_path).module("model", model);
@@ -154,8 +155,8 @@ json fit_classifier(const Classifier& c, const DataBundle& data, const SgdSchedu
   }
   json summary = {{"test_top1", test.top1},         {"test_loss", test.loss},
                   {"val_top1", has_val ? json(val.top1) : json(nullptr)},
-                  {"best_epoch", has_val ? json(res.best_epoch) : json(opt.epochs)},
-                  {"selected_on", has_val ? "val_top1" : "last_epoch"},
+                  {"best_epoch", has_val && opt.epochs > 0 ? json(res.best_epoch) : json(opt.epochs)},
+                  {"selected_on", opt.epochs == 0 ? "not_trained" : has_val ? "val_top1" : "last_epoch"},
                   {"epochs", opt.epochs},
                   {"train_seconds", res.train_seconds},
                   {"train_images_per_s", static_cast<double>(res.images_seen) / std::max(1e-9, res.train_seconds)},

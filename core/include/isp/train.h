@@ -80,7 +80,7 @@ struct SgdScheduleOptions {
   int64_t eval_batch_size = 256;
   int64_t max_steps_per_epoch = 0;  // 0 = full epochs (for smoke tests)
   template <class V> void visit(V& v) {
-    v("epochs", epochs, "training epochs", at_least(1));
+    v("epochs", epochs, "training epochs (0: none; a classifier then keeps its init_from weights as they are)", at_least(0));
     v("batch_size", batch_size, "mini-batch size", at_least(1));
     v("lr", lr, "initial learning rate", greater_than(0));
     v("momentum", momentum, "SGD momentum", between(0, 1));

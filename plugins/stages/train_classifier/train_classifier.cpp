@@ -32,6 +32,11 @@ class TrainClassifier : public isp::Stage {
       throw isp::RecipeError(opt_.model.where, "the backbone has " + std::to_string(architecture_->num_classes()) +
                                                    " classes but the dataset has " +
                                                    std::to_string(data_->data().num_classes()));
+    if (opt_.epochs == 0 && opt_.init_from.empty()) {
+      isp::Where w = opt_.model.where;  // .../model -> .../epochs
+      w.pointer = w.pointer.substr(0, w.pointer.rfind('/')) + "/epochs";
+      throw isp::RecipeError(w, "0 epochs keeps the initial weights: set init_from (pretrained weights) too");
+    }
     // The FLOPs count and the AEM's mask grid follow the backbone's input size: it must be the images' size.
     const at::Tensor& images = data_->data().train.images;
     if (images.defined() && images.dim() == 4 && images.size(2) != architecture_->input_size())
