@@ -9,7 +9,7 @@ where python3-onnx is installed (onnxruntime runs it: scripts/check_export_onnxr
 
 Exit status: 0 within the tolerance, 1 beyond it or on any mismatch, 77 when PyTorch is not installed
 (Debian: apt install python3-torch). The models below are also a starting point for using the pruned network
-in Python: ResNetCifar, MobileNetV2Cifar and ResNet (torchvision's layout) with the kept widths of
+in Python: ResNetCifar, MobileNetV2Cifar, ResNet and MobileNetV2 (torchvision's layouts) with the kept widths of
 structure.json.
 """
 import argparse
@@ -191,7 +191,63 @@ class ResNet(nn.Module):
         return self.fc(out.mean((2, 3)))
 
 
-MODELS = {"ResNetCifar": ResNetCifar, "MobileNetV2Cifar": MobileNetV2Cifar, "ResNet": ResNet}
+def divisible(v):
+    """torchvision's _make_divisible(v, 8)."""
+    n = max(8, int(v + 4) // 8 * 8)
+    return n + 8 if n < 0.9 * v else n
+
+
+def conv_bn(cin, cout, k, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+class TvInvertedResidual(nn.Module):
+    def __init__(self, cin, cout, hidden, stride, expand):
+        super().__init__()
+        layers = [conv_bn(cin, hidden, 1)] if expand else []
+        layers += [conv_bn(hidden, hidden, 3, stride, hidden), nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.conv = nn.Sequential(*layers)
+        self.expand, self.residual = expand, stride == 1 and cin == cout
+
+    def forward(self, x):
+        h = x
+        for i, layer in enumerate(self.conv):
+            h = layer(h)
+            if i < len(self.conv) - 2:  # after the expansion and depthwise conv + BN
+                h = F.relu6(h)
+        return h + x if self.residual else h
+
+
+class MobileNetV2(nn.Module):
+    """isp's ImageNet MobileNetV2 (torchvision's layout and names) with the kept hidden widths of structure.json."""
+
+    def __init__(self, num_classes=1000, in_channels=3, width_mult=1.0, widths=(), **_):
+        super().__init__()
+        stages = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+        cin = divisible(32 * width_mult)
+        features, k = [conv_bn(in_channels, cin, 3, 2)], 0
+        for t, c, n, s in stages:
+            cout = divisible(c * width_mult)
+            for b in range(n):
+                hidden = cin if t == 1 else (widths[k] if widths else cin * t)
+                k += t != 1
+                features.append(TvInvertedResidual(cin, cout, hidden, s if b == 0 else 1, t != 1))
+                cin = cout
+        last = divisible(1280 * max(1.0, width_mult))
+        features.append(conv_bn(cin, last, 1))
+        self.features = nn.Sequential(*features)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
+
+    def forward(self, x):
+        out = F.relu6(self.features[0](x))
+        for block in self.features[1:-1]:
+            out = block(out)
+        out = F.relu6(self.features[-1](out))
+        return self.classifier(out.mean((2, 3)))
+
+
+MODELS = {"ResNetCifar": ResNetCifar, "MobileNetV2Cifar": MobileNetV2Cifar, "ResNet": ResNet,
+          "MobileNetV2": MobileNetV2}
 
 
 def build(spec):

@@ -806,6 +806,8 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
                            // ImageNet layouts (max pool, downsample convs, bottlenecks), small pruned widths
                            json{{"type", "ResNet"}, {"depth", 18}, {"num_classes", 6}, {"input_size", 64},
                                 {"widths", {5, 64, 3, 17, 1, 40, 9, 33}}},
+                           json{{"type", "MobileNetV2"}, {"num_classes", 3}, {"input_size", 32}, {"width_mult", 0.5},
+                                {"widths", {7, 30, 99, 5, 44, 60, 1, 92, 100, 84, 17, 76, 30, 20, 96, 33}}},
                            json{{"type", "ResNet"}, {"depth", 50}, {"num_classes", 4}, {"input_size", 32},
                                 {"widths", {3, 5, 8, 1, 6, 7, 9, 10, 4, 4, 12, 3, 16, 2, 5, 5, 8, 8, 1, 1, 9, 4,
                                             24, 7, 3, 3, 17, 30, 8, 2, 6, 6}}}}) {
@@ -851,7 +853,9 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
     // And a damaged weight is caught: the check can fail.
     {
       torch::NoGradGuard ng;
-      const std::string head = spec["type"] == "MobileNetV2Cifar" ? "linear.weight" : "fc.weight";
+      const std::string head = spec["type"] == "MobileNetV2Cifar" ? "linear.weight"
+                               : spec["type"] == "MobileNetV2"    ? "classifier.1.weight"
+                                                                  : "fc.weight";
       b.backbone->named_parameters()[head].mul_(1.5);
     }
     isp::save_state_dict_for_python(*b.backbone, (out / "weights.pt").string());

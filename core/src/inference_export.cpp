@@ -47,6 +47,11 @@ std::string InferenceGraph::relu(const std::string& in) {
   op.kind = Kind::Relu, op.a = in;
   return push(op);
 }
+std::string InferenceGraph::relu6(const std::string& in) {
+  Op op;
+  op.kind = Kind::Relu6, op.a = in;
+  return push(op);
+}
 std::string InferenceGraph::add(const std::string& a, const std::string& b) {
   Op op;
   op.kind = Kind::Add, op.a = a, op.b = b;
@@ -91,6 +96,7 @@ std::string InferenceGraph::torchscript() const {
             pair(op.stride) + ", " + pair(op.padding) + ", [1, 1], " + std::to_string(op.groups) + ")";
         break;
       case Kind::Relu: e = "torch.relu(" + op.a + ")"; break;
+      case Kind::Relu6: e = "torch.clamp(" + op.a + ", 0.0, 6.0)"; break;
       case Kind::Add: e = op.a + " + " + op.b; break;
       case Kind::AvgPool: e = "torch.avg_pool2d(" + op.a + ", " + pair(op.stride) + ", " + pair(op.stride) + ")"; break;
       case Kind::MaxPool:
@@ -285,6 +291,12 @@ void save_onnx(const Backbone& net, const std::string& path) {
         break;
       }
       case K::Relu: g.message(1, node("Relu", {a}, out)); break;
+      case K::Relu6: {  // Clip (opset 13) takes its bounds as inputs: two scalar initializers
+        g.message(5, tensor_proto(out + "_min", at::scalar_tensor(0.0, at::kFloat)));
+        g.message(5, tensor_proto(out + "_max", at::scalar_tensor(6.0, at::kFloat)));
+        g.message(1, node("Clip", {a, out + "_min", out + "_max"}, out));
+        break;
+      }
       case K::Add: g.message(1, node("Add", {a, value(op.b)}, out)); break;
       case K::AvgPool:
         g.message(1, node("AveragePool", {a}, out,

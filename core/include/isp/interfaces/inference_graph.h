@@ -13,7 +13,7 @@ namespace isp {
 
 class ISP_API InferenceGraph {
  public:
-  enum class Kind { Conv, Relu, Add, AvgPool, PadChannels, GlobalMean, Linear, MaxPool };
+  enum class Kind { Conv, Relu, Add, AvgPool, PadChannels, GlobalMean, Linear, MaxPool, Relu6 };
   struct Op {
     Kind kind = Kind::Relu;
     std::string out, a, b;  // result, operands
@@ -26,6 +26,7 @@ class ISP_API InferenceGraph {
   static std::string input() { return "x"; }
   std::string conv(const std::string& layer, const std::string& in, int64_t stride, int64_t padding, int64_t groups = 1);
   std::string relu(const std::string& in);
+  std::string relu6(const std::string& in);  // min(max(x, 0), 6)
   std::string add(const std::string& a, const std::string& b);
   std::string avg_pool(const std::string& in, int64_t kernel);  // stride = kernel
   std::string max_pool(const std::string& in, int64_t kernel, int64_t stride, int64_t padding);  // -inf padding

@@ -1,5 +1,6 @@
-// The ImageNet ResNet backbone plugin ("ResNet", torchvision's layout): sizes and counts against torchvision's
-// published figures, gates and channel surgery, and torchvision's own models loaded by name (python3-torchvision).
+// The ImageNet backbone plugins in torchvision's layout ("ResNet", "MobileNetV2"): sizes and counts against
+// torchvision's published figures, gates and channel surgery, and torchvision's own models loaded by name
+// (python3-torchvision).
 #include "test_support.h"
 
 #include <cstdlib>
@@ -20,9 +21,12 @@ namespace {
 struct ResNetFixture {
   isp::Registry reg;
   std::unique_ptr<isp::BuildContext> ctx;
-  ResNetFixture() { reg.load_library(isp_test::plugin("isp_backbones_resnet")); }
+  ResNetFixture() {
+    reg.load_library(isp_test::plugin("isp_backbones_resnet"));
+    reg.load_library(isp_test::plugin("isp_backbones_mobilenetv2"));
+  }
   std::shared_ptr<isp::Backbone> build(json spec) {
-    spec["type"] = "ResNet";
+    if (!spec.contains("type")) spec["type"] = "ResNet";
     ctx = std::make_unique<isp::BuildContext>(reg, json{{"nodes", {{"backbone", spec}}}},
                                               [](const std::string& p) { return isp::Where{"t.json", p}; });
     return ctx->node<isp::Backbone>("backbone");
@@ -119,10 +123,11 @@ TEST_CASE_FIXTURE(ResNetFixture, "ResNet: feature scales, names as torchvision's
 }
 
 TEST_CASE_FIXTURE(ResNetFixture, "ResNet: channel surgery gives the gated network's logits, basic and bottleneck") {
-  for (const int depth : {18, 50}) {
+  for (const int depth : {18, 50, 2}) {  // 2: MobileNetV2 (width 0.75)
     CAPTURE(depth);
     torch::manual_seed(depth);
-    auto bb = build({{"depth", depth}, {"num_classes", 10}, {"input_size", 64}});
+    auto bb = depth == 2 ? build({{"type", "MobileNetV2"}, {"width_mult", 0.75}, {"num_classes", 10}, {"input_size", 64}})
+                         : build({{"depth", depth}, {"num_classes", 10}, {"input_size", 64}});
     randomise_batchnorms(*bb);
     bb->eval();
     // Keep a random ~60 % of every gated layer's channels.
@@ -142,7 +147,8 @@ TEST_CASE_FIXTURE(ResNetFixture, "ResNet: channel surgery gives the gated networ
     bb->set_gates(at::Tensor());
     const auto got = ext.model->forward(x);
     const double d = (got - ref).abs().max().item<double>();
-    MESSAGE("ResNet-" << depth << " surgery: max |logit difference| " << d << " (logits up to "
+    MESSAGE((depth == 2 ? std::string("MobileNetV2 x0.75") : "ResNet-" + std::to_string(depth))
+            << " surgery: max |logit difference| " << d << " (logits up to "
                       << ref.abs().max().item<double>() << ")");
     CHECK(d < 1e-4 * ref.abs().max().item<double>() + 1e-5);
     const isp::CostModel full(bb->layer_shapes(), bb->gated_layers()), small(ext.model->layer_shapes(), ext.model->gated_layers());
@@ -167,8 +173,9 @@ TEST_CASE_FIXTURE(ResNetFixture, "ResNet: torchvision's models load by name and 
     std::ofstream s(script);
     s << "import sys, torch, torchvision\n"
          "torch.manual_seed(0)\n"
-         "depth, mode, d = int(sys.argv[1]), sys.argv[2], sys.argv[3]\n"
-         "m = getattr(torchvision.models, f'resnet{depth}')(num_classes=10).eval()\n"
+         "name, mode, d = sys.argv[1], sys.argv[2], sys.argv[3]\n"
+         "m = (torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5) if name == 'mbv2'\n"
+         "     else getattr(torchvision.models, name)(num_classes=10)).eval()\n"
          "if mode == 'make':\n"
          "    with torch.no_grad():\n"
          "        for b in m.modules():\n"
@@ -184,11 +191,13 @@ TEST_CASE_FIXTURE(ResNetFixture, "ResNet: torchvision's models load by name and 
          "    with torch.no_grad():\n"
          "        print('max |dlogit| %.3g' % (m(io['x']) - io['logits']).abs().max().item())\n";
   }
-  for (const int depth : {18, 50}) {
+  for (const int depth : {18, 50, 2}) {  // 2: MobileNetV2, width 0.5
     CAPTURE(depth);
-    const std::string args = " " + script + " " + std::to_string(depth) + " ";
+    const std::string name = depth == 2 ? "mbv2" : "resnet" + std::to_string(depth);
+    const std::string args = " " + script + " " + name + " ";
     REQUIRE(std::system((py + args + "make " + dir.string()).c_str()) == 0);
-    auto bb = build({{"depth", depth}, {"num_classes", 10}, {"input_size", 64}});
+    auto bb = depth == 2 ? build({{"type", "MobileNetV2"}, {"width_mult", 0.5}, {"num_classes", 10}, {"input_size", 64}})
+                         : build({{"depth", depth}, {"num_classes", 10}, {"input_size", 64}});
     isp::load_state_dict_from_python(*bb, (dir / "tv.pt").string());
     bb->eval();
     // io.pt is read back through the same loader: a module with buffers named x and logits.
@@ -199,11 +208,43 @@ TEST_CASE_FIXTURE(ResNetFixture, "ResNet: torchvision's models load by name and 
     isp::load_state_dict_from_python(io, (dir / "io.pt").string());
     torch::NoGradGuard ng;
     const double d = (bb->forward(io.x) - io.logits).abs().max().item<double>();
-    MESSAGE("torchvision resnet" << depth << " loaded into isp's ResNet: max |dlogit| " << d << " (logits up to "
+    MESSAGE("torchvision " << name << " loaded into isp's backbone: max |dlogit| " << d << " (logits up to "
                                   << io.logits.abs().max().item<double>() << ")");
     CHECK(d < 1e-4 * io.logits.abs().max().item<double>() + 1e-5);
     isp::save_state_dict_for_python(*bb, (dir / "isp.pt").string());
     CHECK(std::system((py + args + "back " + dir.string()).c_str()) == 0);
   }
   std::filesystem::remove_all(dir);
+}
+
+TEST_CASE_FIXTURE(ResNetFixture, "MobileNetV2 at 224: parameters and multiply-accumulates equal torchvision's, every width") {
+  // torchvision 0.14's mobilenet_v2(width_mult=w) at 224x224 (its documentation: 3,504,872 parameters, 0.30 GFLOPS).
+  struct Ref {
+    double width, params, macs;
+  };
+  for (const Ref& r : {Ref{1.0, 3504872, 300774272.0}, Ref{0.5, 1968680, 97131840.0}, Ref{0.75, 2636424, 209069792.0},
+                       Ref{1.4, 6108776, 582195824.0}}) {
+    CAPTURE(r.width);
+    auto bb = build({{"type", "MobileNetV2"}, {"width_mult", r.width}});
+    const isp::CostModel cost(bb->layer_shapes(), bb->gated_layers());
+    CHECK(parameter_count(*bb) == r.params);
+    CHECK(cost.full_params() == r.params);
+    CHECK(macs(*bb) == r.macs);
+    CHECK(bb->gated_layers().size() == 16);
+    MESSAGE("MobileNetV2 x" << r.width << ": " << cost.full_params() << " parameters, " << macs(*bb) / 1e6
+                           << " M MACs, " << cost.full_flops() / 1e6 << " M FLOPs (official counter's convention)");
+  }
+  auto bb = build({{"type", "MobileNetV2"}, {"input_size", 64}, {"num_classes", 5}});
+  const auto f = bb->forward_features(torch::randn({2, 3, 64, 64}));
+  const std::vector<int64_t> channels = {24, 32, 96, 1280}, sides = {16, 8, 4, 2};
+  CHECK(bb->feature_channels() == channels);
+  REQUIRE(f.scales.size() == 4);
+  for (std::size_t i = 0; i < 4; ++i) {
+    CHECK(f.scales[i].size(1) == channels[i]);
+    CHECK(f.scales[i].size(2) == sides[i]);
+  }
+  const auto names = bb->named_parameters();
+  for (const char* n : {"features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.1.weight",
+                        "features.2.conv.1.0.weight", "features.2.conv.3.bias", "features.18.1.weight", "classifier.1.weight"})
+    CHECK_MESSAGE(names.contains(n), n);
 }
