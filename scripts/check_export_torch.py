@@ -164,23 +164,32 @@ class ResNet(nn.Module):
     """isp's ImageNet ResNet (torchvision's layout and names) with the kept widths of structure.json; unpruned,
     its state dict is exactly torchvision.models.resnet<depth>()'s."""
 
-    def __init__(self, depth=50, num_classes=1000, in_channels=3, widths=(), **_):
+    def __init__(self, depth=50, num_classes=1000, in_channels=3, widths=(), gate_residual=False, **_):
         super().__init__()
         bottleneck = depth >= 50
         blocks = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3], 152: [3, 8, 36, 3]}[depth]
         per_block, expansion = (2, 4) if bottleneck else (1, 1)
         widths = list(widths)
-        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        in_planes, k = 64, 0
+        streams = [(64 << s) * expansion for s in range(4)]
+        if gate_residual and widths:  # the four residual streams come first
+            streams, widths = widths[:4], widths[4:]
+        stem = 64 if bottleneck else streams[0]  # a BasicBlock ResNet's stage-1 stream starts at the stem
+        self.conv1 = nn.Conv2d(in_channels, stem, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        in_planes, in_full, k = stem, 64, 0
         for stage, n in enumerate(blocks):
             planes = 64 << stage
             layer = []
             for b in range(n):
                 mid = widths[k:k + per_block] if widths else [planes] * per_block
                 k += per_block
-                layer.append(TvBlock(in_planes, planes * expansion, mid, 2 if stage > 0 and b == 0 else 1, bottleneck))
-                in_planes = planes * expansion
+                stride = 2 if stage > 0 and b == 0 else 1
+                block = TvBlock(in_planes, streams[stage], mid, stride, bottleneck)
+                if block.downsample is None and (stride != 1 or in_full != planes * expansion):
+                    block.downsample = nn.Sequential(nn.Conv2d(in_planes, streams[stage], 1, stride, bias=False),
+                                                     nn.BatchNorm2d(streams[stage]))
+                layer.append(block)
+                in_planes, in_full = streams[stage], planes * expansion
             setattr(self, f"layer{stage + 1}", nn.Sequential(*layer))
         self.fc = nn.Linear(in_planes, num_classes)
 

@@ -123,11 +123,14 @@ TEST_CASE_FIXTURE(ResNetFixture, "ResNet: feature scales, names as torchvision's
 }
 
 TEST_CASE_FIXTURE(ResNetFixture, "ResNet: channel surgery gives the gated network's logits, basic and bottleneck") {
-  for (const int depth : {18, 50, 2}) {  // 2: MobileNetV2 (width 0.75)
-    CAPTURE(depth);
-    torch::manual_seed(depth);
-    auto bb = depth == 2 ? build({{"type", "MobileNetV2"}, {"width_mult", 0.75}, {"num_classes", 10}, {"input_size", 64}})
-                         : build({{"depth", depth}, {"num_classes", 10}, {"input_size", 64}});
+  int seed = 0;
+  for (const json& spec : {json{{"depth", 18}}, json{{"depth", 50}}, json{{"depth", 18}, {"gate_residual", true}},
+                           json{{"depth", 50}, {"gate_residual", true}}, json{{"type", "MobileNetV2"}, {"width_mult", 0.75}}}) {
+    CAPTURE(spec.dump());
+    torch::manual_seed(++seed);
+    json with_size = spec;
+    with_size["num_classes"] = 10, with_size["input_size"] = 64;
+    auto bb = build(with_size);
     randomise_batchnorms(*bb);
     bb->eval();
     // Keep a random ~60 % of every gated layer's channels.
@@ -147,8 +150,7 @@ TEST_CASE_FIXTURE(ResNetFixture, "ResNet: channel surgery gives the gated networ
     bb->set_gates(at::Tensor());
     const auto got = ext.model->forward(x);
     const double d = (got - ref).abs().max().item<double>();
-    MESSAGE((depth == 2 ? std::string("MobileNetV2 x0.75") : "ResNet-" + std::to_string(depth))
-            << " surgery: max |logit difference| " << d << " (logits up to "
+    MESSAGE(spec.dump() << " surgery: max |logit difference| " << d << " (logits up to "
                       << ref.abs().max().item<double>() << ")");
     CHECK(d < 1e-4 * ref.abs().max().item<double>() + 1e-5);
     const isp::CostModel full(bb->layer_shapes(), bb->gated_layers()), small(ext.model->layer_shapes(), ext.model->gated_layers());
@@ -247,4 +249,28 @@ TEST_CASE_FIXTURE(ResNetFixture, "MobileNetV2 at 224: parameters and multiply-ac
   for (const char* n : {"features.0.0.weight", "features.1.conv.0.0.weight", "features.1.conv.1.weight",
                         "features.2.conv.1.0.weight", "features.2.conv.3.bias", "features.18.1.weight", "classifier.1.weight"})
     CHECK_MESSAGE(names.contains(n), n);
+}
+
+TEST_CASE_FIXTURE(ResNetFixture, "ResNet gate_residual: one more gate per stage on the residual stream, cut everywhere it flows") {
+  auto plain = build({{"depth", 18}, {"input_size", 64}});
+  auto gated = build({{"depth", 18}, {"input_size", 64}, {"gate_residual", true}});
+  CHECK(gated->gated_layers().size() == plain->gated_layers().size() + 4);
+  CHECK(gated->gated_layers()[0].width == 64);  // stage 1's stream, the stem's output channels too
+  CHECK(gated->gated_layers()[3].width == 512);
+  CHECK(parameter_count(*gated) == parameter_count(*plain));
+  // Pruned streams rebuild with the stem and every block's output at the stream's width.
+  std::vector<int64_t> w = gated->widths();
+  w[0] = 40, w[1] = 100, w[2] = 200, w[3] = 300;
+  auto small = gated->with_widths(w);
+  const auto names = small->named_parameters();
+  CHECK(names["conv1.weight"].size(0) == 40);
+  CHECK(names["layer1.1.conv2.weight"].size(0) == 40);
+  CHECK(names["layer2.0.downsample.0.weight"].sizes() == at::IntArrayRef({100, 40, 1, 1}));
+  CHECK(names["fc.weight"].size(1) == 300);
+  CHECK(small->forward(torch::randn({1, 3, 64, 64})).size(1) == 1000);
+  auto bottleneck = build({{"depth", 50}, {"input_size", 64}, {"gate_residual", true}});
+  CHECK(bottleneck->gated_layers()[0].width == 256);
+  CHECK(bottleneck->named_parameters()["conv1.weight"].size(0) == 64);  // the stem is outside: stage 1 projects
+  CHECK(isp_test::error_of([&] { build({{"depth", 18}, {"gate_residual", true}, {"widths", std::vector<int64_t>(8, 4)}}); })
+            .find("12 values") != std::string::npos);
 }

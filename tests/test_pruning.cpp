@@ -806,6 +806,8 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
                            // ImageNet layouts (max pool, downsample convs, bottlenecks), small pruned widths
                            json{{"type", "ResNet"}, {"depth", 18}, {"num_classes", 6}, {"input_size", 64},
                                 {"widths", {5, 64, 3, 17, 1, 40, 9, 33}}},
+                           json{{"type", "ResNet"}, {"depth", 18}, {"num_classes", 6}, {"input_size", 64},
+                                {"gate_residual", true}, {"widths", {40, 100, 200, 300, 5, 64, 3, 17, 1, 40, 9, 33}}},
                            json{{"type", "MobileNetV2"}, {"num_classes", 3}, {"input_size", 32}, {"width_mult", 0.5},
                                 {"widths", {7, 30, 99, 5, 44, 60, 1, 92, 100, 84, 17, 76, 30, 20, 96, 33}}},
                            json{{"type", "ResNet"}, {"depth", 50}, {"num_classes", 4}, {"input_size", 32},

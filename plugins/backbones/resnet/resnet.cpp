@@ -26,6 +26,7 @@ struct ResNetOptions {
   int64_t in_channels = 3;
   int64_t input_size = 224;
   bool zero_init_residual = false;
+  bool gate_residual = false;
   std::vector<int64_t> widths;
 
   template <class V> void visit(V& v) {
@@ -35,9 +36,13 @@ struct ResNetOptions {
     v("input_size", input_size, "input height = width in pixels (a multiple of 32)", isp::at_least(32));
     v("zero_init_residual", zero_init_residual,
       "start each block's last BatchNorm weight at 0 (torchvision's option of that name)");
+    v("gate_residual", gate_residual,
+      "also gate each stage's residual stream, one gate per stage: the channels every block of the stage adds "
+      "to (and the stem's, where stage 1 has no downsample)");
     v("widths", widths,
-      "gated width of each block-internal layer in forward order (one per BasicBlock, two per Bottleneck); "
-      "empty = full widths. Used to rebuild a pruned network");
+      "gated widths in gate order: with gate_residual the 4 residual streams first, then each block-internal "
+      "layer in forward order (one per BasicBlock, two per Bottleneck); empty = full widths. Used to rebuild a "
+      "pruned network");
   }
 };
 
@@ -65,7 +70,7 @@ torch::nn::Conv2d conv(int64_t in, int64_t out, int64_t k, int64_t stride) {
 // One block, basic or bottleneck: conv1..conv3 with their BNs, and the downsample pair where the shape changes.
 class BlockImpl : public torch::nn::Module {
  public:
-  BlockImpl(bool bottleneck, int64_t in, int64_t out, int64_t stride, const std::vector<int64_t>& mid)
+  BlockImpl(bool bottleneck, int64_t in, int64_t out, int64_t stride, const std::vector<int64_t>& mid, bool has_downsample)
       : bottleneck_(bottleneck) {
     if (bottleneck) {
       conv1 = register_module("conv1", conv(in, mid[0], 1, 1));
@@ -80,7 +85,7 @@ class BlockImpl : public torch::nn::Module {
       conv2 = register_module("conv2", conv(mid[0], out, 3, 1));
       bn2 = register_module("bn2", torch::nn::BatchNorm2d(out));
     }
-    if (stride != 1 || in != out) {
+    if (has_downsample) {  // decided on the full widths: a pruned stream keeps its projection
       down_conv = conv(in, out, 1, stride);
       down_bn = torch::nn::BatchNorm2d(out);
       downsample = register_module("downsample", torch::nn::Sequential(down_conv, down_bn));
@@ -117,13 +122,13 @@ const ResNetOptions& checked(const ResNetOptions& o) {
     throw isp::Error("ResNet: input_size must be a multiple of 32 (five stride-2 steps), got " +
                      std::to_string(o.input_size));
   const Arch a = arch_of(o.depth);
-  int64_t n = 0;
+  int64_t n = o.gate_residual ? 4 : 0;
   for (int64_t b : a.blocks) n += b * gates_per_block(a);
   if (!o.widths.empty()) {
     if (static_cast<int64_t>(o.widths.size()) != n)
       throw isp::Error("ResNet: widths must list " + std::to_string(n) + " values for depth " +
-                       std::to_string(o.depth) + " (" + (a.bottleneck ? "two per Bottleneck" : "one per BasicBlock") +
-                       "), got " + std::to_string(o.widths.size()));
+                       std::to_string(o.depth) + " (" + (o.gate_residual ? "4 residual streams, then " : "") +
+                       (a.bottleneck ? "two per Bottleneck" : "one per BasicBlock") + "), got " + std::to_string(o.widths.size()));
     for (std::size_t i = 0; i < o.widths.size(); ++i)
       if (o.widths[i] < 1)
         throw isp::Error("ResNet: widths[" + std::to_string(i) + "] must be >= 1, got " + std::to_string(o.widths[i]));
@@ -139,61 +144,84 @@ class ResNet : public isp::Backbone {
   explicit ResNet(const ResNetOptions& o) : opt_(checked(o)), arch_(arch_of(o.depth)) {
     using isp::LayerOp;
     const int64_t expansion = arch_.bottleneck ? 4 : 1, s = o.input_size;
-    conv1 = register_module("conv1", conv(o.in_channels, 64, 7, 2));
-    bn1 = register_module("bn1", torch::nn::BatchNorm2d(64));
-    declare_conv("conv1", o.in_channels, 64, 7, s, s / 2);
-    declare_bn("bn1", 64, s / 2);
-    declare_op("relu", LayerOp::Relu, 64, s / 2, s / 2);
+    std::size_t next_width = 0;
+    auto width = [&](int64_t full) { return o.widths.empty() ? full : o.widths[next_width++]; };
+    // Residual streams first (gate order = widths order). Stage 1 of a BasicBlock ResNet has no downsample: its
+    // stream starts at the stem, whose output channels then belong to it.
+    int stream[4] = {-1, -1, -1, -1};
+    int64_t stream_width[4];
+    for (int st = 0; st < 4; ++st) {
+      stream_width[st] = (64 << st) * expansion;
+      if (o.gate_residual) {
+        stream_width[st] = width(stream_width[st]);
+        stream[st] = declare_gate("layer" + std::to_string(st + 1) + ".stream", stream_width[st]);
+      }
+    }
+    stem_in_stream_ = !arch_.bottleneck;
+    const int stem_gate = stem_in_stream_ ? stream[0] : -1;
+    const int64_t stem_width = stem_in_stream_ ? stream_width[0] : 64;
+    conv1 = register_module("conv1", conv(o.in_channels, stem_width, 7, 2));
+    bn1 = register_module("bn1", torch::nn::BatchNorm2d(stem_width));
+    declare_conv("conv1", o.in_channels, stem_width, 7, s, s / 2, -1, stem_gate);
+    declare_bn("bn1", stem_width, s / 2, stem_gate);
+    declare_op("relu", LayerOp::Relu, stem_width, s / 2, s / 2, stem_gate);
     isp::LayerShape pool;
-    pool.name = "maxpool", pool.op = LayerOp::MaxPool, pool.in_channels = pool.out_channels = 64, pool.kernel = 3;
-    pool.in_h = pool.in_w = s / 2, pool.out_h = pool.out_w = s / 4;
+    pool.name = "maxpool", pool.op = LayerOp::MaxPool, pool.in_channels = pool.out_channels = stem_width, pool.kernel = 3;
+    pool.in_h = pool.in_w = s / 2, pool.out_h = pool.out_w = s / 4, pool.in_gate = pool.out_gate = stem_gate;
     declare_layer(pool);
-    int64_t hw = s / 4, in = 64, next_width = 0;
+    int64_t hw = s / 4, in = stem_width, in_full = 64;
+    int in_gate = stem_gate;
     for (int stage = 0; stage < 4; ++stage) {
       torch::nn::ModuleList layer;
-      const int64_t planes = 64 << stage, out = planes * expansion;
+      const int64_t planes = 64 << stage, out = stream_width[stage], out_full = planes * expansion;
+      const int og = stream[stage];
+      stream_gate_.push_back(og);
       for (int64_t b = 0; b < arch_.blocks[stage]; ++b) {
         const int64_t stride = (stage > 0 && b == 0) ? 2 : 1, out_hw = hw / stride;
+        const bool has_downsample = stride != 1 || in_full != out_full;
         const std::string p = "layer" + std::to_string(stage + 1) + "." + std::to_string(b) + ".";
         std::vector<int64_t> mid;
-        for (int64_t k = 0; k < gates_per_block(arch_); ++k)
-          mid.push_back(o.widths.empty() ? planes : o.widths[next_width++]);
-        Block block(arch_.bottleneck, in, out, stride, mid);
+        for (int64_t k = 0; k < gates_per_block(arch_); ++k) mid.push_back(width(planes));
+        Block block(arch_.bottleneck, in, out, stride, mid, has_downsample);
         layer->push_back(block);
         blocks_.push_back(block);
+        std::vector<int> gates;
         if (arch_.bottleneck) {
           const int g1 = declare_gate(p + "gate1", mid[0]), g2 = declare_gate(p + "gate2", mid[1]);
-          declare_conv(p + "conv1", in, mid[0], 1, hw, hw, -1, g1);
+          gates = {g1, g2};
+          declare_conv(p + "conv1", in, mid[0], 1, hw, hw, in_gate, g1);
           declare_bn(p + "bn1", mid[0], hw, g1);
           declare_op(p + "relu1", LayerOp::Relu, mid[0], hw, hw, g1);
           declare_conv(p + "conv2", mid[0], mid[1], 3, hw, out_hw, g1, g2);
           declare_bn(p + "bn2", mid[1], out_hw, g2);
           declare_op(p + "relu2", LayerOp::Relu, mid[1], out_hw, out_hw, g2);
-          declare_conv(p + "conv3", mid[1], out, 1, out_hw, out_hw, g2);
-          declare_bn(p + "bn3", out, out_hw);
+          declare_conv(p + "conv3", mid[1], out, 1, out_hw, out_hw, g2, og);
+          declare_bn(p + "bn3", out, out_hw, og);
         } else {
           const int g = declare_gate(p + "gate", mid[0]);
-          declare_conv(p + "conv1", in, mid[0], 3, hw, out_hw, -1, g);
+          gates = {g};
+          declare_conv(p + "conv1", in, mid[0], 3, hw, out_hw, in_gate, g);
           declare_bn(p + "bn1", mid[0], out_hw, g);
           declare_op(p + "relu1", LayerOp::Relu, mid[0], out_hw, out_hw, g);
-          declare_conv(p + "conv2", mid[0], out, 3, out_hw, out_hw, g);
-          declare_bn(p + "bn2", out, out_hw);
+          declare_conv(p + "conv2", mid[0], out, 3, out_hw, out_hw, g, og);
+          declare_bn(p + "bn2", out, out_hw, og);
         }
-        if (block->downsample) {
-          declare_conv(p + "downsample.0", in, out, 1, hw, out_hw);
-          declare_bn(p + "downsample.1", out, out_hw);
+        block_gates_.push_back(gates);
+        if (has_downsample) {
+          declare_conv(p + "downsample.0", in, out, 1, hw, out_hw, in_gate, og);
+          declare_bn(p + "downsample.1", out, out_hw, og);
         }
-        declare_op(p + "add", LayerOp::Add, out, out_hw, out_hw);
-        declare_op(p + "relu_out", LayerOp::Relu, out, out_hw, out_hw);
-        in = out;
+        declare_op(p + "add", LayerOp::Add, out, out_hw, out_hw, og);
+        declare_op(p + "relu_out", LayerOp::Relu, out, out_hw, out_hw, og);
+        in = out, in_full = out_full, in_gate = og;
         hw = out_hw;
       }
       stage_end_.push_back(blocks_.size());
       register_module("layer" + std::to_string(stage + 1), layer);
     }
     fc = register_module("fc", torch::nn::Linear(in, o.num_classes));
-    declare_op("avgpool", LayerOp::AvgPool, in, hw, 1);
-    declare_linear("fc", in, o.num_classes);
+    declare_op("avgpool", LayerOp::AvgPool, in, hw, 1, in_gate);
+    declare_linear("fc", in, o.num_classes, in_gate);
     init_weights();
   }
 
@@ -202,12 +230,13 @@ class ResNet : public isp::Backbone {
   isp::BackboneFeatures forward_features(const at::Tensor& x) override {
     isp::BackboneFeatures f;
     at::Tensor out = torch::max_pool2d(torch::relu(conv_bn1_(*conv1, *bn1, x)), {3, 3}, {2, 2}, {1, 1});
+    if (stem_in_stream_ && stream_gate_[0] >= 0) out = apply_gate(out, gate(stream_gate_[0]));
     std::size_t next_stage = 0;
-    const int per_block = static_cast<int>(gates_per_block(arch_));
     for (std::size_t i = 0; i < blocks_.size(); ++i) {
-      out = blocks_[i]->forward(out, [&](const at::Tensor& h, int k) {
-        return apply_gate(h, gate(static_cast<int>(i) * per_block + k));
-      });
+      const auto& gates = block_gates_[i];
+      out = blocks_[i]->forward(out, [&](const at::Tensor& h, int k) { return apply_gate(h, gate(gates[k])); });
+      // A stream gate after every block of its stage: a removed channel is zero in every sum it joins.
+      if (stream_gate_[next_stage] >= 0) out = apply_gate(out, gate(stream_gate_[next_stage]));
       if (i + 1 == stage_end_[next_stage]) {
         f.scales.push_back(out);
         ++next_stage;
@@ -282,6 +311,9 @@ class ResNet : public isp::Backbone {
   torch::nn::BatchNorm2d bn1{nullptr};
   isp::ConvBatchNorm conv_bn1_;
   std::vector<Block> blocks_;
+  std::vector<std::vector<int>> block_gates_;  // gate indices of each block's internal layers
+  std::vector<int> stream_gate_;               // per stage; -1 without gate_residual
+  bool stem_in_stream_ = false;
   std::vector<std::size_t> stage_end_;
   torch::nn::Linear fc{nullptr};
 };
