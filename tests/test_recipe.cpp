@@ -16,14 +16,21 @@ namespace fs = std::filesystem;
 using isp::json;
 
 namespace {
+// One scratch folder per test process, removed when the process ends (ctest runs each case in its own process).
 fs::path scratch() {
-  static fs::path p = [] {
-    auto d = fs::temp_directory_path() / ("isp_recipe_" + std::to_string(::getpid()));
-    fs::remove_all(d);
-    fs::create_directories(d / "_base_");
-    return d;
-  }();
-  return p;
+  struct Scratch {
+    fs::path dir = fs::temp_directory_path() / ("isp_recipe_" + std::to_string(::getpid()));
+    Scratch() {
+      fs::remove_all(dir);
+      fs::create_directories(dir / "_base_");
+    }
+    ~Scratch() {
+      std::error_code ec;
+      fs::remove_all(dir, ec);
+    }
+  };
+  static const Scratch s;
+  return s.dir;
 }
 void write(const fs::path& p, const json& j) {
   fs::create_directories(p.parent_path());
