@@ -8,7 +8,9 @@
 #
 # Environment: ISP_BIN (the isp binary), OUT_DIR (default work_dirs/gpu_phases), STEPS (steps per phase;
 # default 100 on CUDA, 50 on the CPU), ARCHS (default "resnet56 mobilenetv2"), CONFIGS (names below), THREADS
-# (runtime.threads; default: all cores). On the CPU the table compares with the official code on 2 CPU cores.
+# (runtime.threads; default: all cores), EXTRA_SETS (more KEY=VALUE words for --set, e.g. smaller batches) and
+# ISP_TIMING_WARMUP_STEPS (warm-up steps before the timed windows; default 20). On the CPU the table compares
+# with the official code on 2 CPU cores.
 # Each phase runs STEPS steps of one epoch; the training loop times windows of 10 steps between its
 # progress reads (each a device synchronisation) after 20 warm-up steps, and reports the median
 # (step_ms_median, images_per_s_median in <run>/metrics.jsonl).
@@ -44,6 +46,7 @@ for arch in $ARCHS; do
     sets=()
     for s in $(speed_settings "$cfg"); do sets+=(--set "$s"); done
     [ -n "${THREADS:-}" ] && sets+=(--set "runtime.threads=$THREADS")
+    for s in ${EXTRA_SETS:-}; do sets+=(--set "$s"); done
     for stage in classifier predictor selector prune finetune; do
       sets+=(--set "nodes.$stage.max_steps_per_epoch=$STEPS")
     done

@@ -10,6 +10,8 @@ speed_settings() {  # CONFIG -> its runtime settings
     # the defaults without BN folding: what the frozen networks' kept folds give (selector, gate learning)
     graphs_cl_bf16_unfolded) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="bf16" runtime.fold_batchnorm=false' ;;
     cpu_eager_fp32) echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="fp32"' ;;
+    # the CPU's defaults: fp32, channels_last "auto" (NHWC for networks with depthwise convolutions only)
+    cpu_auto_fp32)  echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.precision="fp32"' ;;
     # cpu_before: isp as it was before BN folding and the allocator setting (bench/gpu_phases.sh also sets
     # ISP_GLIBC_MALLOC_DEFAULTS=1 for it).
     cpu_before|cpu_unfolded) echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="fp32" runtime.fold_batchnorm=false' ;;

@@ -242,6 +242,38 @@ TEST_CASE("speed: runtime settings are checked and resolve for the CPU") {
   CHECK(!runtime_of({{"device", "cpu"}, {"precision", "auto"}}).speed.bf16);  // bf16 autocast only on CUDA
   CHECK(!runtime_of({{"device", "cpu"}, {"precision", "fp32"}}).speed.bf16);
   CHECK(runtime_of({{"device", "cpu"}, {"threads", 2}, {"channels_last", true}}).speed.channels_last);
+  // "auto" (the default) on the CPU: NHWC only for networks with grouped (depthwise) convolutions.
+  CHECK(r.speed.channels_last_if_grouped);
+  CHECK(runtime_of({{"device", "cpu"}, {"channels_last", "auto"}}).speed.channels_last_if_grouped);
+  CHECK(!runtime_of({{"device", "cpu"}, {"channels_last", false}}).speed.channels_last_if_grouped);
+  {
+    torch::nn::Sequential plain(torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 8, 3).padding(1)), torch::nn::ReLU(),
+                                torch::nn::Conv2d(torch::nn::Conv2dOptions(8, 8, 1)));
+    torch::nn::Sequential depthwise(torch::nn::Conv2d(torch::nn::Conv2dOptions(3, 8, 3).padding(1)),
+                                    torch::nn::Conv2d(torch::nn::Conv2dOptions(8, 8, 3).padding(1).groups(8)));
+    CHECK(!isp::uses_channels_last(*plain, r.speed));
+    CHECK(isp::uses_channels_last(*depthwise, r.speed));
+    isp::apply_memory_format(*plain, r.speed);
+    isp::apply_memory_format(*depthwise, r.speed);
+    auto weight = [](torch::nn::Sequential& s, std::size_t i) { return s[i]->as<torch::nn::Conv2d>()->weight; };
+    CHECK(!weight(plain, 0).is_contiguous(at::MemoryFormat::ChannelsLast));
+    CHECK(weight(depthwise, 0).is_contiguous(at::MemoryFormat::ChannelsLast));
+    CHECK(!weight(depthwise, 0).is_contiguous());
+    // NCHW inputs: the first NHWC convolution hands NHWC on, so the depthwise layer runs on oneDNN's NHWC path,
+    // with the same outputs as the NCHW network to float rounding.
+    torch::manual_seed(5);
+    const at::Tensor x = torch::randn({2, 3, 6, 6});
+    const at::Tensor y = depthwise->forward(x);
+    CHECK(y.is_contiguous(at::MemoryFormat::ChannelsLast));
+    at::Tensor ref = x;
+    for (std::size_t i = 0; i < 2; ++i) {
+      auto* c = depthwise[i]->as<torch::nn::Conv2d>();
+      ref = at::conv2d(ref, c->weight.contiguous(), c->bias, 1, 1, 1, c->options.groups());
+    }
+    CHECK((y - ref).abs().max().item<float>() < 1e-5);
+    isp::SpeedSettings off;
+    CHECK(!isp::uses_channels_last(*depthwise, off));
+  }
   CHECK(!runtime_of({{"device", "cpu"}, {"threads", 2}, {"cuda_graphs", "auto"}}).speed.cuda_graphs);
   std::string e = error_of([&] { runtime_of({{"device", "cpu"}, {"cuda_graphs", true}}); });
   CHECK(e.find("speed.json: /runtime/cuda_graphs") != std::string::npos);

@@ -3,6 +3,7 @@
 #include "autocast_internal.h"
 
 #include <torch/nn/module.h>
+#include <torch/nn/modules/conv.h>
 #include <torch/version.h>
 
 #include <ATen/ATen.h>
@@ -29,8 +30,16 @@
 
 namespace isp {
 
+bool uses_channels_last(const torch::nn::Module& m, const SpeedSettings& speed) {
+  if (speed.channels_last) return true;
+  if (!speed.channels_last_if_grouped) return false;
+  for (const auto& sub : m.modules(/*include_self=*/true))
+    if (const auto* conv = sub->as<torch::nn::Conv2d>(); conv && conv->options.groups() > 1) return true;
+  return false;
+}
+
 void apply_memory_format(torch::nn::Module& m, const SpeedSettings& speed) {
-  if (!speed.channels_last) return;
+  if (!uses_channels_last(m, speed)) return;
   c10::NoGradGuard ng;
   for (auto& p : m.parameters())
     if (p.dim() == 4) p.set_data(p.detach().contiguous(at::MemoryFormat::ChannelsLast));

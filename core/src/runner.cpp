@@ -224,7 +224,10 @@ int execute(RunFolder& f, std::vector<detail::PlannedStage>& plan, const Runtime
     f.summary["dist_backend"] = dist::backend();
     f.summary["dist_sync_batchnorm"] = dist::active() && dist::settings().sync_batchnorm;
     f.summary["threads"] = at::get_num_threads();
-    f.summary["speed"] = {{"precision", rt.speed.bf16 ? "bf16" : "fp32"}, {"channels_last", rt.speed.channels_last},
+    const json channels_last = rt.speed.channels_last            ? json(true)
+                               : rt.speed.channels_last_if_grouped ? json("grouped networks")
+                                                                   : json(false);
+    f.summary["speed"] = {{"precision", rt.speed.bf16 ? "bf16" : "fp32"}, {"channels_last", channels_last},
                           {"cuda_graphs", rt.speed.cuda_graphs}, {"fold_batchnorm", rt.speed.fold_batchnorm}};
     f.save_summary();
     f.state["completed"].push_back(p.name);

@@ -84,7 +84,7 @@ Runtime apply_runtime(const Recipe& r) {
   }
   // Speed settings (docs/performance.md). "auto" = what bench/gpu_phases.sh measured fastest at the same
   // accuracy (bench/gpu_session.sh, part "accuracy"): on CUDA channels_last, CUDA graphs and bf16 autocast, on the
-  // CPU none of them.
+  // CPU none of them (but NHWC for depthwise networks, below).
   const bool cuda = out.device.is_cuda();
   auto on_off_auto = [&](const char* key, bool auto_value) {
     if (!rt.contains(key)) return auto_value;
@@ -94,6 +94,10 @@ Runtime apply_runtime(const Recipe& r) {
     throw RecipeError(r.where(std::string("/runtime/") + key), "expected true, false or \"auto\", got " + v.dump());
   };
   out.speed.channels_last = on_off_auto("channels_last", cuda);
+  // "auto" on the CPU: NCHW (the layout the quality tables were measured in), except for networks with
+  // depthwise convolutions, whose NCHW kernels in LibTorch 1.13 are 4-5x slower than oneDNN's NHWC ones
+  // (MobileNetV2's classifier phase 1.9x faster in NHWC, docs/performance.md).
+  out.speed.channels_last_if_grouped = !cuda && !out.speed.channels_last && rt.value("channels_last", json("auto")) == json("auto");
   // Data-parallel runs (isp/distributed.h). Their gradient allreduces start from hooks inside the backward pass,
   // which a captured CUDA graph would not replay: CUDA graphs are off there.
   const bool data_parallel = dist::world_from_env().world_size > 1;

@@ -73,7 +73,15 @@ std::string describe_metric(const std::string& name, double v) {
   else std::snprintf(b, sizeof b, "%s %.4f", name.c_str(), v);
   return b;
 }
-constexpr int64_t kTimingWarmupSteps = 20;
+// Steps before the timed windows start (CUDA-graph capture, cuDNN autotuning, the allocator's first growth).
+// ISP_TIMING_WARMUP_STEPS=N overrides the 20 for benchmarks of networks whose steps take seconds on the CPU.
+int64_t timing_warmup_steps() {
+  static const int64_t n = [] {
+    const char* env = std::getenv("ISP_TIMING_WARMUP_STEPS");
+    return env ? std::max<int64_t>(1, std::atoll(env)) : int64_t{20};
+  }();
+  return n;
+}
 
 double median_of(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -230,13 +238,13 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
     const double t_epoch = now_seconds();
     at::Tensor dev_sums = torch::zeros({static_cast<int64_t>(k)}, dopt);
     // Step timing between progress reads (each one a host synchronisation): windows that start after the
-    // process's first kTimingWarmupSteps steps (CUDA-graph capture, cuDNN autotuning) give the medians.
+    // process's first timing_warmup_steps() steps (CUDA-graph capture, cuDNN autotuning) give the medians.
     double t_window = -1;
     int64_t window_steps = 0, window_images = 0, window_first_step = 0;
     std::vector<double> window_step_ms, window_images_per_s;
     int64_t timed_steps = 0;
     for (int64_t step = (epoch == start_epoch ? start_step : 0); step < steps_per_epoch; ++step) {
-      if (profile_steps > 0 && steps_this_process == kTimingWarmupSteps) op_profile = std::make_unique<OpProfile>();
+      if (profile_steps > 0 && steps_this_process == timing_warmup_steps()) op_profile = std::make_unique<OpProfile>();
       Batch b = loader.get(step);
       dev_sums += h.step(b).detach().to(torch::kDouble).reshape({static_cast<int64_t>(k)}) * static_cast<double>(b.size());
       seen_in_epoch += b.size() * world;  // the global batch (every rank's slice has the same size)
@@ -246,14 +254,14 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
       bool stop_now = ctx.stop_requested();
       if (world > 1) stop_now = dist::allreduce_max(stop_now ? 1.0 : 0.0, "stop flag") > 0;
       if (stop_now && ctx.interrupted) ctx.interrupted->store(true);
-      if (op_profile && steps_this_process == kTimingWarmupSteps + profile_steps) {
+      if (op_profile && steps_this_process == timing_warmup_steps() + profile_steps) {
         if (!ctx.device.is_cpu()) dev_sums.cpu();  // the steps' queued kernels finish inside the profile
         const std::string table = op_profile->table(30, static_cast<double>(profile_steps));
         op_profile.reset();
         if (writes_files())
           std::ofstream(fs::path(ctx.stage_dir) / "op_profile.txt")
             << ctx.stage_name << ": self time per step over " << profile_steps << " steps after "
-            << kTimingWarmupSteps << " warm-up steps\n" << table;
+            << timing_warmup_steps() << " warm-up steps\n" << table;
         std::fprintf(stderr, "[%s] operator profile per step (%lld steps):\n%s", ctx.stage_name.c_str(),
                      static_cast<long long>(profile_steps), table.c_str());
       }
@@ -266,7 +274,7 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
         for (std::size_t j = 0; j < k; ++j) sums[j] += host[static_cast<int64_t>(j)].item<double>();
         dev_sums.zero_();
         const double t_now = now_seconds();
-        if (t_window >= 0 && window_first_step >= kTimingWarmupSteps && window_steps > 0) {
+        if (t_window >= 0 && window_first_step >= timing_warmup_steps() && window_steps > 0) {
           window_step_ms.push_back(1000.0 * (t_now - t_window) / static_cast<double>(window_steps));
           window_images_per_s.push_back(static_cast<double>(window_images) / std::max(1e-9, t_now - t_window));
           timed_steps += window_steps;

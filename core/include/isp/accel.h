@@ -15,8 +15,13 @@ namespace torch { namespace nn { class Module; } }
 
 namespace isp {
 
-// Makes the 4-D parameters and buffers of `m` channels_last (NHWC) when `speed.channels_last`; otherwise does
-// nothing. Call before building an optimizer over `m` (FlatOptimizer keeps the layout it finds).
+// Whether `m` runs channels_last (NHWC) under `speed`: always with speed.channels_last; with
+// speed.channels_last_if_grouped when `m` holds a grouped convolution (MobileNetV2's depthwise layers).
+ISP_API bool uses_channels_last(const torch::nn::Module& m, const SpeedSettings& speed);
+// Makes the 4-D parameters and buffers of `m` channels_last when uses_channels_last(m, speed); otherwise does
+// nothing. Call before building an optimizer over `m` (FlatOptimizer keeps the layout it finds). In the "if
+// grouped" case inputs stay NCHW: a convolution with NHWC weights gives NHWC outputs, so the layout follows
+// from the first layer whose weights are unambiguously NHWC.
 ISP_API void apply_memory_format(torch::nn::Module& m, const SpeedSettings& speed);
 // The input layout that goes with it.
 ISP_API at::Tensor apply_memory_format(const at::Tensor& x, const SpeedSettings& speed);

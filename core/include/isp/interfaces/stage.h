@@ -30,6 +30,9 @@ struct StageRecord {
 struct SpeedSettings {
   bool bf16 = false;           // runtime.precision "bf16": bfloat16 autocast in training steps (CUDA)
   bool channels_last = false;  // runtime.channels_last: NHWC weights and inputs
+  // runtime.channels_last "auto" on the CPU: NHWC weights for networks with grouped (depthwise) convolutions
+  // only, whose NCHW kernels are several times slower in LibTorch 1.13 (docs/performance.md).
+  bool channels_last_if_grouped = false;
   bool cuda_graphs = false;    // runtime.cuda_graphs: each training step captured once, then replayed (CUDA)
   bool fold_batchnorm = true;  // runtime.fold_batchnorm: frozen conv + BN pairs run as one convolution
 };
