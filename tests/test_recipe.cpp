@@ -9,6 +9,7 @@
 #include <fstream>
 
 #include "isp/registry/recipe.h"
+#include "temp_dirs.h"
 #undef CHECK
 #include <doctest/doctest.h>
 
@@ -16,21 +17,14 @@ namespace fs = std::filesystem;
 using isp::json;
 
 namespace {
-// One scratch folder per test process, removed when the process ends (ctest runs each case in its own process).
+// One scratch folder per test process (ctest runs each case in its own process), removed when it ends.
 fs::path scratch() {
-  struct Scratch {
-    fs::path dir = fs::temp_directory_path() / ("isp_recipe_" + std::to_string(::getpid()));
-    Scratch() {
-      fs::remove_all(dir);
-      fs::create_directories(dir / "_base_");
-    }
-    ~Scratch() {
-      std::error_code ec;
-      fs::remove_all(dir, ec);
-    }
-  };
-  static const Scratch s;
-  return s.dir;
+  static const fs::path dir = [] {
+    fs::path d = isp_test::temp_dir("recipe");
+    fs::create_directories(d / "_base_");
+    return d;
+  }();
+  return dir;
 }
 void write(const fs::path& p, const json& j) {
   fs::create_directories(p.parent_path());

@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "temp_dirs.h"
+
 #include "isp/registry/build_context.h"
 #include "isp/registry/registry.h"
 
@@ -30,25 +32,6 @@ extern char** environ;
 namespace isp_test {
 inline std::string plugin(const std::string& name) { return std::string(ISP_TEST_PLUGIN_DIR) + "/lib" + name + ".so"; }
 inline std::string fixture(const std::string& name) { return std::string(ISP_TEST_FIXTURE_DIR) + "/lib" + name + ".so"; }
-// The folders temp_dir made, removed when the test process ends (ISP_KEEP_TEST_DIRS=1 keeps them for a look).
-// Only by the process that made them: a forked child that exits must not delete its parent's files.
-struct TempDirs {
-  std::vector<std::filesystem::path> made;
-  pid_t owner = ::getpid();
-  ~TempDirs() {
-    if (::getpid() != owner || std::getenv("ISP_KEEP_TEST_DIRS")) return;
-    std::error_code ec;
-    for (const auto& p : made) std::filesystem::remove_all(p, ec);
-  }
-};
-inline std::filesystem::path temp_dir(const std::string& tag) {
-  static TempDirs dirs;
-  auto p = std::filesystem::temp_directory_path() / ("isp_test_" + tag + "_" + std::to_string(::getpid()));
-  std::filesystem::remove_all(p);
-  std::filesystem::create_directories(p);
-  dirs.made.push_back(p);
-  return p;
-}
 inline isp::Where where(const std::string& p) { return {"test.json", p}; }
 // One registry with every plugin of the build, shared by the tests of a process (never unloaded).
 inline isp::Registry& shared_registry() {
