@@ -50,6 +50,9 @@ for arch in $ARCHS; do
     for stage in classifier predictor selector prune finetune; do
       sets+=(--set "nodes.$stage.max_steps_per_epoch=$STEPS")
     done
+    # Gate learning computes the selector's reference maps for its whole subset before its first step: only the
+    # images its STEPS batches of 128 use (plus one batch), not the whole training set (minutes on the CPU).
+    sets+=(--set "nodes.prune.subset_fraction=$(awk -v s="$STEPS" 'BEGIN { f = (s + 1) * 128 / 12902; print (f < 1 ? f : 1) }')")
     envs=()
     [ "$cfg" = cpu_before ] && envs+=(ISP_GLIBC_MALLOC_DEFAULTS=1)
     t0=$SECONDS
