@@ -269,7 +269,7 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
   isp::SaliencyMetricOptions metric_opt;
   metric_opt.seed = o.seed;
   const isp::SaliencyReport metrics =
-      isp::measure_selector_saliency(*sel, x, o.label == "predicted" ? pred : y, data, metric_opt);
+      isp::measure_selector_saliency(*sel, x, dist, data, metric_opt);
   at::Tensor params = dist.params.defined() ? dist.params.to(at::kCPU).to(at::kDouble).flatten(1) : at::Tensor();
 
   const int side = static_cast<int>(x.size(2));

@@ -213,6 +213,28 @@ json SaliencyReport::to_json(bool with_curves) const {
           {"mean_map_area", mean_map_area}};
 }
 
+namespace {
+// The metrics of a selector's maps (and RBF centres, if any) of `images`, scored by its encoder in eval mode.
+SaliencyReport selector_report(SelectorNet& sel, const at::Tensor& images, const at::Tensor& maps,
+                               const at::Tensor& centres, const DataBundle& data, const SaliencyMetricOptions& opt) {
+  torch::NoGradGuard no_grad;
+  const bool encoder_training = sel.encoder->is_training();
+  sel.encoder->eval();
+  SaliencyInputs in;
+  in.images = images;
+  in.maps = maps;
+  in.centres = centres;
+  if (data.foreground_above >= 0) in.foreground = foreground_of(images, data.mean, data.std, data.foreground_above);
+  SaliencyReport report = measure_saliency([&](const at::Tensor& x) { return sel.encoder->forward(x); }, in, opt);
+  sel.encoder->train(encoder_training);
+  return report;
+}
+
+at::Tensor rbf_centres(const SelectorNet& sel, const MaskDistribution& d) {
+  return sel.head->predicts_rbf_parameters() && d.readable.defined() ? d.readable.narrow(1, 0, 2) : at::Tensor();
+}
+}  // namespace
+
 SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& images, const at::Tensor& labels,
                                         const DataBundle& data, const SaliencyMetricOptions& opt, int64_t batch_size) {
   torch::NoGradGuard no_grad;
@@ -227,17 +249,21 @@ SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& ima
     const at::Tensor y = labels.defined() ? labels.narrow(0, b0, b) : sel.encoder->forward(x).argmax(1);
     const MaskDistribution d = sel.forward(x, y, false);
     maps.push_back(d.probs);
-    if (sel.head->predicts_rbf_parameters() && d.readable.defined()) centres.push_back(d.readable.narrow(1, 0, 2));
+    const at::Tensor c = rbf_centres(sel, d);
+    if (c.defined()) centres.push_back(c);
   }
-  SaliencyInputs in;
-  in.images = images;
-  in.maps = at::cat(maps, 0);
-  if (!centres.empty()) in.centres = at::cat(centres, 0);
-  if (data.foreground_above >= 0) in.foreground = foreground_of(images, data.mean, data.std, data.foreground_above);
-  SaliencyReport report = measure_saliency([&](const at::Tensor& x) { return sel.encoder->forward(x); }, in, opt);
+  SaliencyReport report =
+      selector_report(sel, images, at::cat(maps, 0), centres.empty() ? at::Tensor() : at::cat(centres, 0), data, opt);
   sel.train(was_training);
   sel.encoder->train(encoder_training);
   return report;
+}
+
+SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& images, const MaskDistribution& dist,
+                                        const DataBundle& data, const SaliencyMetricOptions& opt) {
+  if (!dist.probs.defined() || dist.probs.size(0) != images.size(0))
+    throw Error("measure_selector_saliency: the mask distribution must hold one map per image");
+  return selector_report(sel, images, dist.probs, rbf_centres(sel, dist), data, opt);
 }
 
 }  // namespace isp

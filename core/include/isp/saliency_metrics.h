@@ -73,6 +73,12 @@ struct DataBundle;
 ISP_API SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& images, const at::Tensor& labels,
                                                  const DataBundle& data, const SaliencyMetricOptions& opt,
                                                  int64_t batch_size = 128);
+struct MaskDistribution;
+// The same for maps the caller already has: `dist` is `sel`'s output for `images` (`isp explain` draws its figure
+// from the same maps, so the selector runs once).
+ISP_API SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& images,
+                                                 const MaskDistribution& dist, const DataBundle& data,
+                                                 const SaliencyMetricOptions& opt);
 
 // The foreground of normalised images when the raw intensity (x * std + mean, in [0,1]) of any channel exceeds
 // `above`: [n, H, W] bool. `mean`/`std` per channel (one value = all channels).
