@@ -503,6 +503,32 @@ TEST_CASE("budget: the extracted architecture is projected onto the target, and 
   o.work_dir = (dir / "warn").string();
   CHECK(isp::run_recipe(registry(), o) == 0);
   CHECK(read(dir / "warn" / "report.json")["budget_met"] == false);
+
+  // Aligned widths: channel_multiple 8 keeps a multiple of 8 channels (or all 16 / 32 / 64) in every gated layer,
+  // at the same target. The projection steps one channel group at a time, so the achieved ratio is within the
+  // dearest group's cost of it (8 channels of a 16-wide layer at 32x32: under 6 % of ResNet-20's FLOPs).
+  json aligned = met;
+  aligned["nodes"]["prune"]["channel_multiple"] = 8;
+  std::ofstream(dir / "aligned.json") << aligned.dump(2);
+  o.recipe_path = (dir / "aligned.json").string();
+  o.work_dir = (dir / "aligned").string();
+  REQUIRE(isp::run_recipe(registry(), o) == 0);
+  r = read(dir / "aligned" / "report.json");
+  CHECK(r["budget_met"] == true);
+  CHECK(r["budget_achieved"].get<double>() <= 0.5);
+  CHECK(r["budget_achieved"].get<double>() >= 0.44);
+  REQUIRE(r["kept_widths"].size() == r["full_widths"].size());
+  REQUIRE(r["kept_widths"].size() == 9);
+  bool any_pruned = false;
+  for (std::size_t i = 0; i < r["kept_widths"].size(); ++i) {
+    const int64_t kept = r["kept_widths"][i].get<int64_t>(), full = r["full_widths"][i].get<int64_t>();
+    CHECK((kept % 8 == 0 || kept == full));
+    CHECK(kept >= 8);
+    any_pruned = any_pruned || kept < full;
+  }
+  CHECK(any_pruned);
+  for (const auto& line : metrics_of(dir / "aligned", "prune"))
+    if (line.contains("final_flops_ratio")) CHECK(line["final_flops_ratio"].get<double>() <= 0.5);
 }
 
 TEST_CASE("budget: recipe errors for a term that can never be active or cannot be computed") {
@@ -538,6 +564,20 @@ TEST_CASE("budget: recipe errors for a term that can never be active or cannot b
   CHECK(err.find("/nodes/interp/mode") != std::string::npos);
   pixel["nodes"]["interp"]["mode"] = "map";
   CHECK(error_for(pixel).empty());
+  // Aligned widths are chosen by the budget projection: without one the option would be ignored, so it is refused.
+  json aligned = base;
+  aligned["nodes"]["prune"]["channel_multiple"] = 8;
+  CHECK(error_for(aligned).empty());
+  aligned["nodes"]["prune"]["budget_projection"] = "none";
+  err = error_for(aligned);
+  CHECK(err.find("/nodes/prune/channel_multiple") != std::string::npos);
+  CHECK(err.find("budget_projection") != std::string::npos);
+  json one_shot = base;
+  one_shot["nodes"]["gates"] = {{"type", "L1NormPruner"}, {"target_flops_ratio", 0.5}};
+  one_shot["nodes"]["prune"]["channel_multiple"] = 8;
+  err = error_for(one_shot);
+  CHECK(err.find("/nodes/prune/channel_multiple") != std::string::npos);
+  CHECK(err.find("one-shot") != std::string::npos);
 }
 
 TEST_CASE("interpretation-steered pruning: the RBF-parameter term is minimised, and moves saliency less than random channels at the same FLOPs") {

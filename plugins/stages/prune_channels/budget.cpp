@@ -40,9 +40,36 @@ at::Tensor Budget::project(const at::Tensor& scores, double* threshold) const {
     off += l.width;
   }
   at::Tensor order = std::get<1>(scores.sort(/*dim=*/0, /*descending=*/true));
+  // Each layer's channels by descending score (global channel indices), for rounding kept counts up.
+  std::vector<std::vector<int64_t>> layer_order;
+  if (multiple_ > 1) {
+    off = 0;
+    for (const auto& l : layers) {
+      at::Tensor idx = std::get<1>(scores.narrow(0, off, l.width).sort(0, /*descending=*/true)).contiguous();
+      layer_order.emplace_back(idx.data_ptr<int64_t>(), idx.data_ptr<int64_t>() + l.width);
+      for (auto& i : layer_order.back()) i += off;
+      off += l.width;
+    }
+  }
+  // Kept counts only grow with k, and so do the rounded ones: the budget ratio stays monotone in k.
   auto gates_with = [&](int64_t k) {
     at::Tensor g = forced.clone();
     if (k > 0) g.index_fill_(0, order.narrow(0, 0, k), 1.0);
+    if (multiple_ > 1) {
+      float* gp = g.data_ptr<float>();
+      int64_t start = 0;
+      for (std::size_t li = 0; li < layers.size(); ++li) {
+        const int64_t width = layers[li].width;
+        int64_t kept = 0;
+        for (int64_t c = 0; c < width; ++c) kept += gp[start + c] > 0.5f;
+        const int64_t want = std::min(width, (kept + multiple_ - 1) / multiple_ * multiple_);
+        for (int64_t c : layer_order[li]) {
+          if (kept >= want) break;
+          if (gp[c] <= 0.5f) gp[c] = 1.0f, ++kept;
+        }
+        start += width;
+      }
+    }
     return g;
   };
   const double target = spec_->target;

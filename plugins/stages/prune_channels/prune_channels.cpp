@@ -137,7 +137,16 @@ void PruneChannels::check_terms(const isp::Backbone& net, const isp::SelectorNet
     where = isp::Where{};
     if (pruner_->flops_target()) spec = isp::FlopsBudgetSpec{*pruner_->flops_target(), false};
   }
-  budget_ = std::make_unique<Budget>(*cost_, spec, where, o_.budget_tolerance);
+  if (o_.channel_multiple > 1 && !(pruner_->learns_gates() && spec && o_.budget_projection == "to_target")) {
+    // The rounding happens in the budget projection: without it the option would be silently ignored.
+    isp::Where here = o_.pruner.where;
+    here.pointer = here.pointer.substr(0, here.pointer.rfind('/'));
+    throw isp::RecipeError(here.child("channel_multiple"),
+                           "expected 1 here: rounding kept widths to a multiple needs a learned pruner, a FLOPs-budget "
+                           "term and budget_projection \"to_target\"" +
+                               std::string(pruner_->learns_gates() ? "" : " (this pruner is one-shot)"));
+  }
+  budget_ = std::make_unique<Budget>(*cost_, spec, where, o_.budget_tolerance, o_.channel_multiple);
   if (spec && pruner_->learns_gates()) {
     // A term that can never be active: the unpruned network already meets it.
     const double full = budget_->budget_ratio(net.widths());

@@ -51,6 +51,7 @@ struct PruneOptions {
   int64_t seed = 0;
   int64_t eval_batch_size = 256;
   int64_t max_steps_per_epoch = 0;
+  int64_t channel_multiple = 1;
   template <class V> void visit(V& v) {
     v("classifier", classifier, "the TrainClassifier stage whose network is pruned ({\"$ref\": stage})", isp::required(),
       isp::of_kind("stage"));
@@ -92,6 +93,11 @@ struct PruneOptions {
       "so repeated pruning runs over one shared classifier and AEM differ only here", isp::at_least(0));
     v("eval_batch_size", eval_batch_size, "evaluation batch size", isp::at_least(1));
     v("max_steps_per_epoch", max_steps_per_epoch, "cap steps per epoch (0 = all; smoke tests)", isp::at_least(0));
+    v("channel_multiple", channel_multiple,
+      "every kept width is a multiple of this or the layer's full width, chosen by the budget projection at the "
+      "same FLOPs target (aligned widths run faster in oneDNN's and cuDNN's kernels; docs/performance.md); "
+      "1 = any width (official). Needs a learned pruner and a FLOPs budget with budget_projection to_target",
+      isp::between(1, 1024));
   }
 };
 
