@@ -11,6 +11,9 @@
 #include <stb/stb_image.h>
 
 #include "../apps/isp/explain.h"
+#include "isp/artifacts.h"
+#include "isp/data.h"
+#include "isp/interfaces/dataset.h"
 #include "isp/registry/recipe.h"
 #include "isp/runner.h"
 #include "isp/saliency_metrics.h"
@@ -162,6 +165,33 @@ TEST_CASE("AEM stages: predictor and selector train, summary and explain figure"
                        .c_str());
   CHECK(rc == 0);
   CHECK(fs::exists(dir / "explain2" / "saliency.png"));
+
+  // The two ways to score a selector's maps agree exactly: from maps the caller already has (`isp explain`) and
+  // from the selector run inside (the stages), on the same images and labels in one batch.
+  {
+    isp::RestoredRun run = isp::restore_run(isp_test::shared_registry(), (dir / "run").string());
+    const auto aem = run.latest<isp::ExplanationModel>();
+    REQUIRE(aem);
+    isp::SelectorNet& sel = *aem->selector;
+    const isp::DataBundle& data = run.ctx->node<isp::Dataset>("data")->data();
+    torch::NoGradGuard ng;
+    const at::Tensor x = data.test.images.narrow(0, 0, 8), y = data.test.labels.narrow(0, 0, 8);
+    isp::SaliencyMetricOptions mo;
+    mo.steps = 8;
+    const json inside = isp::measure_selector_saliency(sel, x, y, data, mo, /*batch_size=*/8).to_json(true);
+    sel.eval();
+    sel.encoder->eval();
+    const isp::MaskDistribution dist = sel.forward(x, y, false);
+    const json given = isp::measure_selector_saliency(sel, x, dist, data, mo).to_json(true);
+    CHECK(inside["images"] == 8);
+    CHECK(inside["map"]["deletion_curve"].size() == 9);
+    CHECK(inside.dump() == given.dump());
+    // Maps of the wrong size are refused.
+    isp::MaskDistribution short_dist = dist;
+    short_dist.probs = dist.probs.narrow(0, 0, 4);
+    CHECK(isp_test::error_of([&] { isp::measure_selector_saliency(sel, x, short_dist, data, mo); })
+              .find("one map per image") != std::string::npos);
+  }
   fs::remove_all(dir);
 }
 
