@@ -51,8 +51,20 @@ for arch in $ARCHS; do
       sets+=(--set "nodes.$stage.max_steps_per_epoch=$STEPS")
     done
     # Gate learning computes the selector's reference maps for its whole subset before its first step: only the
-    # images its STEPS batches of 128 use (plus one batch), not the whole training set (minutes on the CPU).
-    sets+=(--set "nodes.prune.subset_fraction=$(awk -v s="$STEPS" 'BEGIN { f = (s + 1) * 128 / 12902; print (f < 1 ? f : 1) }')")
+    # images its STEPS batches use (plus one batch, which also covers the split's rounding), not the whole training
+    # set (minutes on the CPU). Batch size and training-set size come from the resolved recipe.
+    fraction=$("$ISP_BIN" validate "bench/recipes/gpu_phases_$arch.json" "${sets[@]}" --print-resolved 2>/dev/null |
+      python3 -c '
+import json, sys
+steps = int(sys.argv[1])
+nodes = json.load(sys.stdin)["nodes"]
+prune = nodes["prune"]
+data = nodes[prune["data"]["$ref"]]
+n = data["num_train"]
+train = n - int(data.get("val_fraction", 0.0) * n)
+print(min(1.0, (steps + 1) * prune.get("batch_size", 128) / train))' "$STEPS") ||
+      { echo "error: cannot read the prune batch and training-set size of bench/recipes/gpu_phases_$arch.json" >&2; exit 2; }
+    sets+=(--set "nodes.prune.subset_fraction=$fraction")
     envs=()
     [ "$cfg" = cpu_before ] && envs+=(ISP_GLIBC_MALLOC_DEFAULTS=1)
     t0=$SECONDS

@@ -78,6 +78,9 @@ int main(int argc, char** argv) {
   auto* validate = app.add_subcommand("validate", "check a recipe completely without running it");
   validate->add_option("recipe", val_opt.recipe_path, "recipe JSON file")->required();
   validate->add_option("--set", val_opt.overrides, "override a recipe value: a.b.0=VALUE");
+  validate->add_flag("--print-resolved", val_opt.print_resolved,
+                     "print the resolved recipe as JSON on stdout: bases merged, --set applied, components named "
+                     "(what `isp run` writes to recipe.resolved.json)");
 
   bool as_json = false;
   std::string kind;

@@ -260,8 +260,9 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   BuildContext ctx(reg, r.doc, [&r](const std::string& p) { return r.where(p); });
   std::vector<detail::PlannedStage> plan = detail::build_stages(ctx, r, seed);
   if (o.validate_only) {
-    std::printf("%s: OK (%zu nodes, %zu stages)\n", o.recipe_path.c_str(), r.doc.value("nodes", json::object()).size(),
-                plan.size());
+    std::fprintf(o.print_resolved ? stderr : stdout, "%s: OK (%zu nodes, %zu stages)\n", o.recipe_path.c_str(),
+                 r.doc.value("nodes", json::object()).size(), plan.size());
+    if (o.print_resolved) std::printf("%s\n", detail::resolved_document(r, ctx).dump(2).c_str());
     return 0;
   }
 

@@ -27,6 +27,9 @@ struct RunOptions {
   // has it) is taken over (hard-linked) instead of run
   std::vector<std::string> reuse_from;
   bool validate_only = false;
+  // with validate_only: print the resolved recipe (bases merged, --set applied, components named) as JSON on
+  // stdout, and the OK line on stderr
+  bool print_resolved = false;
 };
 
 // The recipe's "runtime" section, applied: torch threads set, device chosen.
