@@ -54,6 +54,10 @@ void PruneChannels::run(isp::RunContext& ctx) {
   if (o_.seed > 0) torch::manual_seed(static_cast<uint64_t>(o_.seed));
   pruner_->attach(*gated_, *cost_);
   pruner_->to(dev);
+  // Aligned widths are chosen by the projection, which ranks channels by the pruner's keep scores.
+  if (o_.channel_multiple > 1 && pruner_->learns_gates() && !pruner_->keep_scores().defined())
+    throw isp::Error("PruneChannels: channel_multiple " + std::to_string(o_.channel_multiple) + " needs keep scores "
+                     "from the pruner, and '" + pruner_type_ + "' returns none; set channel_multiple to 1");
   isp::json summary;
   at::Tensor best_gates;
   isp::json selected;
