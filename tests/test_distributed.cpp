@@ -230,7 +230,7 @@ TEST_CASE("two launchers as two nodes on loopback (--nnodes 2 --node-rank 0/1) f
 }
 
 TEST_CASE("a rank killed with SIGKILL ends the other with a clear error and the folder resumes with 2 processes but "
-          "not 1") {
+          "not 1" * doctest::test_suite("kernel_independent")) {
   const auto dir = isp_test::temp_dir("dist_kill");
   const fs::path log0 = dir / "rank0.txt", log = dir / "log.txt";
   const double timeout_s = 20;
@@ -266,7 +266,8 @@ TEST_CASE("a rank killed with SIGKILL ends the other with a clear error and the 
   fs::remove_all(dir);
 }
 
-TEST_CASE("a rank that hangs (SIGSTOP) ends the other within runtime.dist_timeout_s with a clear error") {
+TEST_CASE("a rank that hangs (SIGSTOP) ends the other within runtime.dist_timeout_s with a clear error" *
+          doctest::test_suite("kernel_independent")) {
   const auto dir = isp_test::temp_dir("dist_hang");
   const fs::path log0 = dir / "rank0.txt";
   const double timeout_s = 5;

@@ -134,7 +134,8 @@ void compare_numbers(const json& a, const json& b, const std::string& where) {
 }  // namespace
 
 TEST_CASE("kill -9 at 20+ random moments across every stage, halfway through checkpoint writes too: "
-          "the resumed run ends bit-identical to an uninterrupted one") {
+          "the resumed run ends bit-identical to an uninterrupted one" *
+          doctest::test_suite("kernel_independent")) {
   const auto dir = isp_test::temp_dir("kill9");
   std::ofstream(dir / "r.json") << kill_recipe().dump(2);
   const fs::path log = dir / "log.txt";
