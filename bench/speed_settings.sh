@@ -18,12 +18,14 @@ speed_settings() {  # CONFIG -> its runtime settings
     cpu_bf16)       echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="bf16"' ;;
     cpu_cl_fp32)    echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="fp32"' ;;
     cpu_cl_bf16)    echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="bf16"' ;;
-    # *_aligned8: the same, with every pruned width a multiple of 8 (PruneChannels' channel_multiple; this changes
-    # the pruned architecture at the same FLOPs target, so only the finetuning row differs from the base config)
-    cpu_aligned8)   echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=false runtime.precision="fp32" nodes.prune.channel_multiple=8' ;;
-    cpu_cl_aligned8) echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="fp32" nodes.prune.channel_multiple=8' ;;
-    cpu_cl_bf16_aligned8) echo 'runtime.device="cpu" runtime.cuda_graphs=false runtime.channels_last=true runtime.precision="bf16" nodes.prune.channel_multiple=8' ;;
-    graphs_cl_bf16_aligned8) echo 'runtime.device="cuda" runtime.cuda_graphs=true runtime.channels_last=true runtime.precision="bf16" nodes.prune.channel_multiple=8' ;;
+    # X_aligned8: configuration X with every pruned width a multiple of 8 (PruneChannels' channel_multiple; this
+    # changes the pruned architecture at the same FLOPs target, so only the finetuning row differs from X's);
+    # cpu_aligned8 and cpu_cl_aligned8 are cpu_eager_fp32's and cpu_cl_fp32's.
+    *_aligned8)
+      local base="${1%_aligned8}" settings
+      case "$base" in cpu) base=cpu_eager_fp32 ;; cpu_cl) base=cpu_cl_fp32 ;; esac
+      settings=$(speed_settings "$base") || exit 2
+      echo "$settings nodes.prune.channel_multiple=8" ;;
     *) echo "unknown configuration $1" >&2; exit 2 ;;
   esac
 }
