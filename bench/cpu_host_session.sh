@@ -150,30 +150,9 @@ for t in 1 2; do
 done
 echo "== README job, $JOB_THREADS threads each"
 {
-  echo "| configuration | wall s | baseline top-1 | pruned | finetuned | FLOPs ratio | kept widths | deletion AUC | mass on object |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  python3 bench/run_summary.py header
   for cfg in $JOB_CONFIGS; do
-    python3 - "$WORK/job/$cfg" "$cfg" "$WORK/runs/job-$cfg.status" <<'PY'
-import json, sys
-d, cfg = sys.argv[1], sys.argv[2]
-try:  # exit status and wall seconds of the whole `isp run`, as the scheduler timed it
-    rc, wall = open(sys.argv[3]).read().split()
-except Exception:
-    rc, wall = "?", "—"
-if rc not in ("0", "?"):
-    wall += f" (exit {rc})"
-try:
-    s = json.load(open(d + "/summary.json"))
-except Exception as e:
-    print(f"| {cfg} | no summary ({e.__class__.__name__}) |"); sys.exit(0)
-def g(k, f="{:.1f}", scale=1):
-    v = s.get(k)
-    return f.format(v * scale) if isinstance(v, (int, float)) else "—"
-sal = (s.get("saliency") or {}).get("pruned") or s.get("saliency") or {}
-print(f"| {cfg} | {wall} | {g('baseline_top1', '{:.1f}', 100)} | {g('pruned_top1', '{:.1f}', 100)} "
-      f"| {g('finetuned_top1', '{:.1f}', 100)} | {g('flops_ratio', '{:.3f}')} | {s.get('kept_widths', '—')} "
-      f"| {sal.get('deletion_auc', float('nan')):.3f} | {sal.get('mass_on_object', float('nan')):.3f} |")
-PY
+    python3 bench/run_summary.py row "$WORK/job/$cfg" "$cfg" "$WORK/runs/job-$cfg.status"
   done
 } | tee "$WORK/table_job.md"
 echo "session: $SECONDS s"

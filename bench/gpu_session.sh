@@ -65,34 +65,7 @@ if start_part phases 100; then
 fi
 
 summarise() {  # summarise RUN_DIR LABEL: the figures of a run's summary.json on one line
-  python3 - "$1" "$2" <<'PY'
-import json, sys
-try:
-    s = json.load(open(sys.argv[1] + "/summary.json"))
-except Exception as e:
-    print(sys.argv[2], "no summary:", e); sys.exit(0)
-keys = ["val_top1", "test_top1", "baseline_top1", "pruned_top1", "finetuned_top1", "budget_met", "flops_ratio",
-        "predictor_agreement", "selector_agreement", "train_images_per_s", "wall_seconds"]
-parts = []
-for k in keys:
-    if k in s and not isinstance(s[k], (dict, list)):
-        v = s[k]
-        parts.append(f"{k} {100 * v:.2f}%" if k.endswith(("top1", "agreement")) and isinstance(v, float) else f"{k} {v}")
-def sal_text(d):
-    return "deletion AUC %.3f (centred Gaussian %.3f), mass on object %.3f (foreground %.3f)" % (
-        d["deletion_auc"], d["centred_gaussian"]["deletion_auc"], d["mass_on_object"], d["foreground_share"])
-try:
-    sal = s.get("saliency") or {}
-    if "mask_iou_at_0.5" in sal:  # the export's: pruned vs original maps
-        parts.append("mask IoU %.3f, centre shift %.2f px" % (sal["mask_iou_at_0.5"], sal.get("mean_center_shift_px", -1)))
-        for side in ("original", "pruned"):
-            if side in sal: parts.append(side + " " + sal_text(sal[side]))
-    elif "deletion_auc" in sal:
-        parts.append(sal_text(sal))
-except Exception as e:
-    parts.append("saliency: %s" % e)
-print(f"{sys.argv[2]:28s}", "; ".join(parts))
-PY
+  python3 bench/run_summary.py line "$1" "$2"
 }
 
 source bench/speed_settings.sh
