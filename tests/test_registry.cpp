@@ -316,3 +316,45 @@ TEST_CASE("plugins: the descriptor check reads only the bytes the symbol has, AB
   const std::string torch = isp::check_descriptor_bytes(bytes.data(), bytes.size(), host);
   CHECK(torch.find("." + std::to_string(patch) + ", C++11 ABI") < torch.find("host is"));
 }
+
+namespace {
+// A component that builds its optional child first, then records where its own spec is.
+struct Probe {
+  static constexpr const char* kKind = "probe";
+  std::string where, child_where;
+};
+struct ProbeOptions {
+  isp::NodeRef child;
+  template <class V> void visit(V& v) { v("child", child, "a nested probe", isp::optional_arg()); }
+};
+}  // namespace
+
+TEST_CASE("build context: a factory learns where its own spec is, for a node, an inline spec and after nesting") {
+  isp::Registry reg;
+  reg.add(isp::make_component<Probe, ProbeOptions>("Probe", 1, "records spec_where()",
+                                                   [](const ProbeOptions& o, isp::BuildContext& ctx) {
+                                                     auto p = std::make_shared<Probe>();
+                                                     if (!o.child.empty())
+                                                       p->child_where = ctx.get<Probe>(o.child)->where;
+                                                     p->where = ctx.spec_where().str();
+                                                     return p;
+                                                   }));
+  json recipe = {{"nodes",
+                  {{"leaf", {{"type", "Probe"}}},
+                   {"by_ref", {{"type", "Probe"}, {"child", {{"$ref", "leaf"}}}}},
+                   {"inline", {{"type", "Probe"}, {"child", {{"type", "Probe"}}}}}}}};
+  isp::BuildContext ctx(reg, recipe, [](const std::string& p) { return isp::Where{"r.json", p}; });
+  CHECK(ctx.spec_where().pointer.empty());  // outside any factory
+  auto by_ref = ctx.node<Probe>("by_ref");
+  CHECK(by_ref->where == "r.json: /nodes/by_ref");
+  CHECK(by_ref->child_where == "r.json: /nodes/leaf");
+  auto in_line = ctx.node<Probe>("inline");
+  CHECK(in_line->where == "r.json: /nodes/inline");
+  CHECK(in_line->child_where == "r.json: /nodes/inline/child");
+  CHECK(ctx.spec_where().pointer.empty());
+  // A factory that throws leaves no stale entry behind.
+  json bad = {{"nodes", {{"broken", {{"type", "Probe"}, {"child", {{"type", "Nope"}}}}}}}};
+  isp::BuildContext ctx2(reg, bad, [](const std::string& p) { return isp::Where{"r.json", p}; });
+  CHECK(error_of([&] { ctx2.node<Probe>("broken"); }).find("/nodes/broken/child/type") != std::string::npos);
+  CHECK(ctx2.spec_where().pointer.empty());
+}

@@ -141,6 +141,11 @@ std::shared_ptr<void> BuildContext::create(const json& spec, const Where& where,
   records_[where.pointer] = record;
   if (trace_) trace_->components.emplace_back(where.pointer, record);
   std::shared_ptr<void> obj;
+  building_where_.push_back(where);
+  struct PopWhere {
+    std::vector<Where>& stack;
+    ~PopWhere() { stack.pop_back(); }
+  } pop_where{building_where_};
   try {
     obj = info.factory(validated, *this, where);
   } catch (const RecipeError&) {

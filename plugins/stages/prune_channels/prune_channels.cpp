@@ -13,7 +13,8 @@ PruneChannels::PruneChannels(PruneOptions o, isp::BuildContext& ctx)
       classifier_in_(isp::stage_input<isp::TrainedClassifier>(ctx, o_.classifier)),
       selector_in_(isp::stage_input<isp::ExplanationModel>(ctx, o_.selector)),
       pruner_(ctx.get<isp::Pruner>(o_.pruner)),
-      data_(ctx.get<isp::Dataset>(o_.data)) {
+      data_(ctx.get<isp::Dataset>(o_.data)),
+      where_(ctx.spec_where()) {
   const isp::ComponentRecord* rec = ctx.record_of(pruner_.get());
   pruner_type_ = rec ? rec->type : std::string();
   for (const isp::NodeRef& ref : o_.regularizers) {
@@ -56,8 +57,9 @@ void PruneChannels::run(isp::RunContext& ctx) {
   pruner_->to(dev);
   // Aligned widths are chosen by the projection, which ranks channels by the pruner's keep scores.
   if (o_.channel_multiple > 1 && pruner_->learns_gates() && !pruner_->keep_scores().defined())
-    throw isp::Error("PruneChannels: channel_multiple " + std::to_string(o_.channel_multiple) + " needs keep scores "
-                     "from the pruner, and '" + pruner_type_ + "' returns none; set channel_multiple to 1");
+    throw isp::RecipeError(where_.child("channel_multiple"),
+                           "expected 1 here: channel_multiple " + std::to_string(o_.channel_multiple) +
+                               " needs keep scores from the pruner, and '" + pruner_type_ + "' returns none");
   isp::json summary;
   at::Tensor best_gates;
   isp::json selected;
@@ -143,9 +145,7 @@ void PruneChannels::check_terms(const isp::Backbone& net, const isp::SelectorNet
   }
   if (o_.channel_multiple > 1 && !(pruner_->learns_gates() && spec && o_.budget_projection == "to_target")) {
     // The rounding happens in the budget projection: without it the option would be silently ignored.
-    isp::Where here = o_.pruner.where;
-    here.pointer = here.pointer.substr(0, here.pointer.rfind('/'));
-    throw isp::RecipeError(here.child("channel_multiple"),
+    throw isp::RecipeError(where_.child("channel_multiple"),
                            "expected 1 here: rounding kept widths to a multiple needs a learned pruner, a FLOPs-budget "
                            "term and budget_projection \"to_target\"" +
                                std::string(pruner_->learns_gates() ? "" : " (this pruner is one-shot)"));

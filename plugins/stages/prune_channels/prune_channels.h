@@ -151,6 +151,7 @@ class PruneChannels : public isp::Stage {
   std::string pruner_type_;
   std::vector<std::shared_ptr<isp::Regularizer>> regs_;
   std::vector<isp::Where> reg_where_;
+  isp::Where where_;  // this stage's own spec, for errors about its options found after the build
   // Set by take_inputs():
   std::shared_ptr<const isp::TrainedClassifier> original_;
   std::shared_ptr<const isp::ExplanationModel> aem_;

@@ -42,6 +42,9 @@ class ISP_API BuildContext {
   Registry& registry() { return registry_; }
   const json& recipe() const { return recipe_; }
   Where where(const std::string& pointer) const { return where_of_(pointer); }
+  // Inside a component's factory: where its own spec is (a node "/nodes/prune", an inline spec
+  // "/stages/3/regularizers/0"), so errors found later, at run time, can name its options. Empty outside factories.
+  Where spec_where() const { return building_where_.empty() ? Where{} : building_where_.back(); }
   // The validated spec (defaults filled) each named node was built from.
   const std::map<std::string, json>& resolved_nodes() const { return resolved_; }
   // The component behind every spec built so far, by the JSON pointer of the spec ("/nodes/head",
@@ -63,6 +66,7 @@ class ISP_API BuildContext {
   std::map<std::string, ComponentRecord> records_;
   std::map<const void*, ComponentRecord> by_object_;
   std::vector<std::string> building_;
+  std::vector<Where> building_where_;  // the specs whose factories are running, innermost last
   BuildTrace* trace_ = nullptr;
 };
 
