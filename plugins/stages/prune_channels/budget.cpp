@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 
@@ -39,17 +40,20 @@ at::Tensor Budget::project(const at::Tensor& scores, double* threshold) const {
     forced[off + scores.narrow(0, off, l.width).argmax().item<int64_t>()] = 1.0;
     off += l.width;
   }
-  at::Tensor order = std::get<1>(scores.sort(/*dim=*/0, /*descending=*/true));
-  // Each layer's channels by descending score (global channel indices), for rounding kept counts up.
+  at::Tensor order = std::get<1>(scores.sort(/*dim=*/0, /*descending=*/true)).contiguous();
+  // Each layer's channels by descending score (global channel indices), for rounding kept counts up: the global
+  // order filtered per layer, so rounding and thresholding rank channels, ties included, the same way.
   std::vector<std::vector<int64_t>> layer_order;
   if (multiple_ > 1) {
+    std::vector<std::size_t> layer_of(static_cast<std::size_t>(n));
     off = 0;
-    for (const auto& l : layers) {
-      at::Tensor idx = std::get<1>(scores.narrow(0, off, l.width).sort(0, /*descending=*/true)).contiguous();
-      layer_order.emplace_back(idx.data_ptr<int64_t>(), idx.data_ptr<int64_t>() + l.width);
-      for (auto& i : layer_order.back()) i += off;
-      off += l.width;
+    for (std::size_t li = 0; li < layers.size(); ++li) {
+      std::fill_n(layer_of.begin() + off, layers[li].width, li);
+      off += layers[li].width;
     }
+    layer_order.resize(layers.size());
+    const int64_t* op = order.data_ptr<int64_t>();
+    for (int64_t r = 0; r < n; ++r) layer_order[layer_of[static_cast<std::size_t>(op[r])]].push_back(op[r]);
   }
   // Kept counts only grow with k, and so do the rounded ones: the budget ratio stays monotone in k.
   auto gates_with = [&](int64_t k) {
