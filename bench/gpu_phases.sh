@@ -52,18 +52,19 @@ for arch in $ARCHS; do
     done
     # Gate learning computes the selector's reference maps for its whole subset before its first step: only the
     # images its STEPS batches use (plus one batch, which also covers the split's rounding), not the whole training
-    # set (minutes on the CPU). Batch size and training-set size come from the resolved recipe.
-    fraction=$("$ISP_BIN" validate "bench/recipes/gpu_phases_$arch.json" "${sets[@]}" --print-resolved 2>/dev/null |
-      python3 -c '
-import json, sys
-steps = int(sys.argv[1])
-nodes = json.load(sys.stdin)["nodes"]
-prune = nodes["prune"]
-data = nodes[prune["data"]["$ref"]]
-n = data["num_train"]
-train = n - int(data.get("val_fraction", 0.0) * n)
-print(min(1.0, (steps + 1) * prune.get("batch_size", 128) / train))' "$STEPS") ||
-      { echo "error: cannot read the prune batch and training-set size of bench/recipes/gpu_phases_$arch.json" >&2; exit 2; }
+    # set (minutes on the CPU). The batch size comes from the resolved recipe, the training-set size from the
+    # dataset itself (`isp validate --print-data-sizes`), so no rule of the dataset is repeated here.
+    recipe="bench/recipes/gpu_phases_$arch.json"
+    fraction=$(python3 -c '
+import json, subprocess, sys
+isp, recipe, steps, sets = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+def validate(flag):
+    out = subprocess.run([isp, "validate", recipe, *sets, flag], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+prune = validate("--print-resolved")["nodes"]["prune"]
+train = validate("--print-data-sizes")[prune["data"]["$ref"]]["train"]
+print(min(1.0, (steps + 1) * prune["batch_size"] / train))' "$ISP_BIN" "$recipe" "$STEPS" "${sets[@]}") ||
+      { echo "error: cannot read the prune batch and training-set size of $recipe" >&2; exit 2; }
     sets+=(--set "nodes.prune.subset_fraction=$fraction")
     envs=()
     [ "$cfg" = cpu_before ] && envs+=(ISP_GLIBC_MALLOC_DEFAULTS=1)

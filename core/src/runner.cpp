@@ -20,6 +20,7 @@
 #include <map>
 #include <memory>
 
+#include "isp/interfaces/dataset.h"
 #include "run_folder.h"
 
 namespace fs = std::filesystem;
@@ -260,9 +261,23 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   BuildContext ctx(reg, r.doc, [&r](const std::string& p) { return r.where(p); });
   std::vector<detail::PlannedStage> plan = detail::build_stages(ctx, r, seed);
   if (o.validate_only) {
-    std::fprintf(o.print_resolved ? stderr : stdout, "%s: OK (%zu nodes, %zu stages)\n", o.recipe_path.c_str(),
+    const bool json_out = o.print_resolved || o.print_data_sizes;
+    if (o.print_resolved && o.print_data_sizes) throw Error("--print-resolved and --print-data-sizes: choose one");
+    json sizes = json::object();
+    if (o.print_data_sizes) {
+      // The datasets' own rules (val split, subsets, folders) decide the sizes: loading them is the only way to
+      // know, so scripts never re-implement those rules.
+      for (const auto& [name, spec] : r.doc.value("nodes", json::object()).items()) {
+        if (ctx.kind_of_node(name) != Dataset::kKind) continue;
+        const DataBundle& d = ctx.node<Dataset>(name)->data();
+        sizes[name] = {{"train", d.train.size()}, {"val", d.val.size()}, {"test", d.test.size()},
+                       {"classes", d.num_classes()}};
+      }
+    }
+    std::fprintf(json_out ? stderr : stdout, "%s: OK (%zu nodes, %zu stages)\n", o.recipe_path.c_str(),
                  r.doc.value("nodes", json::object()).size(), plan.size());
     if (o.print_resolved) std::printf("%s\n", detail::resolved_document(r, ctx).dump(2).c_str());
+    if (o.print_data_sizes) std::printf("%s\n", sizes.dump(2).c_str());
     return 0;
   }
 

@@ -30,6 +30,9 @@ struct RunOptions {
   // with validate_only: print the resolved recipe (bases merged, --set applied, components named) as JSON on
   // stdout, and the OK line on stderr
   bool print_resolved = false;
+  // with validate_only: load every dataset node and print the size of each split and the number of classes as
+  // JSON on stdout ({"data": {"train": 54000, "val": 6000, "test": 10000, "classes": 10}}), the OK line on stderr
+  bool print_data_sizes = false;
 };
 
 // The recipe's "runtime" section, applied: torch threads set, device chosen.
