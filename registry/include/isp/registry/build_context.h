@@ -66,8 +66,8 @@ class ISP_API BuildContext {
   std::map<std::string, ComponentRecord> records_;
   std::map<const void*, ComponentRecord> by_object_;
   std::vector<std::string> building_;
-  std::vector<Where> building_where_;  // the specs whose factories are running, innermost last
   BuildTrace* trace_ = nullptr;
+  std::vector<Where> building_where_;  // the specs whose factories are running, innermost last
 };
 
 }  // namespace isp

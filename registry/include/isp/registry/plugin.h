@@ -13,8 +13,8 @@
 #include "isp/registry/registry.h"
 
 // Bump on any change of a core interface's layout or vtable, of ComponentInfo, or of the registrar.
-#define ISP_PLUGIN_ABI_VERSION 5  // 3: descriptor scope, typed stage results, Backbone topology; 4: DataBundle::foreground_above;
-                                  // 5: SpeedSettings::channels_last_if_grouped
+#define ISP_PLUGIN_ABI_VERSION 6  // 3: descriptor scope, typed stage results, Backbone topology; 4: DataBundle::foreground_above;
+                                  // 5: SpeedSettings::channels_last_if_grouped; 6: BuildContext::spec_where
 
 #ifdef ISP_TORCH_WITH_CUDA
 #define ISP_DESCRIPTOR_CUDA ISP_TORCH_WITH_CUDA
