@@ -15,7 +15,9 @@
 #include <utility>
 #include <chrono>
 #include <fstream>
+#include <iomanip>
 #include <random>
+#include <sstream>
 #include <thread>
 
 #include <ATen/ATen.h>
@@ -146,10 +148,11 @@ TEST_CASE("kill -9 at 20+ random moments across every stage, halfway through che
   {
     // Each stage's share, so a failure below can be read against this machine's proportions.
     const json ref_stages = json::parse(isp::read_text_file((dir / "ref" / "summary.json").string()))["stages"];
-    std::string shares;
+    std::ostringstream shares;
+    shares << std::fixed << std::setprecision(2);
     for (const char* stage : {"classifier", "predictor", "selector", "prune", "finetune", "export"})
-      shares += " " + std::to_string(ref_stages[stage].value("wall_seconds", 0.0)).substr(0, 5);
-    MESSAGE("uninterrupted run: " << full << " s; stage wall seconds (classifier .. export):" << shares);
+      shares << " " << ref_stages[stage].value("wall_seconds", 0.0);
+    MESSAGE("uninterrupted run: " << full << " s; stage wall seconds (classifier .. export):" << shares.str());
   }
 
   // How long a start takes before the run writes its first file (plugins loaded, recipe built): a kill before
@@ -186,7 +189,8 @@ TEST_CASE("kill -9 at 20+ random moments across every stage, halfway through che
         // take longer than the random delays on this machine. Kill only once it has logged an epoch or finished
         // the stage, so the run moves on and the later stages are still hit -- on a slow machine too.
         const pid_t pid = start_isp(dir / "r.json", run, resume, {}, log);
-        rc = kill_after_progress(pid, run, progress_of(run),
+        // Progress is measured from the state the last kill left, read before this start could add to it.
+        rc = kill_after_progress(pid, run, last_progress,
                                  std::uniform_real_distribution<double>(0.0, 0.05 * full)(rng));
       } else if (attempts % 4 == 0) {
         // The process kills itself halfway through its N-th atomic write (a checkpoint, best.pt, a report ...).
