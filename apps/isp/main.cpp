@@ -82,8 +82,8 @@ int main(int argc, char** argv) {
                      "print the resolved recipe as JSON on stdout: bases merged, --set applied, components named "
                      "(what `isp run` writes to recipe.resolved.json)");
   validate->add_flag("--print-data-sizes", val_opt.print_data_sizes,
-                     "load every dataset node and print its split sizes and number of classes as JSON on stdout")
-      ->excludes("--print-resolved");
+                     "load every dataset node and print its split sizes and number of classes as JSON on stdout "
+                     "(not with --print-resolved: stdout holds one JSON document)");
 
   bool as_json = false;
   std::string kind;

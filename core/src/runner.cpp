@@ -241,6 +241,8 @@ int execute(RunFolder& f, std::vector<detail::PlannedStage>& plan, const Runtime
 }  // namespace
 
 int run_recipe(Registry& reg, const RunOptions& o) {
+  // Each prints one JSON document on stdout; checked here, not only by the CLI, so library callers get it too.
+  if (o.print_resolved && o.print_data_sizes) throw Error("--print-resolved and --print-data-sizes: choose one");
   Recipe r = load_recipe(o.recipe_path, o.overrides);
   for (auto it = r.doc.begin(); it != r.doc.end(); ++it)
     if (std::find(kTopLevelKeys.begin(), kTopLevelKeys.end(), it.key()) == kTopLevelKeys.end()) {
@@ -262,7 +264,6 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   std::vector<detail::PlannedStage> plan = detail::build_stages(ctx, r, seed);
   if (o.validate_only) {
     const bool json_out = o.print_resolved || o.print_data_sizes;
-    if (o.print_resolved && o.print_data_sizes) throw Error("--print-resolved and --print-data-sizes: choose one");
     json sizes = json::object();
     if (o.print_data_sizes) {
       // The datasets' own rules (val split, subsets, folders) decide the sizes: loading them is the only way to
