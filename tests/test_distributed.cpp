@@ -177,7 +177,11 @@ TEST_CASE("SyncBatchNorm: 2 processes with runtime.dist_sync_batchnorm end with 
   fs::remove_all(dir);
 }
 
-TEST_CASE("isp run --nproc-per-node 2: the quick classifier reaches the accuracy of 1 process and records world size 2") {
+// Both runs use the same kernels and the check is relative (1 against 2 processes, within 4 points): like the kill -9
+// test it runs in the first CTest pass only. Data parallelism under portable kernels stays covered exactly by
+// "2 processes x 1 thread end with the weights of 1 process" and the Ctrl-C case, which run in both passes.
+TEST_CASE("isp run --nproc-per-node 2: the quick classifier reaches the accuracy of 1 process and records world size 2" *
+          doctest::test_suite("kernel_independent")) {
   const auto dir = isp_test::temp_dir("dist_quick");
   const fs::path log = dir / "log.txt";
   const std::string recipe = std::string(ISP_SOURCE_DIR) + "/configs/classifier/quick_fmnist.json";
