@@ -5,9 +5,10 @@ sample input of sample.json and compares with the logits isp computed in C++; th
 (TorchScript, loaded with torch.jit.load) where the export has it, and model.onnx through the ONNX checker
 where python3-onnx is installed (onnxruntime runs it: scripts/check_export_onnxruntime.js).
 
-    python3 scripts/check_export_torch.py work_dirs/quick_fmnist/export [--tolerance 1e-5]
+    python3 scripts/check_export_torch.py work_dirs/quick_fmnist/export [more export folders] [--tolerance 1e-5]
 
-Exit status: 0 within the tolerance, 1 beyond it or on any mismatch, 77 when PyTorch is not installed
+Each folder ends with a line {"export_dir": ..., "ok": true|false}. Exit status: 0 when every folder is within the
+tolerance, 1 when one is beyond it or has any mismatch, 77 when PyTorch is not installed
 (Debian: apt install python3-torch). The models below are also a starting point for using the pruned network
 in Python: ResNetCifar, MobileNetV2Cifar, ResNet and MobileNetV2 (torchvision's layouts) with the kept widths of
 structure.json.
@@ -270,57 +271,75 @@ def tensor_of(entry):
     return torch.tensor(entry["values"], dtype=torch.float32).reshape(entry["shape"])
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("export_dir")
-    ap.add_argument("--tolerance", type=float, default=1e-5,
-                    help="largest |logit difference| accepted, per unit of the largest |logit| where that exceeds 1")
-    a = ap.parse_args()
-    with open(os.path.join(a.export_dir, "structure.json")) as f:
+def check(export_dir, tolerance_per_unit):
+    """Checks one export folder; prints one JSON line per format, each naming the folder. True if all agree."""
+    with open(os.path.join(export_dir, "structure.json")) as f:
         spec = json.load(f)["spec"]
-    with open(os.path.join(a.export_dir, "sample.json")) as f:
+    with open(os.path.join(export_dir, "sample.json")) as f:
         sample = json.load(f)
     model = build(spec)
     # weights_only=True: the default of torch.load since PyTorch 2.6, and the safe way to read weights at all
     # (the file must hold only tensors and plain containers).
-    state = torch.load(os.path.join(a.export_dir, "weights.pt"), map_location="cpu", weights_only=True)
+    state = torch.load(os.path.join(export_dir, "weights.pt"), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)  # raises on any missing, unexpected or misshapen tensor
     model.eval()
-    torch.set_num_threads(1)
     with torch.no_grad():
         logits = model(tensor_of(sample["input"]))
     expected = tensor_of(sample["logits"])
     # Float32 rounding grows with the logits' size (a trained net's reach 10 and more): 1e-5 per unit beyond 1.
-    tolerance = a.tolerance * max(1.0, expected.abs().max().item())
+    tolerance = tolerance_per_unit * max(1.0, expected.abs().max().item())
     results = [("state_dict", "weights.pt into torch.nn modules", logits)]
-    script = os.path.join(a.export_dir, "model.ts.pt")
+    script = os.path.join(export_dir, "model.ts.pt")
     if os.path.exists(script):  # TorchScript: no model code needed at all (BN folded into the convolutions)
         traced = torch.jit.load(script, map_location="cpu")
         traced.eval()
         with torch.no_grad():
             results.append(("torchscript", "model.ts.pt with torch.jit.load", traced(tensor_of(sample["input"]))))
     ok = True
-    onnx_file = os.path.join(a.export_dir, "model.onnx")
+    onnx_file = os.path.join(export_dir, "model.onnx")
     if os.path.exists(onnx_file):  # ONNX: the official checker, with shape inference (Debian's python3-onnx)
         try:
             import onnx
             onnx.checker.check_model(onnx_file, full_check=True)
-            print(json.dumps({"format": "onnx", "how": "onnx.checker.check_model(full_check=True)",
+            print(json.dumps({"export_dir": export_dir, "format": "onnx",
+                              "how": "onnx.checker.check_model(full_check=True)",
                               "runtime": f"onnx {onnx.__version__} (Python)", "valid": True}))
         except ImportError:
-            print(json.dumps({"format": "onnx", "how": "onnx.checker", "skipped": "python3-onnx is not installed"}))
+            print(json.dumps({"export_dir": export_dir, "format": "onnx", "how": "onnx.checker",
+                              "skipped": "python3-onnx is not installed"}))
         except Exception as e:  # the checker's own error names what is wrong
-            print(json.dumps({"format": "onnx", "how": "onnx.checker.check_model(full_check=True)", "valid": False,
-                              "error": str(e)}))
+            print(json.dumps({"export_dir": export_dir, "format": "onnx",
+                              "how": "onnx.checker.check_model(full_check=True)", "valid": False, "error": str(e)}))
             ok = False
     for fmt, how, out in results:
         delta = (out - expected).abs().max().item()
         same_class = bool((out.argmax(1) == expected.argmax(1)).all())
         ok = ok and delta <= tolerance and same_class
-        print(json.dumps({"format": fmt, "how": how, "runtime": f"torch {torch.__version__} (Python)",
-                          "backbone": spec["type"], "images": int(expected.shape[0]), "max_abs_logit_delta": delta,
-                          "tolerance": tolerance, "same_predicted_class": same_class}))
-    return 0 if ok else 1
+        print(json.dumps({"export_dir": export_dir, "format": fmt, "how": how,
+                          "runtime": f"torch {torch.__version__} (Python)", "backbone": spec["type"],
+                          "images": int(expected.shape[0]), "max_abs_logit_delta": delta, "tolerance": tolerance,
+                          "same_predicted_class": same_class}))
+    return ok
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("export_dirs", nargs="+", metavar="export_dir",
+                    help="one or more export folders (one Python start for all: importing torch takes seconds)")
+    ap.add_argument("--tolerance", type=float, default=1e-5,
+                    help="largest |logit difference| accepted, per unit of the largest |logit| where that exceeds 1")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    all_ok = True
+    for export_dir in a.export_dirs:
+        try:
+            ok = check(export_dir, a.tolerance)
+            print(json.dumps({"export_dir": export_dir, "ok": ok}))
+        except Exception as e:  # a missing file, a tensor that does not fit the model: this folder fails, not the rest
+            ok = False
+            print(json.dumps({"export_dir": export_dir, "ok": False, "error": f"{type(e).__name__}: {e}"}))
+        all_ok = all_ok and ok
+    return 0 if all_ok else 1
 
 
 if __name__ == "__main__":

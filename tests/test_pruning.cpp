@@ -760,18 +760,24 @@ TEST_CASE("one run folder, one writer: a second run on a folder in use is refuse
 
 namespace {
 
-// Runs scripts/check_export_torch.py on an export folder: 0 = PyTorch reproduced sample.json's logits, 77 = no
-// PyTorch on this machine.
+// Runs scripts/check_export_torch.py on export folders, in one Python start (importing torch takes seconds):
+// 0 = PyTorch reproduced every folder's sample.json logits, 1 = not for at least one, 77 = no PyTorch here.
 using isp_test::python_with_torch;
 
-int check_with_python_torch(const fs::path& export_dir, const fs::path& log) {
-  const std::string cmd = python_with_torch() + " " + std::string(ISP_SOURCE_DIR) + "/scripts/check_export_torch.py " +
-                          export_dir.string() + " > " + log.string() + " 2>&1";
+int check_with_python_torch(const std::vector<fs::path>& export_dirs, const fs::path& log) {
+  std::string cmd = python_with_torch() + " " + std::string(ISP_SOURCE_DIR) + "/scripts/check_export_torch.py";
+  for (const fs::path& d : export_dirs) cmd += " " + d.string();
+  cmd += " > " + log.string() + " 2>&1";
   const int rc = std::system(cmd.c_str());
   return WIFEXITED(rc) ? WEXITSTATUS(rc) : -1;
 }
 
 bool python_has_torch() { return !python_with_torch().empty(); }
+
+// The line scripts/check_export_torch.py ends a folder with (Python's json.dumps spacing).
+std::string folder_verdict(const fs::path& export_dir, bool ok) {
+  return "{\"export_dir\": " + json(export_dir.string()).dump() + ", \"ok\": " + (ok ? "true" : "false") + "}";
+}
 
 // scripts/check_export_onnxruntime.js with the onnxruntime-node that scripts/setup.sh installs into .node/:
 // 0 = onnxruntime reproduced sample.json's logits, 77 = no Node.js or no onnxruntime-node.
@@ -804,7 +810,7 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
   CHECK(sample["logits"]["shape"] == json({4, 4}));
   CHECK(fs::exists(dir / "tiny" / "export" / "model.ts.pt"));
   CHECK(fs::exists(dir / "tiny" / "export" / "model.onnx"));
-  CHECK(check_with_python_torch(dir / "tiny" / "export", dir / "tiny.log") == 0);
+  CHECK(check_with_python_torch({dir / "tiny" / "export"}, dir / "tiny.log") == 0);
   MESSAGE(isp::read_text_file((dir / "tiny.log").string()));
   const int ort = check_with_onnxruntime(dir / "tiny" / "export", dir / "ort.log");
   if (ort == 77) MESSAGE("onnxruntime check skipped: " << isp::read_text_file((dir / "ort.log").string()));
@@ -814,7 +820,7 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
   const fs::path original = dir / "tiny" / "export" / "original";
   REQUIRE(fs::exists(original / "model.onnx"));
   CHECK(json::parse(isp::read_text_file((original / "sample.json").string()))["input"] == sample["input"]);
-  CHECK(check_with_python_torch(original, dir / "original.log") == 0);
+  CHECK(check_with_python_torch({original}, dir / "original.log") == 0);
   MESSAGE(isp::read_text_file((dir / "original.log").string()));
   if (ort != 77) CHECK(check_with_onnxruntime(original, dir / "ort.log") == 0);
   // `isp export --run` writes both folders again, from structure.json + weights.pt alone, and they check too.
@@ -829,8 +835,12 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
     REQUIRE(a.size() == e.size());
     for (std::size_t i = 0; i < a.size(); ++i) CHECK(std::abs(a[i] - e[i]) <= 1e-5f * std::max(1.0f, std::abs(e[i])));
   }
-  CHECK(check_with_python_torch(again, dir / "again_torch.log") == 0);
-  CHECK(check_with_python_torch(again / "original", dir / "again_torch.log") == 0);
+  CHECK(check_with_python_torch({again, again / "original"}, dir / "again_torch.log") == 0);
+  {  // one line per folder, each passed
+    const std::string text = isp::read_text_file((dir / "again_torch.log").string());
+    for (const fs::path& d : {again, again / "original"})
+      CHECK_MESSAGE(text.find(folder_verdict(d, true)) != std::string::npos, text);
+  }
   if (ort != 77) CHECK(check_with_onnxruntime(again / "original", dir / "ort.log") == 0);
   const std::string bad = std::string(ISP_TEST_BINARY) + " export --run " + (dir / "tiny").string() + " --out " +
                           again.string() + " --format tflite > " + (dir / "bad.log").string() + " 2>&1";
@@ -838,7 +848,9 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
   CHECK(isp::read_text_file((dir / "bad.log").string()).find("--format: tflite not in") != std::string::npos);
 
   // Both prunable backbones, pruned to odd widths and with non-trivial BN statistics, as an export folder
-  // written here; a wrong weight changes the logits far beyond the tolerance.
+  // written here; a wrong weight changes the logits far beyond the tolerance. PyTorch checks them all at once
+  // below: the intact folders, and copies with one damaged weight each.
+  std::vector<fs::path> intact, damaged;
   for (const json& spec : {json{{"type", "ResNetCifar"}, {"depth", 20}, {"num_classes", 7}, {"in_channels", 1},
                                 {"widths", {3, 16, 5, 9, 32, 1, 64, 17, 40}}},
                            json{{"type", "MobileNetV2Cifar"}, {"num_classes", 5}, {"input_size", 16},
@@ -874,7 +886,8 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
       torch::NoGradGuard ng;
       logits = b.backbone->forward(x);
     }
-    const fs::path out = dir / spec["type"].get<std::string>();
+    // One folder per spec (two are ResNet-18s): all are checked together after the loop.
+    const fs::path out = dir / (std::to_string(intact.size()) + "_" + spec["type"].get<std::string>());
     const auto written = isp::write_export(*b.backbone, isp::export_structure(spec, isp::unpruned_layers(*b.backbone),
                                                                               json(), json::array()), x, out.string());
     CHECK(written.size() == 5);
@@ -887,8 +900,7 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
       CHECK(delta < 1e-5);
       CHECK(ts.argmax(1).equal(logits.argmax(1)));
     }
-    CHECK(check_with_python_torch(out, dir / "backbone.log") == 0);
-    MESSAGE(isp::read_text_file((dir / "backbone.log").string()));
+    intact.push_back(out);
     const int ort_rc = check_with_onnxruntime(out, dir / "ort.log");
     if (ort_rc != 77) CHECK(ort_rc == 0);
     MESSAGE(isp::read_text_file((dir / "ort.log").string()));
@@ -900,9 +912,19 @@ TEST_CASE("export: PyTorch loads weights.pt into a plain model from structure.js
                                                                   : "fc.weight";
       b.backbone->named_parameters()[head].mul_(1.5);
     }
-    isp::save_state_dict_for_python(*b.backbone, (out / "weights.pt").string());
-    CHECK(check_with_python_torch(out, dir / "backbone.log") == 1);
+    const fs::path bad_out = out.string() + "_damaged";
+    fs::create_directories(bad_out);
+    for (const char* f : {"structure.json", "sample.json"}) fs::copy_file(out / f, bad_out / f);
+    isp::save_state_dict_for_python(*b.backbone, (bad_out / "weights.pt").string());
+    damaged.push_back(bad_out);
   }
+  CHECK(check_with_python_torch(intact, dir / "backbone.log") == 0);
+  MESSAGE(isp::read_text_file((dir / "backbone.log").string()));
+  // The check can fail: every damaged folder, not just one of them, is reported as failed.
+  CHECK(check_with_python_torch(damaged, dir / "damaged.log") == 1);
+  const std::string text = isp::read_text_file((dir / "damaged.log").string());
+  for (const fs::path& d : damaged)
+    CHECK_MESSAGE(text.find(folder_verdict(d, false)) != std::string::npos, text);
 }
 
 // Debian's chromium (or another Chromium build) for rendering report.html; empty where none is installed.
@@ -1054,6 +1076,6 @@ TEST_CASE("the whole pipeline with the ImageNet-layout ResNet-18: AEM over four 
   CHECK(structure["spec"]["type"].get<std::string>().find("ResNet") != std::string::npos);
   CHECK(structure["spec"]["widths"].size() == 8);
   CHECK(fs::exists(dir / "run" / "export" / "model.onnx"));
-  if (python_has_torch()) CHECK(check_with_python_torch(dir / "run" / "export", dir / "check.log") == 0);
+  if (python_has_torch()) CHECK(check_with_python_torch({dir / "run" / "export"}, dir / "check.log") == 0);
   fs::remove_all(dir);
 }
