@@ -172,50 +172,62 @@ TEST_CASE_FIXTURE(ResNetFixture, "ResNet: torchvision's models load by name and 
   const auto dir = isp_test::temp_dir("torchvision_resnet");
   const std::string script = (dir / "tv.py").string();
   {
+    // One Python start per direction for all three models (importing torch and torchvision takes seconds).
     std::ofstream s(script);
     s << "import sys, torch, torchvision\n"
-         "torch.manual_seed(0)\n"
-         "name, mode, d = sys.argv[1], sys.argv[2], sys.argv[3]\n"
-         "m = (torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5) if name == 'mbv2'\n"
-         "     else getattr(torchvision.models, name)(num_classes=10)).eval()\n"
-         "if mode == 'make':\n"
-         "    with torch.no_grad():\n"
-         "        for b in m.modules():\n"
-         "            if isinstance(b, torch.nn.BatchNorm2d):\n"
-         "                b.running_mean.normal_(0, 0.1); b.running_var.uniform_(0.5, 1.5)\n"
-         "                b.weight.uniform_(0.5, 1.5); b.bias.normal_(0, 0.1)\n"
-         "        x = torch.randn(2, 3, 64, 64)\n"
-         "        torch.save(m.state_dict(), d + '/tv.pt')\n"
-         "        torch.save({'x': x, 'logits': m(x)}, d + '/io.pt')\n"
-         "else:  # isp's weights.pt into torchvision's model, strictly, with torch.load's safe unpickler\n"
-         "    m.load_state_dict(torch.load(d + '/isp.pt', weights_only=True), strict=True)\n"
-         "    io = torch.load(d + '/io.pt')\n"
-         "    with torch.no_grad():\n"
-         "        print('max |dlogit| %.3g' % (m(io['x']) - io['logits']).abs().max().item())\n";
+         "mode, d = sys.argv[1], sys.argv[2]\n"
+         "for name in sys.argv[3:]:\n"
+         "    torch.manual_seed(0)\n"
+         "    m = (torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.5) if name == 'mbv2'\n"
+         "         else getattr(torchvision.models, name)(num_classes=10)).eval()\n"
+         "    p = d + '/' + name + '_'\n"
+         "    if mode == 'make':\n"
+         "        with torch.no_grad():\n"
+         "            for b in m.modules():\n"
+         "                if isinstance(b, torch.nn.BatchNorm2d):\n"
+         "                    b.running_mean.normal_(0, 0.1); b.running_var.uniform_(0.5, 1.5)\n"
+         "                    b.weight.uniform_(0.5, 1.5); b.bias.normal_(0, 0.1)\n"
+         "            x = torch.randn(2, 3, 64, 64)\n"
+         "            torch.save(m.state_dict(), p + 'tv.pt')\n"
+         "            torch.save({'x': x, 'logits': m(x)}, p + 'io.pt')\n"
+         "    else:  # isp's weights.pt into torchvision's model, strictly, with torch.load's safe unpickler\n"
+         "        m.load_state_dict(torch.load(p + 'isp.pt', weights_only=True), strict=True)\n"
+         "        io = torch.load(p + 'io.pt')\n"
+         "        with torch.no_grad():\n"
+         "            print(name, 'max |dlogit| %.3g' % (m(io['x']) - io['logits']).abs().max().item())\n";
   }
-  for (const int depth : {18, 50, 2}) {  // 2: MobileNetV2, width 0.5
-    CAPTURE(depth);
-    const std::string name = depth == 2 ? "mbv2" : "resnet" + std::to_string(depth);
-    const std::string args = " " + script + " " + name + " ";
-    REQUIRE(std::system((py + args + "make " + dir.string()).c_str()) == 0);
-    auto bb = depth == 2 ? build({{"type", "MobileNetV2"}, {"width_mult", 0.5}, {"num_classes", 10}, {"input_size", 64}})
-                         : build({{"depth", depth}, {"num_classes", 10}, {"input_size", 64}});
-    isp::load_state_dict_from_python(*bb, (dir / "tv.pt").string());
+  struct Model {
+    std::string name;  // torchvision's
+    json spec;         // isp's backbone
+  };
+  const std::vector<Model> models{{"resnet18", {{"depth", 18}, {"num_classes", 10}, {"input_size", 64}}},
+                                  {"resnet50", {{"depth", 50}, {"num_classes", 10}, {"input_size", 64}}},
+                                  {"mbv2", {{"type", "MobileNetV2"}, {"width_mult", 0.5}, {"num_classes", 10},
+                                            {"input_size", 64}}}};
+  std::string names;
+  for (const Model& m : models) names += " " + m.name;
+  REQUIRE(std::system((py + " " + script + " make " + dir.string() + names).c_str()) == 0);
+  for (const Model& m : models) {
+    CAPTURE(m.name);
+    auto bb = build(m.spec);
+    const std::string prefix = (dir / (m.name + "_")).string();
+    isp::load_state_dict_from_python(*bb, prefix + "tv.pt");
     bb->eval();
     // io.pt is read back through the same loader: a module with buffers named x and logits.
     struct Io : torch::nn::Module {
       at::Tensor x = register_buffer("x", torch::zeros({2, 3, 64, 64}));
       at::Tensor logits = register_buffer("logits", torch::zeros({2, 10}));
     } io;
-    isp::load_state_dict_from_python(io, (dir / "io.pt").string());
+    isp::load_state_dict_from_python(io, prefix + "io.pt");
     torch::NoGradGuard ng;
     const double d = (bb->forward(io.x) - io.logits).abs().max().item<double>();
-    MESSAGE("torchvision " << name << " loaded into isp's backbone: max |dlogit| " << d << " (logits up to "
+    MESSAGE("torchvision " << m.name << " loaded into isp's backbone: max |dlogit| " << d << " (logits up to "
                                   << io.logits.abs().max().item<double>() << ")");
     CHECK(d < 1e-4 * io.logits.abs().max().item<double>() + 1e-5);
-    isp::save_state_dict_for_python(*bb, (dir / "isp.pt").string());
-    CHECK(std::system((py + args + "back " + dir.string()).c_str()) == 0);
+    isp::save_state_dict_for_python(*bb, prefix + "isp.pt");
   }
+  // And back: each isp.pt loads strictly into torchvision's model (a missing or misshapen tensor fails the start).
+  CHECK(std::system((py + " " + script + " back " + dir.string() + names).c_str()) == 0);
   std::filesystem::remove_all(dir);
 }
 
