@@ -44,6 +44,30 @@ int cmd_plugins(isp::Registry& reg, bool as_json, const std::string& kind) {
   return 0;
 }
 
+// `isp validate a.json b.json ...`: every recipe is checked in one start (LibTorch and the plugins load once), and
+// each failure is reported with its recipe; the exit status is the first failure's. --set applies to all of them.
+int cmd_validate(isp::Registry& reg, isp::RunOptions opt, const std::vector<std::string>& recipes) {
+  if (recipes.size() > 1 && (opt.print_resolved || opt.print_data_sizes))
+    throw isp::Error("--print-resolved and --print-data-sizes take one recipe (stdout holds one JSON document), got " +
+                     std::to_string(recipes.size()));
+  int status = 0;
+  for (const std::string& recipe : recipes) {
+    opt.recipe_path = recipe;
+    int rc = 0;
+    try {
+      rc = isp::run_recipe(reg, opt);
+    } catch (const isp::Error& e) {
+      if (recipes.size() == 1) throw;  // main's own message, as for every other command
+      const std::string what = e.what();  // a recipe error names its file already; others get it here
+      const std::string named = what.find(recipe) == std::string::npos ? recipe + ": " + what : what;
+      std::fprintf(stderr, "error: %s\n", named.c_str());
+      rc = 2;
+    }
+    if (status == 0) status = rc;
+  }
+  return status;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -75,9 +99,11 @@ int main(int argc, char** argv) {
 
   isp::RunOptions val_opt;
   val_opt.validate_only = true;
-  auto* validate = app.add_subcommand("validate", "check a recipe completely without running it");
-  validate->add_option("recipe", val_opt.recipe_path, "recipe JSON file")->required();
-  validate->add_option("--set", val_opt.overrides, "override a recipe value: a.b.0=VALUE");
+  std::vector<std::string> validate_recipes;
+  auto* validate = app.add_subcommand("validate", "check recipes completely without running them");
+  validate->add_option("recipe", validate_recipes, "recipe JSON file(s): several are checked in one start, each "
+                                                   "failure reported with its file")->required();
+  validate->add_option("--set", val_opt.overrides, "override a recipe value: a.b.0=VALUE (in every recipe)");
   validate->add_flag("--print-resolved", val_opt.print_resolved,
                      "print the resolved recipe as JSON on stdout: bases merged, --set applied, components named "
                      "(what `isp run` writes to recipe.resolved.json)");
@@ -166,7 +192,7 @@ int main(int argc, char** argv) {
     if (*run && launch.nproc_per_node == 0 && (launch.nnodes != 1 || launch.node_rank != 0))
       throw isp::Error("--nnodes and --node-rank need --nproc-per-node");
     if (*run) return isp::run_recipe(reg, run_opt);
-    if (*validate) return isp::run_recipe(reg, val_opt);
+    if (*validate) return cmd_validate(reg, val_opt, validate_recipes);
     if (*plugins) return cmd_plugins(reg, as_json, kind);
     if (*explain) return isp_app::explain(reg, ex_opt);
     if (*compare) return compare_runs(compare_dirs, compare_md);
