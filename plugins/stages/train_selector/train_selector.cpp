@@ -319,9 +319,11 @@ class TrainSelector : public isp::Stage {
     for (int64_t i = 0; i < loader.num_batches(); ++i) {
       isp::Batch b = loader.get(i);
       at::Tensor x = b.x.to(device), y = b.y.to(device);
-      at::Tensor z = classifier_->forward(x);
+      // One encoder pass gives the target logits and the decoder's features, as in the training step.
+      isp::BackboneFeatures f = classifier_->forward_features(x);
+      const at::Tensor z = f.logits;
       at::Tensor labels = opt_.label_source == "predicted" ? z.argmax(1) : y;
-      at::Tensor P = selector_->forward(x, labels, false).probs;
+      at::Tensor P = selector_->decode(std::move(f.scales), labels).probs;
       at::Tensor p = predictor_->forward(x * P);
       kl += isp::kl_per_sample(z, p).sum().to(torch::kDouble);
       agree += p.argmax(1).eq(z.argmax(1)).sum();
