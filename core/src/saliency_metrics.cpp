@@ -246,8 +246,10 @@ SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& ima
   for (int64_t b0 = 0; b0 < n; b0 += batch_size) {
     const int64_t b = std::min(batch_size, n - b0);
     const at::Tensor x = images.narrow(0, b0, b);
-    const at::Tensor y = labels.defined() ? labels.narrow(0, b0, b) : sel.encoder->forward(x).argmax(1);
-    const MaskDistribution d = sel.forward(x, y, false);
+    // One encoder pass: its logits give the predicted class (where no labels are given), its features the maps.
+    BackboneFeatures f = sel.encoder->forward_features(x);
+    const at::Tensor y = labels.defined() ? labels.narrow(0, b0, b) : f.logits.argmax(1);
+    const MaskDistribution d = sel.decode(std::move(f.scales), y);
     maps.push_back(d.probs);
     const at::Tensor c = rbf_centres(sel, d);
     if (c.defined()) centres.push_back(c);
