@@ -56,12 +56,15 @@ int cmd_validate(isp::Registry& reg, isp::RunOptions opt, const std::vector<std:
     int rc = 0;
     try {
       rc = isp::run_recipe(reg, opt);
-    } catch (const isp::Error& e) {
-      if (recipes.size() == 1) throw;  // main's own message, as for every other command
+    } catch (const std::exception& e) {
+      if (recipes.size() == 1) throw;  // main's own message and status, as for every other command
+      // Every failure is reported and the other recipes are still checked; main's statuses: 2 for the toolkit's
+      // own errors, 3 for anything else (a bug, not the recipe's fault).
+      const bool ours = dynamic_cast<const isp::Error*>(&e) != nullptr;
       const std::string what = e.what();  // a recipe error names its file already; others get it here
       const std::string named = what.find(recipe) == std::string::npos ? recipe + ": " + what : what;
-      std::fprintf(stderr, "error: %s\n", named.c_str());
-      rc = 2;
+      std::fprintf(stderr, "%s: %s\n", ours ? "error" : "error (unexpected)", named.c_str());
+      rc = ours ? 2 : 3;
     }
     if (status == 0) status = rc;
   }
