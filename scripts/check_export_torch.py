@@ -263,7 +263,8 @@ MODELS = {"ResNetCifar": ResNetCifar, "MobileNetV2Cifar": MobileNetV2Cifar, "Res
 def build(spec):
     name = spec["type"].split("::")[-1].split("@")[0]
     if name not in MODELS:
-        raise SystemExit(f"error: no PyTorch reference for backbone {spec['type']} (known: {', '.join(MODELS)})")
+        # An exception, not SystemExit: in a batch this folder fails and the later folders are still checked.
+        raise ValueError(f"no PyTorch reference for backbone {spec['type']} (known: {', '.join(MODELS)})")
     return MODELS[name](**{k: v for k, v in spec.items() if k != "type"})
 
 
