@@ -15,12 +15,12 @@ RUN=${RUN:-work_dirs/quick_fmnist}
 # Debian's PyTorch (weights.pt into plain torch.nn modules, model.ts.pt with torch.jit.load, the ONNX checker)
 # and onnxruntime, each against the logits isp wrote to sample.json. Exit status 77: that runtime is missing.
 PY=/usr/bin/python3; [ -x "$PY" ] || PY=python3
-for dir in "$RUN/export" "$RUN/export/original"; do
-  [ -d "$dir" ] || continue
-  rc=0; "$PY" scripts/check_export_torch.py "$dir" || rc=$?
-  if [ "$rc" = 77 ]; then echo "note: PyTorch check of $dir skipped (no python3-torch)"; elif [ "$rc" != 0 ]; then exit "$rc"; fi
-  rc=77; ! command -v node >/dev/null || { rc=0; NODE_PATH=.node/node_modules node scripts/check_export_onnxruntime.js "$dir" || rc=$?; }
-  if [ "$rc" = 77 ]; then echo "note: onnxruntime check of $dir skipped"; elif [ "$rc" != 0 ]; then exit "$rc"; fi
-done
+dirs=()
+for dir in "$RUN/export" "$RUN/export/original"; do [ -d "$dir" ] && dirs+=("$dir"); done
+# One start of each checker for both folders (importing torch takes seconds); each line names its folder.
+rc=0; "$PY" scripts/check_export_torch.py "${dirs[@]}" || rc=$?
+if [ "$rc" = 77 ]; then echo "note: PyTorch check of ${dirs[*]} skipped (no python3-torch)"; elif [ "$rc" != 0 ]; then exit "$rc"; fi
+rc=77; ! command -v node >/dev/null || { rc=0; NODE_PATH=.node/node_modules node scripts/check_export_onnxruntime.js "${dirs[@]}" || rc=$?; }
+if [ "$rc" = 77 ]; then echo "note: onnxruntime check of ${dirs[*]} skipped"; elif [ "$rc" != 0 ]; then exit "$rc"; fi
 cat "$RUN/report.md"
 echo "report: $RUN/report.html   saliency figure: $RUN/explain/saliency.png   export: $RUN/export/"
