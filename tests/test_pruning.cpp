@@ -99,15 +99,18 @@ json selector_pipeline_recipe() {
       {"selector", {{"type", "TrainSelector"}, {"predictor", ref("predictor")},
                     {"filter", ref("filter")}, {"decoder", ref("decoder")}, {"head", ref("head")},
                     {"sampler", ref("mask_sampler")}, {"regularizers", {ref("area")}}, {"data", ref("data")},
-                    {"epochs", 1}, {"batch_size", 16}, {"lr", 1e-3}, {"max_steps_per_epoch", 4}}},
+                    {"epochs", 1}, {"batch_size", 16}, {"lr", 1e-3}, {"max_steps_per_epoch", 4},
+                    {"metrics_images", 8}}},
       {"interp", {{"type", "RbfParamDistance"}, {"weight", 10.0}, {"mode", "raw"}}},
       {"gates", {{"type", "FreeLogitGates"}, {"offset", 0.0}, {"init_std", 0.0}}},
       {"prune", {{"type", "PruneChannels"}, {"classifier", ref("classifier")}, {"selector", ref("selector")},
                  {"pruner", ref("gates")}, {"data", ref("data")}, {"regularizers", {ref("interp")}},
                  {"subset_fraction", 0.5}, {"epochs", 8}, {"batch_size", 16}, {"lr", 0.2}, {"eval_every", 4},
                  {"bn_policy", "frozen"}}},
+      // The saliency metrics (about 90 classifier passes per image) on 8 images: these tests check pruning and
+      // export, and test_aem_stages.cpp checks the metrics themselves.
       {"export", {{"type", "Export"}, {"model", ref("prune")}, {"selector", ref("selector")},
-                  {"data", ref("data")}, {"agreement_images", 40}}}};
+                  {"data", ref("data")}, {"agreement_images", 40}, {"metrics_images", 8}}}};
   return {{"seed", 3},
           {"runtime", {{"threads", 2}, {"device", "cpu"}}},
           {"nodes", nodes},

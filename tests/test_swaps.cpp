@@ -73,7 +73,7 @@ json tiny_recipe() {
                     {"filter", ref("filter")}, {"decoder", ref("decoder")}, {"head", ref("head")},
                     {"sampler", ref("mask_sampler")}, {"regularizers", {ref("area"), ref("smoothness")}},
                     {"data", ref("data")}, {"epochs", 1}, {"batch_size", 16}, {"lr", 1e-3},
-                    {"max_steps_per_epoch", 2}, {"eval_batch_size", 64}}},
+                    {"max_steps_per_epoch", 2}, {"eval_batch_size", 64}, {"metrics_images", 8}}},
       {"gates", {{"type", "FreeLogitGates"}}},
       {"interp", {{"type", "RbfParamDistance"}, {"weight", 10.0}, {"mode", "raw"}}},
       {"flops", {{"type", "FlopsBudget"}, {"target", 0.5}, {"weight", 5.0}}},
@@ -85,7 +85,8 @@ json tiny_recipe() {
                     {"batch_size", 24}, {"lr", 0.01}, {"milestones", json::array()}, {"max_steps_per_epoch", 2},
                     {"eval_batch_size", 64}}},
       {"export", {{"type", "Export"}, {"model", ref("finetune")}, 
-                  {"selector", ref("selector")}, {"data", ref("data")}, {"agreement_images", 8}}}};
+                  {"selector", ref("selector")}, {"data", ref("data")}, {"agreement_images", 8},
+                  {"metrics_images", 8}}}};  // the saliency metrics on 8 images, as in test_pruning.cpp
   json stages = json::array();
   for (const auto& s : kStages) stages.push_back(ref(s));
   return {{"seed", 3}, {"runtime", {{"threads", 1}, {"device", "cpu"}}}, {"nodes", nodes}, {"stages", stages}};
