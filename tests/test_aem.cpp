@@ -333,7 +333,7 @@ TEST_CASE_FIXTURE(AemFixture, "AEM: RbfMaskHead sigma gradient, official quirk a
   }
 }
 
-TEST_CASE_FIXTURE(AemFixture, "AEM: under the official quirk the area term pulls sigma up; exact gradient pulls it down") {
+TEST_CASE_FIXTURE(AemFixture, "AEM: under the official quirk the area term pulls sigma up, the exact gradient pulls it down") {
   // Why the quick recipe turns the quirk off (docs/method.md §9): minimising the mean of P must shrink sigma,
   // but the quirk's dP/dsigma = P (D/sigma^3 - 2/sigma) nearly integrates to zero, and on a 32 x 32 grid with a
   // wide map the cut-off tail makes it negative -- gradient descent on the area then *widens* the mask.
@@ -348,7 +348,7 @@ TEST_CASE_FIXTURE(AemFixture, "AEM: under the official quirk the area term pulls
   }
 }
 
-TEST_CASE_FIXTURE(AemFixture, "AEM: RbfMaskHead min_sigma floors the width; soft_argmax centre is the weighted cell position") {
+TEST_CASE_FIXTURE(AemFixture, "AEM: RbfMaskHead min_sigma floors the width, and the soft_argmax centre is the weighted cell position") {
   // softplus(-30) ~ 0: sigma = the floor
   auto head = rbf_head({{"min_sigma", 4.0}, {"centre", "soft_argmax"}, {"sigma_gradient_quirk", false}}, {0.0, 0.0, -30.0});
   auto params = head->named_parameters();
