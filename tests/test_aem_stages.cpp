@@ -244,6 +244,64 @@ TEST_CASE("saliency metrics: deletion and insertion AUC of a perfect and a rever
   CHECK_FALSE(perfect.centre_std_row.has_value());
 }
 
+TEST_CASE("saliency metrics: curves measured before are taken as they are, and only the other images are run") {
+  const at::Tensor x = evidence_images(4);
+  const at::Tensor map = ranked_map(4, true);
+  int64_t images_scored = 0;
+  auto counting_logits = [&](const at::Tensor& t) {
+    images_scored += t.size(0);
+    return evidence_logits(t);
+  };
+  isp::SaliencyMetricOptions o;
+  o.steps = 16;
+  const auto full = isp::measure_saliency(counting_logits, {x, map, {}, {}}, o);
+  const int64_t full_cost = images_scored;
+  CHECK(full_cost == 4 * (2 + 3 * 15 * 2));  // both ends, then 3 orderings x 15 inner steps x deletion + insertion
+  REQUIRE(full.curves.sizes() == at::IntArrayRef({4, 3, 2, 17}));
+  CHECK(full.curves[0][0][0][0].item<double>() == doctest::Approx(1.0));  // image 0, map, deletion, nothing removed
+
+  // Three of the four images known: a quarter of the classifier passes, the same report.
+  images_scored = 0;
+  isp::SaliencyInputs in{x, map, {}, {}, full.curves.narrow(0, 0, 3)};
+  const auto reused = isp::measure_saliency(counting_logits, in, o);
+  CHECK(images_scored == full_cost / 4);
+  CHECK(reused.to_json(true).dump() == full.to_json(true).dump());
+  CHECK(at::equal(reused.curves, full.curves));
+  // All known: no pass at all.
+  images_scored = 0;
+  in.known_curves = full.curves;
+  CHECK(isp::measure_saliency(counting_logits, in, o).to_json(true).dump() == full.to_json(true).dump());
+  CHECK(images_scored == 0);
+  // The known curves are what the report uses (not recomputed): image 0's deletion curve made flat at 1.
+  at::Tensor edited = full.curves.clone();
+  edited[0][0][0].fill_(1.0);
+  in.known_curves = edited.narrow(0, 0, 2);
+  const auto with_edit = isp::measure_saliency(counting_logits, in, o);
+  CHECK(with_edit.deletion_auc_per_image[0] == doctest::Approx(1.0));
+  CHECK(with_edit.deletion_auc_per_image[1] == full.deletion_auc_per_image[1]);
+  // Curves of another shape (other steps, more images than measured) are refused with the shape expected.
+  in.known_curves = full.curves.narrow(3, 0, 9);
+  CHECK(isp_test::error_of([&] { isp::measure_saliency(counting_logits, in, o); })
+            .find("known_curves must be [k <= 4, 3, 2, 17], got [4, 3, 2, 9]") != std::string::npos);
+  in.known_curves = at::cat({full.curves, full.curves}, 0);
+  CHECK(isp_test::error_of([&] { isp::measure_saliency(counting_logits, in, o); }).find("known_curves") !=
+        std::string::npos);
+
+  // The fingerprint that decides whether curves may be taken: equal for equal weights, different after any change.
+  torch::nn::Linear a(3, 2), b(3, 2);
+  {
+    torch::NoGradGuard ng;
+    b->weight.copy_(a->weight);
+    b->bias.copy_(a->bias);
+  }
+  CHECK(isp::weights_fingerprint(*a) == isp::weights_fingerprint(*b));
+  {
+    torch::NoGradGuard ng;
+    b->weight[1][2].add_(1e-4);
+  }
+  CHECK(isp::weights_fingerprint(*a) != isp::weights_fingerprint(*b));
+}
+
 TEST_CASE("saliency metrics: mass on the object for a map on it, off it and flat, and centre spread") {
   const at::Tensor x = evidence_images(2);
   const at::Tensor fg = x.squeeze(1).gt(0.5);  // E is the object

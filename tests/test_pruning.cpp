@@ -662,6 +662,31 @@ TEST_CASE("export saliency agreement: 1 for an unpruned copy, lower for a pruned
   json sal = read(dir / "full" / "report.json")["saliency"];
   CHECK(sal["mask_iou_at_0.5"].get<double>() == doctest::Approx(1.0));
   CHECK(sal["mean_center_shift_px"].get<double>() < 1e-4);
+  // The original's metrics take the selector stage's curves of the same 8 images; the unpruned copy's are measured
+  // afresh and agree with them.
+  CHECK(sal["original"]["curves_from_selector_stage"] == 8);
+  CHECK(sal["pruned"]["curves_from_selector_stage"].is_null());
+  const auto same_figures = [](const json& a, const json& b) {
+    for (const char* order : {"map", "random_order", "centred_gaussian"})
+      for (const char* auc : {"deletion_auc", "insertion_auc"})
+        CHECK(a[order][auc].get<double>() == doctest::Approx(b[order][auc].get<double>()).epsilon(1e-6));
+    CHECK(a["mass_on_object"].dump() == b["mass_on_object"].dump());
+    CHECK(a["images"] == b["images"]);
+  };
+  same_figures(sal["original"], sal["pruned"]);
+  {  // Measured again (reuse_selector_curves: false), the original's row is the same.
+    json again = recipe;
+    again["nodes"]["export"]["reuse_selector_curves"] = false;
+    std::ofstream(dir / "again.json") << again.dump(2);
+    isp::RunOptions ao;
+    ao.recipe_path = (dir / "again.json").string();
+    ao.work_dir = (dir / "again").string();
+    ao.reuse_from = {(dir / "full").string()};
+    REQUIRE(isp::run_recipe(registry(), ao) == 0);
+    const json measured = read(dir / "again" / "report.json")["saliency"]["original"];
+    CHECK(measured["curves_from_selector_stage"] == 0);
+    same_figures(measured, sal["original"]);
+  }
 
   recipe["nodes"]["gates"]["target_flops_ratio"] = 0.3;
   std::ofstream(dir / "pruned.json") << recipe.dump(2);
@@ -674,6 +699,9 @@ TEST_CASE("export saliency agreement: 1 for an unpruned copy, lower for a pruned
                        << pr["saliency"]["mean_center_shift_px"] << " px");
   CHECK(pr["budget_met"] == true);
   CHECK(pr["saliency"]["mean_center_shift_px"].get<double>() > 1e-3);
+  // The selector stage taken over from the first run brings its curves (saliency_curves.pt) with it.
+  CHECK(pr["saliency"]["original"]["curves_from_selector_stage"] == 8);
+  same_figures(pr["saliency"]["original"], sal["original"]);
 }
 
 TEST_CASE("stage fingerprints follow a stage's real inputs: a new unrelated stage reruns nothing else") {

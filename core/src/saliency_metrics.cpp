@@ -68,6 +68,27 @@ at::Tensor centred_gaussian(const at::Tensor& sigma, int64_t h, int64_t w) {
 
 }  // namespace
 
+double weights_fingerprint(const torch::nn::Module& m) {
+  // A serial sum in double over CPU copies: the same weights give the same value in any process, whatever the
+  // thread count or kernels (a parallel reduction would not).
+  double fp = 0;
+  int64_t index = 0;
+  auto add = [&](const at::Tensor& t) {
+    ++index;
+    const at::Tensor c = t.detach().to(at::kCPU).to(at::kDouble).contiguous();
+    const double* v = c.data_ptr<double>();
+    double plain = 0, weighted = 0;
+    for (int64_t j = 0; j < c.numel(); ++j) {
+      plain += v[j];
+      weighted += v[j] * static_cast<double>(j % 97 + 1);
+    }
+    fp += static_cast<double>(index) * (plain + 1e-3 * weighted + static_cast<double>(c.numel()));
+  };
+  for (const auto& p : m.parameters()) add(p);
+  for (const auto& b : m.buffers()) add(b);
+  return fp;
+}
+
 at::Tensor foreground_of(const at::Tensor& images, const std::vector<double>& mean, const std::vector<double>& std,
                          double above) {
   const int64_t c = images.size(1);
@@ -101,13 +122,23 @@ SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&
   const at::Tensor rank_map = ranks_of(maps.view({n, h * w})), rank_random = ranks_of(random_scores),
                    rank_centred = ranks_of(centred_scores.contiguous());
 
+  // Curves measured before for the first k images are taken as they are; only the others are run.
+  const int64_t k = in.known_curves.defined() && in.known_curves.dim() > 0 ? in.known_curves.size(0) : 0;
+  if (in.known_curves.defined() &&
+      (in.known_curves.dim() != 4 || k > n || in.known_curves.size(1) != 3 || in.known_curves.size(2) != 2 ||
+       in.known_curves.size(3) != opt.steps + 1)) {
+    std::string shape;
+    for (int64_t d : in.known_curves.sizes()) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
+    throw Error("measure_saliency: known_curves must be [k <= " + std::to_string(n) + ", 3, 2, " +
+                std::to_string(opt.steps + 1) + "], got [" + shape + "]");
+  }
   // Data-parallel: each rank draws the curves of its share of the images (the costly part: 3 orderings x steps
   // classifier passes), and every rank gathers all of them.
-  const auto [first, last] = dist::active() ? dist::shard_range(n, dist::rank(), dist::world_size())
-                                             : std::pair<int64_t, int64_t>{0, n};
+  const auto [first, last] = dist::active() ? dist::shard_range(n - k, dist::rank(), dist::world_size())
+                                             : std::pair<int64_t, int64_t>{0, n - k};
   std::vector<at::Tensor> cd[3], ci[3];
-  for (int64_t b0 = first; b0 < last; b0 += opt.batch_size) {
-    const int64_t b = std::min(opt.batch_size, last - b0);
+  for (int64_t b0 = k + first; b0 < k + last; b0 += opt.batch_size) {
+    const int64_t b = std::min(opt.batch_size, k + last - b0);
     const at::Tensor x = in.images.narrow(0, b0, b);
     // The whole image and the empty one (every pixel removed: the value 0) in one call: the class the classifier
     // predicts on the whole image, and both ends of every curve.
@@ -121,13 +152,17 @@ SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&
       ci[o].push_back(i);
     }
   }
+  const at::Tensor known = k > 0 ? in.known_curves.to(fopts.device()).to(at::kDouble) : at::Tensor();
+  std::vector<at::Tensor> all;  // per ordering: [n, 2, steps+1]
   CurvePair* pairs[3] = {&r.map, &r.random, &r.centred};
   for (int o = 0; o < 3; ++o) {
-    const auto share = [&](std::vector<at::Tensor>& parts) {
+    const auto share = [&](std::vector<at::Tensor>& parts, int64_t kind) {
       at::Tensor t = parts.empty() ? at::zeros({0, opt.steps + 1}, fopts) : at::cat(parts, 0).to(at::kFloat);
-      return dist::allgather_rows(t, n, "saliency curves").to(at::kDouble);
+      t = dist::allgather_rows(t, n - k, "saliency curves").to(at::kDouble);
+      return k > 0 ? at::cat({known.select(1, o).select(1, kind), t}, 0) : t;
     };
-    const at::Tensor d = share(cd[o]), i = share(ci[o]);
+    const at::Tensor d = share(cd[o], 0), i = share(ci[o], 1);
+    all.push_back(at::stack({d, i}, 1));
     pairs[o]->deletion = to_vector(d.mean(0));
     pairs[o]->insertion = to_vector(i.mean(0));
     pairs[o]->deletion_auc = auc_of(d).mean().item<double>();
@@ -137,6 +172,7 @@ SaliencyReport measure_saliency(const std::function<at::Tensor(const at::Tensor&
       r.insertion_auc_per_image = to_vector(auc_of(i));
     }
   }
+  r.curves = at::stack(all, 1).to(at::kCPU);
 
   const bool has_centres = in.centres.defined() && in.centres.dim() == 2 && in.centres.size(1) >= 2;
   const at::Tensor area = maps.view({n, -1}).mean(1);  // [n]
@@ -216,7 +252,8 @@ json SaliencyReport::to_json(bool with_curves) const {
 namespace {
 // The metrics of a selector's maps (and RBF centres, if any) of `images`, scored by its encoder in eval mode.
 SaliencyReport selector_report(SelectorNet& sel, const at::Tensor& images, const at::Tensor& maps,
-                               const at::Tensor& centres, const DataBundle& data, const SaliencyMetricOptions& opt) {
+                               const at::Tensor& centres, const DataBundle& data, const SaliencyMetricOptions& opt,
+                               const at::Tensor& known_curves = {}) {
   torch::NoGradGuard no_grad;
   const bool encoder_training = sel.encoder->is_training();
   sel.encoder->eval();
@@ -224,6 +261,7 @@ SaliencyReport selector_report(SelectorNet& sel, const at::Tensor& images, const
   in.images = images;
   in.maps = maps;
   in.centres = centres;
+  in.known_curves = known_curves;
   if (data.foreground_above >= 0) in.foreground = foreground_of(images, data.mean, data.std, data.foreground_above);
   SaliencyReport report = measure_saliency([&](const at::Tensor& x) { return sel.encoder->forward(x); }, in, opt);
   sel.encoder->train(encoder_training);
@@ -236,7 +274,8 @@ at::Tensor rbf_centres(const SelectorNet& sel, const MaskDistribution& d) {
 }  // namespace
 
 SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& images, const at::Tensor& labels,
-                                        const DataBundle& data, const SaliencyMetricOptions& opt, int64_t batch_size) {
+                                        const DataBundle& data, const SaliencyMetricOptions& opt, int64_t batch_size,
+                                        const at::Tensor& known_curves) {
   torch::NoGradGuard no_grad;
   const bool was_training = sel.is_training(), encoder_training = sel.encoder->is_training();
   sel.eval();
@@ -255,7 +294,8 @@ SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& ima
     if (c.defined()) centres.push_back(c);
   }
   SaliencyReport report =
-      selector_report(sel, images, at::cat(maps, 0), centres.empty() ? at::Tensor() : at::cat(centres, 0), data, opt);
+      selector_report(sel, images, at::cat(maps, 0), centres.empty() ? at::Tensor() : at::cat(centres, 0), data, opt,
+                      known_curves);
   sel.train(was_training);
   sel.encoder->train(encoder_training);
   return report;

@@ -37,6 +37,17 @@ struct ISP_API ExplanationModel final : Artifact {
   std::shared_ptr<const TrainedPredictor> predictor;
   std::shared_ptr<SelectorNet> selector;  // its encoder is classifier->network
   json metrics = json::object();
+  // The per-image deletion/insertion curves of the stage's saliency metrics (SaliencyReport::curves, on the first
+  // test images) and what they depend on: Export's "original" row measures the same maps with the same classifier
+  // and takes them instead of running them again (SaliencyInputs::known_curves). Undefined when none were measured.
+  struct MeasuredCurves {
+    at::Tensor curves;           // [k, 3, 2, steps+1]
+    int64_t steps = 0;
+    uint64_t seed = 0;
+    std::string labels;          // what conditioned the maps: "ground_truth" or "predicted"
+    double selector_fingerprint = 0;  // weights_fingerprint of the selector (encoder included) that drew the maps
+  };
+  MeasuredCurves saliency_curves;
 };
 
 // One stage's contribution to a pruned network: what it did and what it measured.

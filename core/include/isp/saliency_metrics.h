@@ -18,6 +18,8 @@
 
 #include "isp/registry/options.h"
 
+namespace torch { namespace nn { class Module; } }
+
 namespace isp {
 
 struct SaliencyMetricOptions {
@@ -31,6 +33,10 @@ struct SaliencyInputs {
   at::Tensor maps;        // [n, 1, H, W] or [n, H, W], >= 0, higher = more important
   at::Tensor foreground;  // optional bool [n, H, W] (or [n,1,H,W]): the object's pixels
   at::Tensor centres;     // optional [n, >=2]: (row, col) of each map's centre (RBF heads)
+  // Optional [k, 3, 2, steps+1], k <= n: SaliencyReport::curves of an earlier measurement of the first k images
+  // with the same classifier, orderings and options (Export's "original" row repeats TrainSelector's). Their
+  // classifier passes -- nearly all of the cost -- are skipped; everything else is computed from these inputs.
+  at::Tensor known_curves;
 };
 
 struct CurvePair {
@@ -44,6 +50,9 @@ struct SaliencyReport {
   CurvePair map, random, centred;
   // Per image (for figures): the map's own deletion and insertion AUC.
   std::vector<double> deletion_auc_per_image, insertion_auc_per_image;
+  // Every curve of every image, [n, 3, 2, steps+1] double: the orderings (map, random, centred) x (deletion,
+  // insertion), for SaliencyInputs::known_curves. Not part of to_json().
+  at::Tensor curves;
   // Share of each map's mass on foreground pixels (mean over images), the foreground's share of the image, and
   // the same mass for a centred Gaussian of the same area (mean map value). Empty without a foreground.
   std::optional<double> mass_on_object, foreground_share, mass_on_object_centred;
@@ -70,15 +79,21 @@ struct DataBundle;
 // docs/method.md §9 for a selector's own maps: `sel` explains `images` conditioned on `labels` (undefined = its
 // encoder's prediction), in batches of `batch_size`, without sampling; its encoder is the classifier that scores
 // the orderings. Foreground from `data` where the data set defines one, RBF centres where the head predicts them.
+// `known_curves`: as SaliencyInputs::known_curves.
 ISP_API SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& images, const at::Tensor& labels,
                                                  const DataBundle& data, const SaliencyMetricOptions& opt,
-                                                 int64_t batch_size = 128);
+                                                 int64_t batch_size = 128, const at::Tensor& known_curves = {});
 struct MaskDistribution;
 // The same for maps the caller already has: `dist` is `sel`'s output for `images` (`isp explain` draws its figure
 // from the same maps, so the selector runs once).
 ISP_API SaliencyReport measure_selector_saliency(SelectorNet& sel, const at::Tensor& images,
                                                  const MaskDistribution& dist, const DataBundle& data,
                                                  const SaliencyMetricOptions& opt);
+
+// A fingerprint of a module's parameters and buffers (their names, shapes and values): two measurements whose
+// networks have the same fingerprint ran the same classifier, so one may take the other's curves. Not a
+// cryptographic hash; it guards against reusing curves after the weights changed.
+ISP_API double weights_fingerprint(const torch::nn::Module& m);
 
 // The foreground of normalised images when the raw intensity (x * std + mean, in [0,1]) of any channel exceeds
 // `above`: [n, H, W] bool. `mean`/`std` per channel (one value = all channels).

@@ -37,6 +37,7 @@ struct ExportOptions {
   int64_t metrics_images = 256;
   int64_t metrics_steps = 16;
   bool original = true;
+  bool reuse_selector_curves = true;
   template <class V> void visit(V& v) {
     v("model", model, "the stage whose pruned network is exported (Finetune or PruneChannels); the before/after "
       "columns compare it with the classifier it was pruned from", isp::required(), isp::of_kind("stage"));
@@ -48,6 +49,9 @@ struct ExportOptions {
     v("metrics_steps", metrics_steps, "deletion/insertion steps", isp::between(2, 1024));
     v("original", original, "also export the classifier it was pruned from, unpruned, to export/original/ in the same "
       "formats (the baseline for deployment and latency comparisons)");
+    v("reuse_selector_curves", reuse_selector_curves, "the original network's row takes the per-image deletion/insertion "
+      "curves the selector stage measured on the same test images, when its selector weights, steps, seed and labels "
+      "are the same (identical figures, half the classifier passes); false = measure them again");
   }
 };
 
@@ -123,9 +127,17 @@ class Export : public isp::Stage {
     if (!aem_.empty()) {
       report["saliency"] = saliency_agreement(*aem_->selector, pruned->network, ctx.device);
       if (o_.metrics_images > 0) {
-        report["saliency"]["original"] =
-            saliency_metrics(*aem_->selector, pruned->original->network, ctx.device, ctx.seed).to_json(false);
-        report["saliency"]["pruned"] = saliency_metrics(*aem_->selector, pruned->network, ctx.device, ctx.seed).to_json(false);
+        // Seeded as the selector stage's metrics were (each stage has its own seed): both rows and the selector
+        // stage's figures draw the same random orderings, and its curves are valid for the original's row.
+        const uint64_t seed = aem_->saliency_curves.curves.defined() ? aem_->saliency_curves.seed : ctx.seed;
+        int64_t reused = 0;
+        isp::json original = saliency_metrics(*aem_->selector, pruned->original->network, ctx.device, seed,
+                                              o_.reuse_selector_curves ? &aem_->saliency_curves : nullptr, &reused)
+                                 .to_json(false);
+        original["curves_from_selector_stage"] = reused;
+        report["saliency"]["original"] = original;
+        report["saliency"]["pruned"] =
+            saliency_metrics(*aem_->selector, pruned->network, ctx.device, seed, nullptr, nullptr).to_json(false);
       }
     }
     isp::write_file_atomic(dir + "/summary.json", report.dump(2) + "\n");
@@ -186,16 +198,24 @@ class Export : public isp::Stage {
 
   // docs/method.md §9 for one network: its own maps (the AEM's decoder and head on its encoder), scored by its own
   // classifier, on the first metrics_images test images -- the same images for the original and the pruned one.
+  // `measured`: curves the selector stage measured, taken for the images they cover where they belong to the same
+  // selector weights (fingerprint), steps, seed and labels; `reused` says for how many images.
   isp::SaliencyReport saliency_metrics(isp::SelectorNet& original, const std::shared_ptr<isp::Backbone>& network,
-                                       torch::Device dev, uint64_t seed) {
+                                       torch::Device dev, uint64_t seed,
+                                       const isp::ExplanationModel::MeasuredCurves* measured, int64_t* reused) {
     const isp::DataBundle& data = data_->data();
     const int64_t n = std::min<int64_t>(o_.metrics_images, data.test.size());
     isp::SelectorNet sel(network, original.filter, original.decoder, original.head, original.sampler);
     isp::SaliencyMetricOptions mo;
     mo.steps = o_.metrics_steps;
     mo.seed = seed;
+    at::Tensor known;
+    if (measured && measured->curves.defined() && measured->steps == mo.steps && measured->seed == mo.seed &&
+        measured->labels == "ground_truth" && measured->selector_fingerprint == isp::weights_fingerprint(sel))
+      known = measured->curves.narrow(0, 0, std::min<int64_t>(n, measured->curves.size(0)));
+    if (reused) *reused = known.defined() ? known.size(0) : 0;
     return isp::measure_selector_saliency(sel, data.test.images.narrow(0, 0, n).to(dev),
-                                          data.test.labels.narrow(0, 0, n).to(dev), data, mo);
+                                          data.test.labels.narrow(0, 0, n).to(dev), data, mo, 128, known);
   }
 
   static std::string num(const isp::json& v, int precision = 3) {

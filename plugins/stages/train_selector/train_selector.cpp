@@ -214,7 +214,7 @@ class TrainSelector : public isp::Stage {
       w.save_atomic(ctx.stage_dir + "/final.pt");
     }
     selector_->eval();
-    const isp::json saliency = saliency_metrics(data, ctx.device, ctx.seed);
+    const isp::json saliency = saliency_metrics(data, ctx);
     ctx.summary = {{"selector_agreement", test.agreement},
                    {"selector_kl", test.kl},
                    {"mean_mask_area", test.area},
@@ -242,6 +242,15 @@ class TrainSelector : public isp::Stage {
     isp::CheckpointReader(ctx.stage_dir + "/final.pt").module("model", *selector_);
     selector_->to(ctx.device);
     selector_->eval();
+    curves_ = {};
+    if (fs::exists(curves_path(ctx))) {  // absent in run folders older than the file, or without metrics
+      isp::CheckpointReader r(curves_path(ctx));
+      curves_.curves = r.tensor("curves");
+      curves_.steps = r.meta().at("steps").get<int64_t>();
+      curves_.seed = r.meta().at("seed").get<uint64_t>();
+      curves_.labels = r.meta().at("labels").get<std::string>();
+      curves_.selector_fingerprint = r.meta().at("selector_fingerprint").get<double>();
+    }
     publish_model(isp::json::parse(isp::read_text_file(ctx.stage_dir + "/result.json")));
   }
 
@@ -263,8 +272,10 @@ class TrainSelector : public isp::Stage {
     a->classifier = a->predictor->classifier;
     a->selector = selector_;
     a->metrics = std::move(metrics);
+    a->saliency_curves = curves_;
     publish(a);
   }
+  static std::string curves_path(const isp::RunContext& ctx) { return ctx.stage_dir + "/saliency_curves.pt"; }
 
   int64_t count_parameters() const {
     int64_t n = 0;
@@ -272,17 +283,29 @@ class TrainSelector : public isp::Stage {
     return n;
   }
 
-  // docs/method.md §9 on the first metrics_images test images, maps conditioned as in evaluation.
-  isp::json saliency_metrics(const isp::DataBundle& data, c10::Device device, uint64_t seed) {
+  // docs/method.md §9 on the first metrics_images test images, maps conditioned as in evaluation. The per-image
+  // curves are kept (saliency_curves.pt) for Export, whose "original" row measures the same maps again.
+  isp::json saliency_metrics(const isp::DataBundle& data, isp::RunContext& ctx) {
+    curves_ = {};
     const int64_t n = std::min<int64_t>(opt_.metrics_images, data.test.size());
     if (n == 0) return nullptr;
     isp::SaliencyMetricOptions mo;
     mo.steps = opt_.metrics_steps;
-    mo.seed = seed;
+    mo.seed = ctx.seed;
     const at::Tensor labels =
-        opt_.label_source == "predicted" ? at::Tensor() : data.test.labels.narrow(0, 0, n).to(device);
-    const auto report = isp::measure_selector_saliency(*selector_, data.test.images.narrow(0, 0, n).to(device), labels,
-                                                       data, mo, opt_.eval_batch_size);
+        opt_.label_source == "predicted" ? at::Tensor() : data.test.labels.narrow(0, 0, n).to(ctx.device);
+    const auto report = isp::measure_selector_saliency(*selector_, data.test.images.narrow(0, 0, n).to(ctx.device),
+                                                       labels, data, mo, opt_.eval_batch_size);
+    curves_.curves = report.curves;
+    curves_.steps = mo.steps;
+    curves_.seed = mo.seed;
+    curves_.labels = opt_.label_source;
+    curves_.selector_fingerprint = isp::weights_fingerprint(*selector_);
+    isp::CheckpointWriter w;
+    w.tensor("curves", curves_.curves);
+    w.meta({{"steps", curves_.steps}, {"seed", curves_.seed}, {"labels", curves_.labels},
+            {"selector_fingerprint", curves_.selector_fingerprint}});
+    w.save_atomic(curves_path(ctx));
     return report.to_json();
   }
 
@@ -349,6 +372,7 @@ class TrainSelector : public isp::Stage {
   std::shared_ptr<isp::Backbone> classifier_;
   std::shared_ptr<isp::Backbone> predictor_;
   std::shared_ptr<isp::SelectorNet> selector_;
+  isp::ExplanationModel::MeasuredCurves curves_;
   std::vector<std::shared_ptr<isp::Regularizer>> regularizers_;
 };
 
