@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 
 #define STB_IMAGE_IMPLEMENTATION
 #include <stb/stb_image.h>
@@ -15,6 +16,7 @@
 #include "isp/data.h"
 #include "isp/interfaces/dataset.h"
 #include "isp/registry/recipe.h"
+#include "isp/train.h"
 #include "isp/runner.h"
 #include "isp/saliency_metrics.h"
 
@@ -123,6 +125,39 @@ TEST_CASE("AEM stages: predictor and selector train, summary and explain figure"
   CHECK(sal["centre_std_row_px"].get<double>() >= 0.0);
   CHECK(fs::exists(dir / "run" / "predictor" / "final.pt"));
   CHECK(fs::exists(dir / "run" / "selector" / "best.pt"));
+  {  // Each stage reports the validation figures of the epoch it selected: its metrics line, not a second pass.
+    std::map<std::string, std::vector<json>> lines;
+    std::ifstream ml(dir / "run" / "metrics.jsonl");
+    for (std::string line; std::getline(ml, line);) {
+      json j = json::parse(line);
+      lines[j.value("stage", "")].push_back(j);
+    }
+    const json& st = s["stages"];
+    const auto line_of = [&](const std::string& stage, const json& epoch) {
+      REQUIRE(epoch.is_number_integer());
+      const int64_t e = epoch.get<int64_t>();
+      REQUIRE(e >= 1);
+      REQUIRE(e <= static_cast<int64_t>(lines[stage].size()));
+      return lines[stage][static_cast<std::size_t>(e - 1)];
+    };
+    CHECK(st["classifier"]["val_top1"] == line_of("classifier", st["classifier"]["best_epoch"])["val_top1"]);
+    const json p = line_of("predictor", st["predictor"]["predictor_best_epoch"]);
+    CHECK(st["predictor"]["predictor_val_kl"] == p["val_kl"]);
+    CHECK(st["predictor"]["predictor_val_agreement"] == p["val_agreement"]);
+    const json q = line_of("selector", st["selector"]["selector_best_epoch"]);
+    CHECK(st["selector"]["selector_val_agreement"] == q["val_agreement"]);
+    CHECK(st["selector"]["selector_val_kl"] == q["val_kl"]);
+    CHECK(st["selector"]["selector_val_mask_area"] == q["val_mask_area"]);
+    // And those are the selected weights' figures: the classifier restored from its final.pt scores the same.
+    isp::RestoredRun run = isp::restore_run(isp_test::shared_registry(), (dir / "run").string());
+    const auto cls = run.latest<isp::TrainedClassifier>();
+    REQUIRE(cls);
+    isp::Backbone* net = cls->network.get();
+    const isp::Classifier c{net, [net](const at::Tensor& x) { return net->forward(x); }};
+    const isp::EvalResult again =
+        isp::evaluate_classifier(c, run.ctx->node<isp::Dataset>("data")->data().val, 64, torch::kCPU);
+    CHECK(again.top1 == st["classifier"]["val_top1"].get<double>());
+  }
 
   // `isp explain` on the finished run: the built binary next to the plugin folder.
   const std::string isp_bin = std::string(ISP_TEST_PLUGIN_DIR) + "/../bin/isp";

@@ -145,7 +145,12 @@ json fit_classifier(const Classifier& c, const DataBundle& data, const SgdSchedu
 
   // Model selection on the validation split, never on the test split.
   if (has_val && res.best_epoch > 0) CheckpointReader(res.best_path).module("model", model);
-  EvalResult val = has_val ? evaluate_classifier(c, data.val, opt.eval_batch_size, ctx.device) : EvalResult{};
+  // The selected epoch's validation figures are those of the weights just loaded: taken from its line.
+  EvalResult val;
+  if (has_val && res.best_epoch > 0 && res.best_line.contains("val_top1"))
+    val = {res.best_line["val_top1"].get<double>(), res.best_line["val_loss"].get<double>(), data.val.size()};
+  else if (has_val)
+    val = evaluate_classifier(c, data.val, opt.eval_batch_size, ctx.device);
   EvalResult test = evaluate_classifier(c, data.test, opt.eval_batch_size, ctx.device);
   {
     CheckpointWriter w;

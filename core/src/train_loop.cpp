@@ -190,6 +190,7 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
         throw Error(res.best_path + ": missing, but " + r.path() + " records epoch " + std::to_string(res.best_epoch) +
                     " as the best so far; restore the file or rerun the stage (--resume --force after a recipe change)");
       CheckpointReader check(res.best_path);
+      res.best_line = check.meta().value("metrics", json());
     }
     std::fprintf(stderr, "[%s] resuming from %s at epoch %lld step %lld\n", ctx.stage_name.c_str(), r.path().c_str(),
                  static_cast<long long>(start_epoch), static_cast<long long>(start_step));
@@ -335,6 +336,7 @@ TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& 
         h.save_best(w);
         w.meta({{"epoch", epoch + 1}, {"score", score}, {"metrics", line}, {"recipe", ctx.resolved_recipe}});
         w.save_atomic(res.best_path);
+        res.best_line = line;
       }
     }
     char buf[64];

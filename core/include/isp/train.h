@@ -61,6 +61,9 @@ struct TrainLoopResult {
   int64_t images_seen = 0;
   std::string best_path;
   json last_line;  // the last epoch's metrics line (empty when resumed after the last epoch)
+  // The metrics line of best_epoch, as best.pt records it (also after a resume): its evaluation figures are those
+  // of the weights in best.pt, so a stage that selects them need not evaluate the validation split again.
+  json best_line;
 };
 ISP_API TrainLoopResult run_train_loop(const TrainLoopSpec& spec, const TrainLoopHooks& hooks, BatchLoader& loader,
                                        RunContext& ctx);

@@ -146,9 +146,10 @@ class TrainPredictor : public isp::Stage {
     });
     hooks.step = [&](const isp::Batch& b) { return step(b); };
     hooks.checkpoint(*predictor_, adam);
+    std::vector<at::Tensor> val_logits;  // the frozen classifier's, the same every epoch
     if (has_val) {
       hooks.evaluate = [&](int64_t) {
-        PredEval v = evaluate(data.val, ctx.device);
+        PredEval v = evaluate(data.val, ctx.device, &val_logits);
         return isp::json{{"val_kl", v.kl}, {"val_agreement", v.agreement}};
       };
       hooks.score = [](const isp::json& line, int64_t) { return -line["val_kl"].get<double>(); };
@@ -157,7 +158,15 @@ class TrainPredictor : public isp::Stage {
     const int64_t best_epoch = res.best_epoch;
 
     if (has_val && best_epoch > 0) isp::CheckpointReader(res.best_path).module("model", *predictor_);
-    const PredEval val = has_val ? evaluate(data.val, ctx.device) : PredEval{};
+    // The selected epoch's validation figures are those of the weights just loaded: taken from its line.
+    PredEval val;
+    if (has_val && best_epoch > 0 && res.best_line.contains("val_kl")) {
+      val.kl = res.best_line["val_kl"].get<double>();
+      val.agreement = res.best_line["val_agreement"].get<double>();
+      val.n = data.val.size();
+    } else if (has_val) {
+      val = evaluate(data.val, ctx.device);
+    }
     const PredEval test = evaluate(data.test, ctx.device);
     {
       isp::CheckpointWriter w;
@@ -225,7 +234,9 @@ class TrainPredictor : public isp::Stage {
   }
 
   // KL and argmax agreement of predictor(x * m) vs classifier(x), masks from a fixed seed.
-  PredEval evaluate(const isp::ImageSplit& split, c10::Device device) {
+  // `target_logits`: the frozen classifier's logits of this split, batch by batch; computed on the first call that
+  // passes it and taken from there after (the validation split is evaluated every epoch).
+  PredEval evaluate(const isp::ImageSplit& split, c10::Device device, std::vector<at::Tensor>* target_logits = nullptr) {
     PredEval r;
     if (split.size() == 0) return r;
     torch::NoGradGuard ng;
@@ -241,7 +252,9 @@ class TrainPredictor : public isp::Stage {
     for (int64_t i = 0; i < loader.num_batches(); ++i) {
       isp::Batch b = loader.get(i);
       at::Tensor x = b.x.to(device);
-      at::Tensor z = classifier_->forward(x);
+      const bool cached = target_logits && static_cast<int64_t>(target_logits->size()) > i;
+      at::Tensor z = cached ? (*target_logits)[static_cast<std::size_t>(i)] : classifier_->forward(x);
+      if (target_logits && !cached) target_logits->push_back(z);
       at::Tensor m = masks_->sample(x.size(0), x.size(2), x.size(3), x.options());
       at::Tensor p = predictor_->forward(x * m);
       kl += isp::kl_per_sample(z, p).sum().to(torch::kDouble);

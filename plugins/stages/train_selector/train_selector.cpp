@@ -204,7 +204,16 @@ class TrainSelector : public isp::Stage {
     const int64_t best_epoch = select_on_val ? res.best_epoch : opt_.epochs;
 
     if (select_on_val && best_epoch > 0) isp::CheckpointReader(res.best_path).module("model", *selector_);
-    const SelEval val = has_val ? evaluate(data.val, ctx.device) : SelEval{};
+    // The selected epoch's validation figures are those of the weights just loaded: taken from its line.
+    SelEval val;
+    if (select_on_val && best_epoch > 0 && res.best_line.contains("val_agreement")) {
+      val.agreement = res.best_line["val_agreement"].get<double>();
+      val.kl = res.best_line["val_kl"].get<double>();
+      val.area = res.best_line["val_mask_area"].get<double>();
+      val.n = data.val.size();
+    } else if (has_val) {
+      val = evaluate(data.val, ctx.device);
+    }
     const SelEval test = evaluate(data.test, ctx.device);
     {
       isp::CheckpointWriter w;
