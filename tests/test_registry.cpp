@@ -358,3 +358,67 @@ TEST_CASE("build context: a factory learns where its own spec is, for a node, an
   CHECK(error_of([&] { ctx2.node<Probe>("broken"); }).find("/nodes/broken/child/type") != std::string::npos);
   CHECK(ctx2.spec_where().pointer.empty());
 }
+
+namespace {
+struct Counted {
+  static constexpr const char* kKind = "counted";
+  int64_t n = 0;
+};
+struct CountedOptions {
+  int64_t n = 0;
+  isp::NodeRef child;
+  template <class V> void visit(V& v) {
+    v("n", n, "any number");
+    v("child", child, "another counted component", isp::optional_arg());
+  }
+};
+}  // namespace
+
+TEST_CASE("build context: a shared kind is built once for recipes that ask for the same component and options") {
+  isp::Registry reg;
+  int builds = 0;
+  reg.add(isp::make_component<Counted, CountedOptions>("Counted", 1, "counts its builds",
+                                                       [&builds](const CountedOptions& o, isp::BuildContext& ctx) {
+                                                         ++builds;
+                                                         if (!o.child.empty()) ctx.get<Counted>(o.child);
+                                                         auto c = std::make_shared<Counted>();
+                                                         c->n = o.n;
+                                                         return c;
+                                                       }));
+  auto shared = std::make_shared<isp::SharedComponents>(std::vector<std::string>{"counted"}, 2);
+  auto build = [&](const json& spec, const std::shared_ptr<isp::SharedComponents>& with) {
+    json recipe = {{"nodes", {{"a", spec}, {"leaf", {{"type", "Counted"}, {"n", 7}}}}}};
+    isp::BuildContext ctx(reg, recipe, [](const std::string& p) { return isp::Where{"r.json", p}; });
+    if (with) ctx.share_components(with);
+    auto obj = ctx.node<Counted>("a");
+    CHECK(ctx.record_of(obj.get()) != nullptr);  // recorded for recipe.resolved.json like any built object
+    CHECK(ctx.records().count("/nodes/a") == 1);
+    return obj;
+  };
+  const json one = {{"type", "Counted"}, {"n", 1}};
+  auto first = build(one, shared);
+  CHECK(builds == 1);
+  CHECK(build(one, shared).get() == first.get());  // another recipe, the same options: the same object
+  CHECK(builds == 1);
+  CHECK(shared->hits() == 1);
+  CHECK(build({{"type", "Counted"}, {"n", 2}}, shared)->n == 2);  // other options: built
+  CHECK(builds == 2);
+  CHECK(build({{"type", "Counted"}, {"n", 3}}, shared)->n == 3);  // a third: the least recent (n 1) leaves
+  CHECK(builds == 3);
+  CHECK(build(one, shared).get() != first.get());
+  CHECK(builds == 4);
+  // Without sharing, or for a kind not shared, every recipe builds its own.
+  build(one, nullptr);
+  CHECK(builds == 5);
+  auto other_kinds = std::make_shared<isp::SharedComponents>(std::vector<std::string>{"dataset"}, 2);
+  build(one, other_kinds);
+  build(one, other_kinds);
+  CHECK(builds == 7);
+  // A spec that references another node of its recipe is never shared (its input belongs to that recipe).
+  const json with_ref = {{"type", "Counted"}, {"n", 1}, {"child", {{"$ref", "leaf"}}}};
+  const int before = builds;
+  build(with_ref, shared);
+  build(with_ref, shared);
+  // "a" is built for each recipe; "leaf", a plain spec, is built for the first and shared with the second.
+  CHECK(builds == before + 3);
+}

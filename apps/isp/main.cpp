@@ -51,6 +51,7 @@ int cmd_validate(isp::Registry& reg, isp::RunOptions opt, const std::vector<std:
     throw isp::Error("--print-resolved and --print-data-sizes take one recipe (stdout holds one JSON document), got " +
                      std::to_string(recipes.size()));
   int status = 0;
+  if (recipes.size() > 1) opt.shared_components = isp::share_validation_data();  // each dataset decoded once
   for (const std::string& recipe : recipes) {
     opt.recipe_path = recipe;
     int rc = 0;

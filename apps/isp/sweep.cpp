@@ -197,6 +197,7 @@ int sweep(isp::Registry& reg, const SweepOptions& o) {
 
   // Every point is checked completely before any runs: a typo in the last point costs nothing.
   int invalid = 0;
+  const auto shared_data = isp::share_validation_data();  // the points' datasets, decoded once
   for (const auto& p : points) {
     isp::RunOptions v;
     v.recipe_path = recipe_of(p).string();
@@ -208,6 +209,7 @@ int sweep(isp::Registry& reg, const SweepOptions& o) {
     v.overrides = common;
     v.overrides.insert(v.overrides.end(), p.overrides.begin(), p.overrides.end());
     v.validate_only = true;
+    v.shared_components = shared_data;
     try {
       if (isp::run_recipe(reg, v) != 0) throw isp::Error("validation failed");
     } catch (const std::exception& e) {

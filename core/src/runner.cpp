@@ -240,6 +240,10 @@ int execute(RunFolder& f, std::vector<detail::PlannedStage>& plan, const Runtime
 
 }  // namespace
 
+std::shared_ptr<SharedComponents> share_validation_data() {
+  return std::make_shared<SharedComponents>(std::vector<std::string>{Dataset::kKind}, 2);
+}
+
 int run_recipe(Registry& reg, const RunOptions& o) {
   // Each prints one JSON document on stdout; checked here, not only by the CLI, so library callers get it too.
   if (o.print_resolved && o.print_data_sizes) throw Error("--print-resolved and --print-data-sizes: choose one");
@@ -261,6 +265,7 @@ int run_recipe(Registry& reg, const RunOptions& o) {
   const uint64_t seed = seed_j.get<uint64_t>();
 
   BuildContext ctx(reg, r.doc, [&r](const std::string& p) { return r.where(p); });
+  if (o.shared_components) ctx.share_components(o.shared_components);
   std::vector<detail::PlannedStage> plan = detail::build_stages(ctx, r, seed);
   if (o.validate_only) {
     const bool json_out = o.print_resolved || o.print_data_sizes;

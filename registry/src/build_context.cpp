@@ -8,6 +8,21 @@
 #include "loaded_library.h"
 
 namespace isp {
+namespace {
+// Whether validated options hold a reference or an inline component spec: such an object was built from other
+// nodes of its own recipe, so it is never shared with another recipe.
+bool has_reference(const json& j) {
+  if (j.is_object()) {
+    if (j.contains("$ref") || j.contains("type")) return true;
+    for (const auto& [k, v] : j.items())
+      if (has_reference(v)) return true;
+  } else if (j.is_array()) {
+    for (const auto& v : j)
+      if (has_reference(v)) return true;
+  }
+  return false;
+}
+}  // namespace
 
 BuildContext::BuildContext(Registry& registry, json recipe, std::function<Where(const std::string&)> where_of)
     : registry_(registry), recipe_(std::move(recipe)), where_of_(std::move(where_of)) {}
@@ -140,6 +155,16 @@ std::shared_ptr<void> BuildContext::create(const json& spec, const Where& where,
   const ComponentRecord record = info.record();
   records_[where.pointer] = record;
   if (trace_) trace_->components.emplace_back(where.pointer, record);
+  // A shared kind: the same component with the same options built by an earlier recipe is taken as it is.
+  std::string share_key;
+  const bool leaf = std::none_of(validated.begin(), validated.end(), [](const json& v) { return has_reference(v); });
+  if (shared_ && shared_->shares(kind) && leaf) {
+    share_key = kind + "\n" + record.identity().dump() + "\n" + validated.dump();
+    if (std::shared_ptr<void> hit = shared_->find(share_key)) {
+      by_object_[hit.get()] = record;
+      return hit;
+    }
+  }
   std::shared_ptr<void> obj;
   building_where_.push_back(where);
   struct PopWhere {
@@ -157,10 +182,38 @@ std::shared_ptr<void> BuildContext::create(const json& spec, const Where& where,
   }
   if (!obj) throw RecipeError(where, "building " + kind + " '" + type + "' returned nothing");
   by_object_[obj.get()] = record;
-  if (!info.library) return obj;
-  void* raw = obj.get();
-  auto bound = std::make_shared<LibraryBoundObject>(LibraryBoundObject{info.library, std::move(obj)});
-  return std::shared_ptr<void>(bound, raw);
+  if (info.library) {
+    void* raw = obj.get();
+    auto bound = std::make_shared<LibraryBoundObject>(LibraryBoundObject{info.library, std::move(obj)});
+    obj = std::shared_ptr<void>(bound, raw);
+  }
+  if (!share_key.empty()) shared_->put(share_key, obj);
+  return obj;
+}
+
+SharedComponents::SharedComponents(std::vector<std::string> kinds, std::size_t capacity)
+    : kinds_(std::move(kinds)), capacity_(std::max<std::size_t>(1, capacity)) {}
+
+bool SharedComponents::shares(const std::string& kind) const {
+  return std::find(kinds_.begin(), kinds_.end(), kind) != kinds_.end();
+}
+
+std::shared_ptr<void> SharedComponents::find(const std::string& key) {
+  for (auto it = recent_.begin(); it != recent_.end(); ++it)
+    if (it->first == key) {
+      auto entry = std::move(*it);
+      recent_.erase(it);
+      recent_.push_back(std::move(entry));
+      ++hits_;
+      return recent_.back().second;
+    }
+  return nullptr;
+}
+
+void SharedComponents::put(const std::string& key, std::shared_ptr<void> object) {
+  ++builds_;
+  recent_.emplace_back(key, std::move(object));
+  if (recent_.size() > capacity_) recent_.erase(recent_.begin());
 }
 
 }  // namespace isp

@@ -33,7 +33,14 @@ struct RunOptions {
   // with validate_only: load every dataset node and print the size of each split and the number of classes as
   // JSON on stdout ({"data": {"train": 54000, "val": 6000, "test": 10000, "classes": 10}}), the OK line on stderr
   bool print_data_sizes = false;
+  // Several recipes checked in one process: objects of the shared kinds (datasets) built for one recipe are taken
+  // by the next one that builds the same component with the same options (share_validation_data()).
+  std::shared_ptr<SharedComponents> shared_components;
 };
+
+// What `isp validate` with several recipes and `isp sweep --validate` share between recipes: the two most recently
+// used datasets (a Fashion-MNIST bundle is about 200 MB; decoding it is most of a validation's time).
+ISP_API std::shared_ptr<SharedComponents> share_validation_data();
 
 // The recipe's "runtime" section, applied: torch threads set, device chosen.
 struct Runtime {

@@ -17,6 +17,27 @@ struct BuildTrace {
   std::vector<std::pair<std::string, ComponentRecord>> components;  // JSON pointer of the spec -> record
 };
 
+// Objects shared between the builds of several recipes in one process (`isp validate` with many recipes, `isp sweep
+// --validate`): a component of a shared kind, built once, is taken again by a later build whose spec names the same
+// component (type, version, library) with the same validated options and no references. Only for kinds whose
+// objects do not change once built (datasets: loading and decoding them is most of a validation's time). Holds the
+// `capacity` most recently used objects.
+class ISP_API SharedComponents {
+ public:
+  explicit SharedComponents(std::vector<std::string> kinds, std::size_t capacity = 2);
+  bool shares(const std::string& kind) const;
+  std::shared_ptr<void> find(const std::string& key);  // nullptr when absent; a hit becomes the most recent
+  void put(const std::string& key, std::shared_ptr<void> object);
+  int64_t hits() const { return hits_; }
+  int64_t builds() const { return builds_; }  // objects built and put here
+
+ private:
+  std::vector<std::string> kinds_;
+  std::size_t capacity_;
+  std::vector<std::pair<std::string, std::shared_ptr<void>>> recent_;  // most recent last
+  int64_t hits_ = 0, builds_ = 0;
+};
+
 class ISP_API BuildContext {
  public:
   BuildContext(Registry& registry, json recipe, std::function<Where(const std::string&)> where_of);
@@ -39,6 +60,8 @@ class ISP_API BuildContext {
   void begin_trace(BuildTrace* trace) { trace_ = trace; }
   void end_trace() { trace_ = nullptr; }
 
+  // Take objects of the shared kinds from `shared`, and put the ones built here into it.
+  void share_components(std::shared_ptr<SharedComponents> shared) { shared_ = std::move(shared); }
   Registry& registry() { return registry_; }
   const json& recipe() const { return recipe_; }
   Where where(const std::string& pointer) const { return where_of_(pointer); }
@@ -67,6 +90,7 @@ class ISP_API BuildContext {
   std::map<const void*, ComponentRecord> by_object_;
   std::vector<std::string> building_;
   BuildTrace* trace_ = nullptr;
+  std::shared_ptr<SharedComponents> shared_;
   std::vector<Where> building_where_;  // the specs whose factories are running, innermost last
 };
 
