@@ -32,7 +32,7 @@ endif()
 # and the units that reach torch::nn 5-19 s less. The rule reads each source's own #include lines (below); a
 # unit it misjudges only compiles slower, never differently.
 set(ISP_PCH_WORTH_IT_REGEX
-  "#include [<\"](torch/(torch|nn|script|autograd|csrc)|isp/interfaces/(backbone|aem|pruner)\\.h|isp/selector\\.h|isp/train\\.h|test_support\\.h)")
+  "#include [<\"](torch/(torch|nn|script|autograd)|isp/interfaces/(backbone|aem|pruner)\\.h|isp/selector\\.h|isp/train\\.h|test_support\\.h)")
 function(isp_use_precompiled_headers target)
   if(NOT TARGET isp_pch)
     return()
