@@ -64,6 +64,23 @@ if(NOT rc EQUAL 2 OR NOT err MATCHES "error: ${bad_recipe}: .*/nodes/backbone/de
    OR NOT out MATCHES "classifier/quick_fmnist.json: OK")
   message(FATAL_ERROR "isp validate of a bad and a good recipe: status ${rc}, output: ${out}${err}")
 endif()
+# A value the dataset itself rejects (a root without Fashion-MNIST) is reported where it was set: at
+# /nodes/data/root in the overriding recipe, not at the base file's /nodes/data. In a batch, a value set by --set
+# is reported at the --set, after the recipe's name.
+set(root_recipe ${CMAKE_CURRENT_BINARY_DIR}/validate_root.json)
+file(WRITE ${root_recipe}
+  "{\"_base_\": [\"${CONFIGS}/classifier/quick_fmnist.json\"], \"nodes\": {\"data\": {\"root\": \"/nonexistent/fmnist\"}}}")
+execute_process(COMMAND ${ISP} validate ${root_recipe} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc EQUAL 2 OR NOT err MATCHES "error: ${root_recipe}: /nodes/data/root: /nonexistent/fmnist: missing train-images")
+  message(FATAL_ERROR "isp validate with a missing dataset root: status ${rc}, output: ${out}${err}")
+endif()
+execute_process(COMMAND ${ISP} validate ${bad_recipe} ${CONFIGS}/classifier/quick_fmnist.json
+  --set nodes.data.root=/nonexistent/fmnist RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+if(NOT rc EQUAL 2
+   OR NOT err MATCHES "error: ${bad_recipe}: .*/nodes/backbone/depth: expected one of"
+   OR NOT err MATCHES "error: [^\n]*classifier/quick_fmnist.json: --set nodes.data.root=/nonexistent/fmnist: /nodes/data/root: ")
+  message(FATAL_ERROR "isp validate of two recipes with a bad --set: status ${rc}, output: ${out}${err}")
+endif()
 # The schedule fragment bench/compare_pruners.sh layers over the pruning recipes.
 if(TRUE)
   set(layered "")

@@ -111,12 +111,15 @@ TEST_CASE("ImageFolder: a corrupt file is an error naming it, or skipped and cou
 
   const std::string no_root = isp_test::error_of([&] { build({{"type", "ImageFolder"}, {"root", (root / "nope").string()}}); });
   CHECK(no_root.find("not a folder") != std::string::npos);
+  // At the option that gave the folder, not at the node (an overriding recipe may have set it).
+  CHECK(no_root.rfind("data.json: /nodes/data/root: ", 0) == 0);
   fs::create_directories(root.parent_path() / "test" / "red");
   const std::string mismatch = isp_test::error_of([&] {
     build({{"type", "ImageFolder"}, {"root", root.string()}, {"test_root", (root.parent_path() / "test").string()},
            {"skip_bad_images", true}});
   });
   CHECK(mismatch.find("class folder") != std::string::npos);
+  CHECK(mismatch.rfind("data.json: /nodes/data/test_root: ", 0) == 0);
   fs::create_directories(root / "empty");
   const std::string empty = isp_test::error_of([&] { build(skip); });
   CHECK(empty.find("empty: no .png") != std::string::npos);

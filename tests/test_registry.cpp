@@ -289,6 +289,63 @@ TEST_CASE("recipe errors name the file or --set that wrote the offending value")
   write("del.json", {{"_base_", "base.json"},
                      {"nodes", {{"backbone", {{"_delete_", true}, {"type", "ResNetCifar"}, {"depth", 62}}}}}});
   CHECK(culprit("del.json") == (dir / "del.json").string());
+  // A value the component rejects itself, not its schema (isp::OptionError): at the option's own path, in the file
+  // that set it, not at the node, whose object the base created.
+  write("size.json", {{"_base_", "base.json"}, {"nodes", {{"backbone", {{"input_size", 30}}}}}});
+  {
+    isp::Recipe r = isp::load_recipe((dir / "size.json").string());
+    isp::BuildContext ctx(reg, r.doc, [&r](const std::string& p) { return r.where(p); });
+    std::string what;
+    try {
+      ctx.build_node("backbone", "backbone");
+    } catch (const isp::RecipeError& e) {
+      what = e.what();
+      CHECK(e.where().pointer == "/nodes/backbone/input_size");
+      CHECK(e.where().file == (dir / "size.json").string());
+    }
+    CHECK_MESSAGE(what.find("input_size must be a multiple of 4") != std::string::npos, what);
+  }
+  fs::remove_all(dir);
+}
+
+namespace {
+struct Picky {
+  static constexpr const char* kKind = "picky";
+};
+struct PickyOptions {
+  std::vector<int64_t> widths;
+  template <class V> void visit(V& v) { v("widths", widths, "widths", isp::at_least(1)); }
+};
+}  // namespace
+
+TEST_CASE("build context: an OptionError with a key path is reported at that element, in the file that set it") {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("isp_test_option_error_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  auto write = [&](const std::string& name, const json& j) { std::ofstream(dir / name) << j.dump(2); };
+  isp::Registry reg;
+  reg.add(isp::make_component<Picky, PickyOptions>("Picky", 1, "refuses odd widths after the first",
+                                                   [](const PickyOptions& o, isp::BuildContext&) {
+                                                     for (std::size_t i = 1; i < o.widths.size(); ++i)
+                                                       if (o.widths[i] % 2)
+                                                         throw isp::OptionError("widths/" + std::to_string(i), "odd");
+                                                     return std::make_shared<Picky>();
+                                                   }));
+  write("base.json", {{"nodes", {{"p", {{"type", "Picky"}, {"widths", {2, 4, 6}}}}}}});
+  write("child.json", {{"_base_", "base.json"}, {"nodes", {{"p", {{"widths", {2, 4, 5}}}}}}});
+  auto located = [&](const std::string& file, const std::vector<std::string>& sets) -> std::string {
+    isp::Recipe r = isp::load_recipe((dir / file).string(), sets);
+    isp::BuildContext ctx(reg, r.doc, [&r](const std::string& p) { return r.where(p); });
+    try {
+      ctx.build_node("p", "picky");
+    } catch (const isp::RecipeError& e) {
+      return e.what();
+    }
+    return "no error";
+  };
+  CHECK(located("base.json", {}) == "no error");
+  CHECK(located("child.json", {}) == (dir / "child.json").string() + ": /nodes/p/widths/2: odd");
+  CHECK(located("base.json", {"nodes.p.widths.1=3"}) == "--set nodes.p.widths.1=3: /nodes/p/widths/1: odd");
   fs::remove_all(dir);
 }
 

@@ -62,8 +62,11 @@ int cmd_validate(isp::Registry& reg, isp::RunOptions opt, const std::vector<std:
       // Every failure is reported and the other recipes are still checked; main's statuses: 2 for the toolkit's
       // own errors, 3 for anything else (a bug, not the recipe's fault).
       const bool ours = dynamic_cast<const isp::Error*>(&e) != nullptr;
-      const std::string what = e.what();  // a recipe error names its file already; others get it here
-      const std::string named = what.find(recipe) == std::string::npos ? recipe + ": " + what : what;
+      // A recipe error starts with the file (or --set) that wrote the value. When that is not this recipe (a base
+      // file, --set) or the error is of another kind, the recipe comes first, so each line says which one failed.
+      const auto* located = dynamic_cast<const isp::RecipeError*>(&e);
+      const std::string what = e.what();
+      const std::string named = located && located->where().file == recipe ? what : recipe + ": " + what;
       std::fprintf(stderr, "%s: %s\n", ours ? "error" : "error (unexpected)", named.c_str());
       rc = ours ? 2 : 3;
     }

@@ -175,6 +175,15 @@ std::shared_ptr<void> BuildContext::create(const json& spec, const Where& where,
     obj = info.factory(validated, *this, where);
   } catch (const RecipeError&) {
     throw;
+  } catch (const OptionError& e) {
+    // At the option's own path: its value may come from another file than the node (an overriding recipe, --set).
+    Where at = where;
+    std::string rest = e.option();
+    for (std::size_t slash; !rest.empty(); rest = slash == std::string::npos ? "" : rest.substr(slash + 1)) {
+      slash = rest.find('/');
+      at = at.child(rest.substr(0, slash));
+    }
+    throw RecipeError(at, e.what());
   } catch (const Error& e) {
     throw RecipeError(where, e.what());  // add the recipe location to the component's own error
   } catch (const std::exception& e) {

@@ -14,6 +14,7 @@ PluginLoadError::~PluginLoadError() = default;
 AmbiguousComponent::~AmbiguousComponent() = default;
 RegistryFrozen::~RegistryFrozen() = default;
 DataError::~DataError() = default;
+OptionError::~OptionError() = default;
 RecipeError::~RecipeError() = default;
 
 std::string escape_pointer_token(const std::string& key) {

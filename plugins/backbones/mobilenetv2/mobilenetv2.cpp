@@ -117,8 +117,8 @@ TORCH_MODULE(InvertedResidual);
 
 const MobileNetV2Options& checked(const MobileNetV2Options& o) {
   if (o.input_size % 32 != 0)
-    throw isp::Error("MobileNetV2: input_size must be a multiple of 32 (five stride-2 steps), got " +
-                     std::to_string(o.input_size));
+    throw isp::OptionError("input_size", "MobileNetV2: input_size must be a multiple of 32 (five stride-2 steps), got " +
+                            std::to_string(o.input_size));
   if (!o.widths.empty()) {
     if (static_cast<int64_t>(o.widths.size()) != kGatedBlocks)
       throw isp::Error("MobileNetV2: widths must list one hidden width per expansion block, expected " +

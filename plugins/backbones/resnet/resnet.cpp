@@ -119,8 +119,8 @@ TORCH_MODULE(Block);
 
 const ResNetOptions& checked(const ResNetOptions& o) {
   if (o.input_size % 32 != 0)
-    throw isp::Error("ResNet: input_size must be a multiple of 32 (five stride-2 steps), got " +
-                     std::to_string(o.input_size));
+    throw isp::OptionError("input_size", "ResNet: input_size must be a multiple of 32 (five stride-2 steps), got " +
+                            std::to_string(o.input_size));
   const Arch a = arch_of(o.depth);
   int64_t n = o.gate_residual ? 4 : 0;
   for (int64_t b : a.blocks) n += b * gates_per_block(a);

@@ -88,11 +88,11 @@ TORCH_MODULE(BasicBlock);
 const ResNetCifarOptions& checked(const ResNetCifarOptions& o) {
   const int64_t n = (o.depth - 2) / 6;
   if (o.depth < 8 || (o.depth - 2) % 6 != 0) {
-    throw isp::Error("ResNetCifar: depth must be 6n+2, got " + std::to_string(o.depth));
+    throw isp::OptionError("depth", "ResNetCifar: depth must be 6n+2, got " + std::to_string(o.depth));
   }
   if (o.input_size % 4 != 0) {
-    throw isp::Error("ResNetCifar: input_size must be a multiple of 4 (two stride-2 stages with option-A "
-                     "shortcuts), got " + std::to_string(o.input_size));
+    throw isp::OptionError("input_size", "ResNetCifar: input_size must be a multiple of 4 (two stride-2 "
+                            "stages with option-A shortcuts), got " + std::to_string(o.input_size));
   }
   if (!o.widths.empty()) {
     if (static_cast<int64_t>(o.widths.size()) != 3 * n) {

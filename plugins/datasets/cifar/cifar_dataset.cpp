@@ -54,15 +54,19 @@ std::shared_ptr<isp::Dataset> make_cifar(const CifarOptions<Classes>& o, isp::Bu
   std::vector<uint8_t> tr, te;
   std::vector<int64_t> ytr, yte;
   std::vector<std::string> names;
-  if (Classes == 10) {
-    for (int i = 1; i <= 5; ++i) read_batch(o.root + "/data_batch_" + std::to_string(i) + ".bin", 1, 10, tr, ytr);
-    read_batch(o.root + "/test_batch.bin", 1, 10, te, yte);
-    names = read_names(o.root + "/batches.meta.txt", 10,
-                       {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"});
-  } else {
-    read_batch(o.root + "/train.bin", 2, 100, tr, ytr);
-    read_batch(o.root + "/test.bin", 2, 100, te, yte);
-    names = read_names(o.root + "/fine_label_names.txt", 100, {});
+  try {
+    if (Classes == 10) {
+      for (int i = 1; i <= 5; ++i) read_batch(o.root + "/data_batch_" + std::to_string(i) + ".bin", 1, 10, tr, ytr);
+      read_batch(o.root + "/test_batch.bin", 1, 10, te, yte);
+      names = read_names(o.root + "/batches.meta.txt", 10,
+                         {"airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"});
+    } else {
+      read_batch(o.root + "/train.bin", 2, 100, tr, ytr);
+      read_batch(o.root + "/test.bin", 2, 100, te, yte);
+      names = read_names(o.root + "/fine_label_names.txt", 100, {});
+    }
+  } catch (const isp::DataError& e) {
+    throw isp::OptionError("root", e.what());  // every file read here is under root: the error points at it
   }
   return std::make_shared<isp::BundleDataset>(isp::make_bundle(to_tensor(tr), at::tensor(ytr, at::kLong), to_tensor(te),
                                                                at::tensor(yte, at::kLong), names, o,

@@ -23,7 +23,7 @@ std::string locate(const std::string& root, const std::string& stem) {
     std::error_code ec;
     if (fs::exists(p, ec)) return p.string();
   }
-  throw isp::DataError(root + ": missing " + stem + "(.gz) (install Debian's dataset-fashion-mnist, or set \"root\")");
+  throw isp::OptionError("root", root + ": missing " + stem + "(.gz) (install Debian's dataset-fashion-mnist, or set \"root\")");
 }
 
 std::pair<at::Tensor, at::Tensor> load_split(const std::string& root, const std::string& prefix, int64_t num_classes) {

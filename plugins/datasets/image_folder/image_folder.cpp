@@ -78,25 +78,26 @@ struct FileList {
   std::vector<int64_t> labels;
 };
 
-std::vector<std::string> class_folders(const std::string& root) {
-  if (!fs::is_directory(root)) throw isp::DataError(root + ": not a folder (ImageFolder expects root/<class>/<image>)");
+// `option` names the option that gave `root` ("root" or "test_root"): errors point at it.
+std::vector<std::string> class_folders(const std::string& root, const std::string& option) {
+  if (!fs::is_directory(root)) throw isp::OptionError(option, root + ": not a folder (ImageFolder expects root/<class>/<image>)");
   std::vector<std::string> names;
   for (const auto& e : fs::directory_iterator(root))
     if (e.is_directory()) names.push_back(e.path().filename().string());
   std::sort(names.begin(), names.end());
-  if (names.size() < 2) throw isp::DataError(root + ": found " + std::to_string(names.size()) + " class folder(s); expected at least 2");
+  if (names.size() < 2) throw isp::OptionError(option, root + ": found " + std::to_string(names.size()) + " class folder(s); expected at least 2");
   return names;
 }
 
-FileList list_files(const std::string& root, const std::vector<std::string>& classes) {
+FileList list_files(const std::string& root, const std::string& option, const std::vector<std::string>& classes) {
   FileList l;
   for (std::size_t c = 0; c < classes.size(); ++c) {
     const fs::path dir = fs::path(root) / classes[c];
-    if (!fs::is_directory(dir)) throw isp::DataError(dir.string() + ": class folder missing (the training root has it)");
+    if (!fs::is_directory(dir)) throw isp::OptionError(option, dir.string() + ": class folder missing (the training root has it)");
     std::vector<std::string> files;
     for (const auto& e : fs::directory_iterator(dir))
       if (e.is_regular_file() && is_image(e.path())) files.push_back(e.path().string());
-    if (files.empty()) throw isp::DataError(dir.string() + ": no .png, .jpg, .jpeg or .bmp files");
+    if (files.empty()) throw isp::OptionError(option, dir.string() + ": no .png, .jpg, .jpeg or .bmp files");
     std::sort(files.begin(), files.end());
     for (auto& f : files) {
       l.files.push_back(std::move(f));
@@ -201,7 +202,7 @@ Decoded decode_all(const FileList& l, const ImageFolderOptions& o) {
   if (bad > 0)
     std::fprintf(stderr, "[ImageFolder] WARNING: skipped %lld of %lld files that could not be read or decoded (first: %s)\n",
                  static_cast<long long>(bad), static_cast<long long>(n), first_bad.c_str());
-  if (keep.empty()) throw isp::DataError(o.root + ": no image could be decoded");
+  if (keep.empty()) throw isp::OptionError("root", o.root + ": no image could be decoded");
   const at::Tensor idx = at::tensor(keep, at::kLong);
   return {images.index_select(0, idx), at::tensor(l.labels, at::kLong).index_select(0, idx)};
 }
@@ -223,15 +224,15 @@ isp::json cache_key(const FileList& tr, const FileList& te, const ImageFolderOpt
 }
 
 std::shared_ptr<isp::Dataset> make_image_folder(const ImageFolderOptions& o, isp::BuildContext&) {
-  const std::vector<std::string> classes = class_folders(o.root);
-  const FileList train_files = list_files(o.root, classes);
+  const std::vector<std::string> classes = class_folders(o.root, "root");
+  const FileList train_files = list_files(o.root, "root", classes);
   FileList test_files;
   if (!o.test_root.empty()) {
-    const std::vector<std::string> test_classes = class_folders(o.test_root);
+    const std::vector<std::string> test_classes = class_folders(o.test_root, "test_root");
     if (test_classes != classes)
-      throw isp::DataError(o.test_root + ": its class folders differ from " + o.root + "'s (" +
+      throw isp::OptionError("test_root", o.test_root + ": its class folders differ from " + o.root + "'s (" +
                            std::to_string(test_classes.size()) + " vs " + std::to_string(classes.size()) + ")");
-    test_files = list_files(o.test_root, classes);
+    test_files = list_files(o.test_root, "test_root", classes);
   }
   Decoded train, test;
   const isp::json key = cache_key(train_files, test_files, o);

@@ -63,7 +63,7 @@ class RbfMaskHead : public isp::MaskHead {
     const double margin = o.center_margin >= 0 ? o.center_margin : (grid >= 224 ? 4.0 : 2.0);
     b_ = grid / 2.0;
     a_ = grid / 2.0 - margin;
-    if (a_ <= 0) throw isp::Error("RbfMaskHead: center_margin leaves no room for the centre");
+    if (a_ <= 0) throw isp::OptionError("center_margin", "RbfMaskHead: center_margin leaves no room for the centre");
     conv = register_module("conv", torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, 3, kernel_).bias(true)));
     if (soft_argmax_) {
       heat = register_module("heat", torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, 1, 1).bias(false)));

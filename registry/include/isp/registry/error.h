@@ -3,6 +3,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "isp/registry/api.h"
 
@@ -45,5 +46,17 @@ class ISP_API AmbiguousComponent : public Error { public: using Error::Error; ~A
 class ISP_API RegistryFrozen : public Error { public: using Error::Error; ~RegistryFrozen() override; };
 class ISP_API PluginLoadError : public Error { public: using Error::Error; ~PluginLoadError() override; };
 class ISP_API DataError : public Error { public: using Error::Error; ~DataError() override; };
+// A component's error about one of its own options. `option` is the option's key, or a key path into it
+// ("widths/3"). BuildContext::build reports it at that option's JSON path, in the file (or --set) that gave the
+// value, rather than at the node, whose object may come from a base recipe.
+class ISP_API OptionError : public Error {
+ public:
+  OptionError(std::string option, const std::string& what) : Error(what), option_(std::move(option)) {}
+  ~OptionError() override;
+  const std::string& option() const { return option_; }
+
+ private:
+  std::string option_;
+};
 
 }  // namespace isp
