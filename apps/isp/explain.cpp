@@ -330,15 +330,23 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
   isp::write_file_atomic((fs::path(o.out_dir) / "params.json").string(), out.dump(2) + "\n");
   const json summary = metrics.to_json();
   isp::write_file_atomic((fs::path(o.out_dir) / "saliency_metrics.json").string(), summary.dump(2) + "\n");
-  auto show = [](const std::optional<double>& v) { return v ? *v : std::nan(""); };
+  // "n/a" where a figure is undefined: the object figures when the dataset defines no foreground.
+  auto show = [](const std::optional<double>& v, int digits) {
+    if (!v) return std::string("n/a");
+    char b[32];
+    std::snprintf(b, sizeof b, "%.*f", digits, *v);
+    return std::string(b);
+  };
   std::printf("saliency of these %lld images: deletion AUC %.3f (random %.3f, centred %.3f), insertion AUC %.3f (random "
-              "%.3f, centred %.3f), mass on object %.3f (foreground share %.3f), centre spread row %.2f px, col %.2f px "
-              "(the objects' own: %.2f / %.2f px), centre to object %.2f px (image centre %.2f px)\n",
+              "%.3f, centred %.3f), mass on object %s (foreground share %s), centre spread row %s px, col %s px "
+              "(the objects' own: %s / %s px), centre to object %s px (image centre %s px)\n",
               static_cast<long long>(n), metrics.map.deletion_auc, metrics.random.deletion_auc,
               metrics.centred.deletion_auc, metrics.map.insertion_auc, metrics.random.insertion_auc,
-              metrics.centred.insertion_auc, show(metrics.mass_on_object), show(metrics.foreground_share),
-              show(metrics.centre_std_row), show(metrics.centre_std_col), show(metrics.object_centroid_std_row),
-              show(metrics.object_centroid_std_col), show(metrics.centre_to_object), show(metrics.image_centre_to_object));
+              metrics.centred.insertion_auc, show(metrics.mass_on_object, 3).c_str(),
+              show(metrics.foreground_share, 3).c_str(), show(metrics.centre_std_row, 2).c_str(),
+              show(metrics.centre_std_col, 2).c_str(), show(metrics.object_centroid_std_row, 2).c_str(),
+              show(metrics.object_centroid_std_col, 2).c_str(), show(metrics.centre_to_object, 2).c_str(),
+              show(metrics.image_centre_to_object, 2).c_str());
   std::printf("%s: %lld images from stage '%s' (data '%s'); figure %dx%d\n", o.out_dir.c_str(),
               static_cast<long long>(n), stage_name.c_str(), data_node.c_str(), fig.w, fig.h);
   return 0;

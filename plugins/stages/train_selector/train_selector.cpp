@@ -319,18 +319,26 @@ class TrainSelector : public isp::Stage {
   }
 
   static void print_saliency(const std::string& stage, const isp::json& s) {
-    auto num = [](const isp::json& v) { return v.is_number() ? v.get<double>() : std::nan(""); };
+    // "n/a" where a figure is undefined: the object figures when the dataset defines no foreground.
+    auto num = [](const isp::json& v, int digits = 3) {
+      if (!v.is_number()) return std::string("n/a");
+      char b[32];
+      std::snprintf(b, sizeof b, "%.*f", digits, v.get<double>());
+      return std::string(b);
+    };
     std::fprintf(stderr,
-                 "[%s] saliency on %lld test images: deletion AUC %.3f (random %.3f, centred Gaussian %.3f), insertion AUC "
-                 "%.3f (random %.3f, centred %.3f), mass on object %.3f (foreground share %.3f, centred Gaussian %.3f), "
-                 "centre spread row %.2f px, col %.2f px (the objects' own: %.2f / %.2f px), centre to object %.2f px (image "
-                 "centre to object %.2f px)\n",
-                 stage.c_str(), static_cast<long long>(s.value("images", 0)), num(s["deletion_auc"]),
-                 num(s["random_order"]["deletion_auc"]), num(s["centred_gaussian"]["deletion_auc"]), num(s["insertion_auc"]),
-                 num(s["random_order"]["insertion_auc"]), num(s["centred_gaussian"]["insertion_auc"]),
-                 num(s["mass_on_object"]), num(s["foreground_share"]), num(s["mass_on_object_centred_gaussian"]),
-                 num(s["centre_std_row_px"]), num(s["centre_std_col_px"]), num(s["object_centroid_std_row_px"]),
-                 num(s["object_centroid_std_col_px"]), num(s["centre_to_object_px"]), num(s["image_centre_to_object_px"]));
+                 "[%s] saliency on %lld test images: deletion AUC %s (random %s, centred Gaussian %s), insertion AUC "
+                 "%s (random %s, centred %s), mass on object %s (foreground share %s, centred Gaussian %s), "
+                 "centre spread row %s px, col %s px (the objects' own: %s / %s px), centre to object %s px (image "
+                 "centre to object %s px)\n",
+                 stage.c_str(), static_cast<long long>(s.value("images", 0)), num(s["deletion_auc"]).c_str(),
+                 num(s["random_order"]["deletion_auc"]).c_str(), num(s["centred_gaussian"]["deletion_auc"]).c_str(),
+                 num(s["insertion_auc"]).c_str(), num(s["random_order"]["insertion_auc"]).c_str(),
+                 num(s["centred_gaussian"]["insertion_auc"]).c_str(), num(s["mass_on_object"]).c_str(),
+                 num(s["foreground_share"]).c_str(), num(s["mass_on_object_centred_gaussian"]).c_str(),
+                 num(s["centre_std_row_px"], 2).c_str(), num(s["centre_std_col_px"], 2).c_str(),
+                 num(s["object_centroid_std_row_px"], 2).c_str(), num(s["object_centroid_std_col_px"], 2).c_str(),
+                 num(s["centre_to_object_px"], 2).c_str(), num(s["image_centre_to_object_px"], 2).c_str());
   }
 
   // Deterministic evaluation with the mask P itself (docs/method.md §1c): agreement, KL and mean(P).
