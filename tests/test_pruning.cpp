@@ -508,6 +508,32 @@ TEST_CASE("budget: the extracted architecture is projected onto the target, and 
   CHECK(isp::run_recipe(registry(), o) == 0);
   CHECK(read(dir / "warn" / "report.json")["budget_met"] == false);
 
+  // Only architectures that can be selected are extracted and scored: none up to select_after_epoch, and after it
+  // those within the budget (target + budget_tolerance) whose ratio before projection is within candidate_slack of
+  // the target. A slack of 1 admits any ratio before projection, and the projection puts every architecture at the
+  // target (checked above), so exactly the last evaluation (epoch 6) is a candidate, and it is the one selected.
+  json late = met;
+  late["nodes"]["prune"]["select_after_epoch"] = 4;
+  late["nodes"]["prune"]["candidate_slack"] = 1.0;
+  std::ofstream(dir / "late.json") << late.dump(2);
+  o.recipe_path = (dir / "late.json").string();
+  o.work_dir = (dir / "late").string();
+  REQUIRE(isp::run_recipe(registry(), o) == 0);
+  const json late_prune = read(dir / "late" / "summary.json")["stages"]["prune"];
+  REQUIRE(late_prune.contains("selected_epoch"));
+  const int64_t chosen = late_prune["selected_epoch"].get<int64_t>();
+  int evaluated = 0, scored = 0;
+  for (const auto& line : metrics_of(dir / "late", "prune")) {
+    if (!line.contains("final_flops_ratio")) continue;
+    ++evaluated;
+    const int64_t epoch = line["epoch"].get<int64_t>();
+    CHECK_MESSAGE(line.contains("val_top1_gated") == (epoch > 4), line.dump());
+    scored += line.contains("val_top1_gated");
+  }
+  CHECK(evaluated == 3);  // epochs 2, 4 and 6 (eval_every 2)
+  CHECK(scored == 1);
+  CHECK(chosen == 6);
+
   // Aligned widths: channel_multiple 8 keeps a multiple of 8 channels (or all 16 / 32 / 64) in every gated layer,
   // at the same target. The projection steps one channel group at a time, so the achieved ratio is within the
   // dearest group's cost of it (8 channels of a 16-wide layer at 32x32: under 6 % of ResNet-20's FLOPs).
