@@ -533,6 +533,24 @@ TEST_CASE("budget: the extracted architecture is projected onto the target, and 
   CHECK(evaluated == 3);  // epochs 2, 4 and 6 (eval_every 2)
   CHECK(scored == 1);
   CHECK(chosen == 6);
+  // The report says how the architecture was chosen: here by a candidate's validation accuracy.
+  CHECK(late_prune["selected_by"] == "validation accuracy");
+  CHECK(isp::read_text_file((dir / "late" / "report.md").string())
+            .find("The architecture (epoch 6) was the candidate with the best validation accuracy") != std::string::npos);
+  // With the default slack, whichever way the met run went, the report says it in the same terms.
+  const json met_prune = read(dir / "met" / "summary.json")["stages"]["prune"];
+  const std::string met_md = isp::read_text_file((dir / "met" / "report.md").string());
+  bool met_line_scored = false;
+  for (const auto& line : metrics_of(dir / "met", "prune"))
+    if (line["epoch"] == met_prune["selected_epoch"]) met_line_scored = line.contains("val_top1_gated");
+  if (met_prune["selected_by"] == "validation accuracy") {
+    CHECK(met_line_scored);
+    CHECK(met_md.find("was the candidate with the best validation accuracy") != std::string::npos);
+  } else {
+    CHECK(met_prune["selected_by"] == "closest to the budget");
+    CHECK_FALSE(met_line_scored);
+    CHECK(met_md.find("its widths are mostly the projection's") != std::string::npos);
+  }
 
   // Aligned widths: channel_multiple 8 keeps a multiple of 8 channels (or all 16 / 32 / 64) in every gated layer,
   // at the same target. The projection steps one channel group at a time, so the achieved ratio is within the

@@ -105,7 +105,8 @@ class Export : public isp::Stage {
     // The budget the pruning stage promised, and whether the exported network keeps it.
     for (const char* k : {"budget_target", "budget_counting", "budget_achieved", "budget_met", "budget_tolerance",
                           "bn_recalibration_images", "pruned_top1_unpruned_bn_stats", "selected_expected_flops_ratio",
-                          "selected_deterministic_flops_ratio", "selected_projection_threshold"})
+                          "selected_deterministic_flops_ratio", "selected_projection_threshold", "selected_epoch",
+                          "selected_by", "candidate_slack"})
       if (isp::json v = pruned->metric(k); !v.is_null()) report[k] = v;
     report["flops_ratio"] = after.flops / before.flops;
     if (report["finetuned_top1"].is_null()) report["finetuned_top1"] = report["pruned_top1"];
@@ -291,7 +292,20 @@ class Export : public isp::Stage {
         os << "; the final rule alone gave " << r["selected_deterministic_flops_ratio"].get<double>();
       if (r.contains("selected_expected_flops_ratio"))
         os << ", the noisy gates " << r["selected_expected_flops_ratio"].get<double>() << " in expectation";
-      os << ".\n\n";
+      os << ".";
+      // Whether the gates learned the architecture or the projection made most of it (docs/method.md §1d).
+      const std::string by = r.value("selected_by", std::string());
+      if (by == "validation accuracy")
+        os << " The architecture (epoch " << r.value("selected_epoch", 0) << ") was the candidate with the best "
+           << "validation accuracy among those within candidate_slack " << r.value("candidate_slack", 0.0)
+           << " of the target before projection.";
+      else if (by == "closest to the budget")
+        os << " No architecture came within candidate_slack " << r.value("candidate_slack", 0.0)
+           << " of the target before projection, so the one closest to it was kept (epoch " << r.value("selected_epoch", 0)
+           << "): its widths are mostly the projection's, not the gates'.";
+      else if (by == "final gates")
+        os << " No evaluation came after select_after_epoch, so the final gates were kept.";
+      os << "\n\n";
     }
     if (r.contains("bn_recalibration_images") && r["bn_recalibration_images"].get<int64_t>() > 0)
       os << "Pruned top-1 is measured after re-estimating BatchNorm statistics on " << r["bn_recalibration_images"].get<int64_t>()

@@ -1,5 +1,7 @@
 #include "prune_channels.h"
 
+#include <cstdio>
+
 #include "isp/checkpoint.h"
 #include "isp/train.h"
 #include "isp/accel.h"
@@ -138,12 +140,29 @@ at::Tensor PruneChannels::learn_gates(const isp::ImageSplit& subset, isp::RunCon
   gated_->set_gates(at::Tensor());
   summary["pruning_images_per_s"] = static_cast<double>(res.images_seen) / std::max(1e-9, res.train_seconds);
   summary["selected_epoch"] = res.best_epoch;
+  summary["candidate_slack"] = o_.candidate_slack;
+  at::Tensor gates;
   if (res.best_epoch > 0) {
     isp::CheckpointReader best(res.best_path);
     selected = best.meta().value("metrics", isp::json::object());
-    return best.tensor("gates").to(dev);
+    gates = best.tensor("gates").to(dev);
+  } else {
+    gates = candidate(selected).to(dev);
   }
-  return candidate(selected).to(dev);
+  // How the architecture was chosen, for the report: a candidate's validation accuracy decided, or none came
+  // within candidate_slack of the target before projection and the closest to the budget was kept, whose widths
+  // are then mostly the projection's rather than the gates'. (Read from the selected line, so a resumed run
+  // says the same.)
+  const bool by_accuracy = selected.contains("val_top1_gated");
+  summary["selected_by"] = by_accuracy ? "validation accuracy" : res.best_epoch > 0 ? "closest to the budget" : "final gates";
+  if (!by_accuracy && res.best_epoch > 0 && budget_->active() && selected.contains("deterministic_flops_ratio"))
+    std::fprintf(stderr,
+                 "[%s] note: no architecture came within candidate_slack %.3g of the target %.3g before projection (the "
+                 "gates' own ratio came down to %.3f); kept the one closest to the budget (epoch %lld), whose widths are "
+                 "mostly the projection's. More epochs or a larger budget weight let the gates reach the target.\n",
+                 ctx.stage_name.c_str(), o_.candidate_slack, budget_->spec().target,
+                 selected["deterministic_flops_ratio"].get<double>(), static_cast<long long>(res.best_epoch));
+  return gates;
 }
 
 }  // namespace isp_prune
