@@ -124,9 +124,9 @@ at::Tensor PruneChannels::learn_gates(const isp::ImageSplit& subset, isp::RunCon
     isp::json line;
     evaluated_gates = candidate(line).to(dev);
     // Only a candidate's accuracy enters the selection: extracting, recalibrating and validating any other
-    // architecture would be spent on the log alone (5 of the README job's 15 evaluations come before
-    // select_after_epoch). The extraction and recalibration keep the RNG as they found it, so skipping them
-    // changes nothing else.
+    // architecture would be spent on the log alone (in the README job, none of the 15 evaluations is a
+    // candidate). The extraction and recalibration keep the RNG as they found it, so skipping them changes
+    // nothing else.
     if (!standing(line, epoch))
       line["val_top1_gated"] = evaluate_candidate(evaluated_gates, data.val.size() ? data.val : subset, subset, dev);
     return line;

@@ -27,6 +27,7 @@
 #include "isp/accel.h"
 #include "isp/optim.h"
 #include "isp/saliency_metrics.h"
+#include "saliency_summary.h"
 
 namespace fs = std::filesystem;
 
@@ -241,7 +242,7 @@ class TrainSelector : public isp::Stage {
     std::fprintf(stderr, "[%s] selected epoch %s: val agreement %.2f%%, test agreement %.2f%%, KL %.4f, mask area %.3f\n",
                  ctx.stage_name.c_str(), ctx.summary["selector_best_epoch"].dump().c_str(), 100.0 * val.agreement,
                  100.0 * test.agreement, test.kl, test.area);
-    if (saliency.is_object()) print_saliency(ctx.stage_name, saliency);
+    if (saliency.is_object()) isp_selector::print_saliency_summary(ctx.stage_name, saliency);
     isp::write_file_atomic(ctx.stage_dir + "/result.json", ctx.summary.dump(2) + "\n");
     publish_model(ctx.summary);
   }
@@ -316,29 +317,6 @@ class TrainSelector : public isp::Stage {
             {"selector_fingerprint", curves_.selector_fingerprint}});
     w.save_atomic(curves_path(ctx));
     return report.to_json();
-  }
-
-  static void print_saliency(const std::string& stage, const isp::json& s) {
-    // "n/a" where a figure is undefined: the object figures when the dataset defines no foreground.
-    auto num = [](const isp::json& v, int digits = 3) {
-      if (!v.is_number()) return std::string("n/a");
-      char b[32];
-      std::snprintf(b, sizeof b, "%.*f", digits, v.get<double>());
-      return std::string(b);
-    };
-    std::fprintf(stderr,
-                 "[%s] saliency on %lld test images: deletion AUC %s (random %s, centred Gaussian %s), insertion AUC "
-                 "%s (random %s, centred %s), mass on object %s (foreground share %s, centred Gaussian %s), "
-                 "centre spread row %s px, col %s px (the objects' own: %s / %s px), centre to object %s px (image "
-                 "centre to object %s px)\n",
-                 stage.c_str(), static_cast<long long>(s.value("images", 0)), num(s["deletion_auc"]).c_str(),
-                 num(s["random_order"]["deletion_auc"]).c_str(), num(s["centred_gaussian"]["deletion_auc"]).c_str(),
-                 num(s["insertion_auc"]).c_str(), num(s["random_order"]["insertion_auc"]).c_str(),
-                 num(s["centred_gaussian"]["insertion_auc"]).c_str(), num(s["mass_on_object"]).c_str(),
-                 num(s["foreground_share"]).c_str(), num(s["mass_on_object_centred_gaussian"]).c_str(),
-                 num(s["centre_std_row_px"], 2).c_str(), num(s["centre_std_col_px"], 2).c_str(),
-                 num(s["object_centroid_std_row_px"], 2).c_str(), num(s["object_centroid_std_col_px"], 2).c_str(),
-                 num(s["centre_to_object_px"], 2).c_str(), num(s["image_centre_to_object_px"], 2).c_str());
   }
 
   // Deterministic evaluation with the mask P itself (docs/method.md §1c): agreement, KL and mean(P).
