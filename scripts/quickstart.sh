@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}" OPENBLAS_NUM_THREADS=1
-RUN=${RUN:-work_dirs/quick_fmnist}
+# RECIPE=configs/isp/quick_fmnist_fast.json: bf16 + NHWC where the CPU has AVX512-BF16 or AMX (about half the time).
+RECIPE=${RECIPE:-configs/isp/quick_fmnist.json}
+RUN=${RUN:-work_dirs/$(basename "$RECIPE" .json)}
 # --resume: a second invocation continues (or just re-reports) the same run instead of refusing.
-./build/bin/isp run configs/isp/quick_fmnist.json --work-dir "$RUN" --resume
+./build/bin/isp run "$RECIPE" --work-dir "$RUN" --resume
 ./build/bin/isp explain --run "$RUN" --images 8 --out "$RUN/explain"
 ./build/bin/isp explain --run "$RUN" --images 8 --network pruned --out "$RUN/explain_pruned"
 ./build/bin/isp report "$RUN"   # report.html: tables, training curves, kept widths, the saliency figure

@@ -279,14 +279,28 @@ TEST_CASE("speed: runtime settings are checked and resolve for the CPU") {
   CHECK(e.find("speed.json: /runtime/cuda_graphs") != std::string::npos);
   CHECK(e.find("device is cpu") != std::string::npos);
   // bf16 on the CPU: where the CPU computes bfloat16 natively it is granted, elsewhere refused by name.
+  // With bf16, "auto" gives NHWC on the CPU (oneDNN's NHWC bfloat16 kernels); false still forces NCHW.
   if (isp::cpu_has_native_bf16()) {
-    CHECK(runtime_of({{"device", "cpu"}, {"threads", 2}, {"precision", "bf16"}}).speed.bf16);
+    const isp::Runtime b = runtime_of({{"device", "cpu"}, {"threads", 2}, {"precision", "bf16"}});
+    CHECK(b.speed.bf16);
+    CHECK(b.speed.channels_last);
+    CHECK(!b.speed.channels_last_if_grouped);
+    CHECK(!runtime_of({{"device", "cpu"}, {"precision", "bf16"}, {"channels_last", false}}).speed.channels_last);
   } else {
     e = error_of([&] { runtime_of({{"device", "cpu"}, {"precision", "bf16"}}); });
     CHECK(e.find("speed.json: /runtime/precision: bf16 autocast on the CPU needs AVX512-BF16 or AMX") != std::string::npos);
+    CHECK(e.find("\"bf16_if_native\" for bf16 only where it is native") != std::string::npos);
+  }
+  // "bf16_if_native" is never refused: bf16 (and with it NHWC) exactly where the CPU computes bfloat16 natively,
+  // otherwise the fp32 defaults.
+  {
+    const isp::Runtime n = runtime_of({{"device", "cpu"}, {"threads", 2}, {"precision", "bf16_if_native"}});
+    CHECK(n.speed.bf16 == isp::cpu_has_native_bf16());
+    CHECK(n.speed.channels_last == isp::cpu_has_native_bf16());
+    CHECK(n.speed.channels_last_if_grouped == !isp::cpu_has_native_bf16());
   }
   e = error_of([&] { runtime_of({{"device", "cpu"}, {"precision", "fp16"}}); });
-  CHECK(e.find("expected \"fp32\", \"bf16\" or \"auto\", got \"fp16\"") != std::string::npos);
+  CHECK(e.find("expected \"fp32\", \"bf16\", \"bf16_if_native\" or \"auto\", got \"fp16\"") != std::string::npos);
   e = error_of([&] { runtime_of({{"device", "cpu"}, {"channels_last", 1}}); });
   CHECK(e.find("/runtime/channels_last: expected true, false or \"auto\", got 1") != std::string::npos);
   e = error_of([&] { runtime_of({{"device", "cpu"}, {"graphs", true}}); });

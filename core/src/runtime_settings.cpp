@@ -84,7 +84,7 @@ Runtime apply_runtime(const Recipe& r) {
   }
   // Speed settings (docs/performance.md). "auto" = what bench/gpu_phases.sh measured fastest at the same
   // accuracy (bench/gpu_session.sh, part "accuracy"): on CUDA channels_last, CUDA graphs and bf16 autocast, on the
-  // CPU none of them (but NHWC for depthwise networks, below).
+  // CPU none of them (but NHWC for depthwise networks, and with bf16: below).
   const bool cuda = out.device.is_cuda();
   auto on_off_auto = [&](const char* key, bool auto_value) {
     if (!rt.contains(key)) return auto_value;
@@ -93,11 +93,6 @@ Runtime apply_runtime(const Recipe& r) {
     if (v.is_string() && v.get<std::string>() == "auto") return auto_value;
     throw RecipeError(r.where(std::string("/runtime/") + key), "expected true, false or \"auto\", got " + v.dump());
   };
-  out.speed.channels_last = on_off_auto("channels_last", cuda);
-  // "auto" on the CPU: NCHW (the layout the quality tables were measured in), except for networks with
-  // depthwise convolutions, whose NCHW kernels in LibTorch 1.13 are 4-5x slower than oneDNN's NHWC ones
-  // (MobileNetV2's classifier phase 1.9x faster in NHWC, docs/performance.md).
-  out.speed.channels_last_if_grouped = !cuda && !out.speed.channels_last && rt.value("channels_last", json("auto")) == json("auto");
   // Data-parallel runs (isp/distributed.h). Their gradient allreduces start from hooks inside the backward pass,
   // which a captured CUDA graph would not replay: CUDA graphs are off there.
   const bool data_parallel = dist::world_from_env().world_size > 1;
@@ -123,13 +118,23 @@ Runtime apply_runtime(const Recipe& r) {
   if (out.speed.cuda_graphs && !cuda_graphs_supported())
     throw RecipeError(r.where("/runtime/cuda_graphs"), "this build of isp has no CUDA support");
   const json precision = rt.value("precision", json("auto"));
-  if (precision != "fp32" && precision != "bf16" && precision != "auto")
-    throw RecipeError(r.where("/runtime/precision"), "expected \"fp32\", \"bf16\" or \"auto\", got " + precision.dump());
-  out.speed.bf16 = precision == "bf16" || (precision == "auto" && cuda);
+  if (precision != "fp32" && precision != "bf16" && precision != "auto" && precision != "bf16_if_native")
+    throw RecipeError(r.where("/runtime/precision"),
+                      "expected \"fp32\", \"bf16\", \"bf16_if_native\" or \"auto\", got " + precision.dump());
+  // "bf16_if_native": bf16 where it is fast (CUDA, or a CPU with AVX512-BF16 or AMX), fp32 elsewhere, so one
+  // recipe (configs/isp/quick_fmnist_fast.json) runs on any machine at the speed that machine allows.
+  out.speed.bf16 = precision == "bf16" || (precision == "auto" && cuda) ||
+                   (precision == "bf16_if_native" && (cuda || cpu_has_native_bf16()));
   if (out.speed.bf16 && !cuda && !cpu_has_native_bf16())
     throw RecipeError(r.where("/runtime/precision"),
                       "bf16 autocast on the CPU needs AVX512-BF16 or AMX, which this CPU lacks (oneDNN would emulate "
-                      "bfloat16, slower than fp32); use \"fp32\"");
+                      "bfloat16, slower than fp32); use \"fp32\", or \"bf16_if_native\" for bf16 only where it is native");
+  // "auto" on the CPU: NHWC with bf16 (oneDNN's NHWC bfloat16 kernels: 1.15-1.24x bf16 in NCHW in four of the five
+  // phases, docs/performance.md); in fp32 NCHW (the layout the quality tables were measured in), except for
+  // networks with depthwise convolutions, whose NCHW kernels in LibTorch 1.13 are 4-5x slower than oneDNN's NHWC
+  // ones (MobileNetV2's classifier phase 1.9x faster in NHWC).
+  out.speed.channels_last = on_off_auto("channels_last", cuda || out.speed.bf16);
+  out.speed.channels_last_if_grouped = !cuda && !out.speed.channels_last && rt.value("channels_last", json("auto")) == json("auto");
   // Frozen networks run each conv + eval-mode BN as one folded convolution (isp/interfaces/backbone.h); off
   // for comparisons (bench/cpu_phases.sh).
   if (rt.contains("fold_batchnorm") && !rt["fold_batchnorm"].is_boolean())
