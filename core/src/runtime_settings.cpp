@@ -128,13 +128,15 @@ Runtime apply_runtime(const Recipe& r) {
   if (out.speed.bf16 && !cuda && !cpu_has_native_bf16())
     throw RecipeError(r.where("/runtime/precision"),
                       "bf16 autocast on the CPU needs AVX512-BF16 or AMX, which this CPU lacks (oneDNN would emulate "
-                      "bfloat16, slower than fp32); use \"fp32\", or \"bf16_if_native\" for bf16 only where it is native");
+                      "bfloat16, slower than fp32); use \"fp32\", or \"bf16_if_native\" for bf16 only where it is "
+                      "native");
   // "auto" on the CPU: NHWC with bf16 (oneDNN's NHWC bfloat16 kernels: 1.15-1.24x bf16 in NCHW in four of the five
   // phases, docs/performance.md); in fp32 NCHW (the layout the quality tables were measured in), except for
   // networks with depthwise convolutions, whose NCHW kernels in LibTorch 1.13 are 4-5x slower than oneDNN's NHWC
   // ones (MobileNetV2's classifier phase 1.9x faster in NHWC).
   out.speed.channels_last = on_off_auto("channels_last", cuda || out.speed.bf16);
-  out.speed.channels_last_if_grouped = !cuda && !out.speed.channels_last && rt.value("channels_last", json("auto")) == json("auto");
+  out.speed.channels_last_if_grouped =
+      !cuda && !out.speed.channels_last && rt.value("channels_last", json("auto")) == json("auto");
   // Frozen networks run each conv + eval-mode BN as one folded convolution (isp/interfaces/backbone.h); off
   // for comparisons (bench/cpu_phases.sh).
   if (rt.contains("fold_batchnorm") && !rt["fold_batchnorm"].is_boolean())
