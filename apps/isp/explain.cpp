@@ -21,6 +21,7 @@
 
 #include "isp/interfaces/dataset.h"
 #include "isp/artifacts.h"
+#include "isp/registry/number_text.h"
 #include "isp/registry/recipe.h"
 #include "isp/registry/registry.h"
 #include "isp/runner.h"
@@ -331,12 +332,7 @@ int explain(isp::Registry& reg, const ExplainOptions& o) {
   const json summary = metrics.to_json();
   isp::write_file_atomic((fs::path(o.out_dir) / "saliency_metrics.json").string(), summary.dump(2) + "\n");
   // "n/a" where a figure is undefined: the object figures when the dataset defines no foreground.
-  auto show = [](const std::optional<double>& v, int digits) {
-    if (!v) return std::string("n/a");
-    char b[32];
-    std::snprintf(b, sizeof b, "%.*f", digits, *v);
-    return std::string(b);
-  };
+  const auto show = [](const std::optional<double>& v, int digits) { return isp::fixed_or_na(v, digits); };
   std::printf("saliency of these %lld images: deletion AUC %.3f (random %.3f, centred %.3f), insertion AUC %.3f (random "
               "%.3f, centred %.3f), mass on object %s (foreground share %s), centre spread row %s px, col %s px "
               "(the objects' own: %s / %s px), centre to object %s px (image centre %s px)\n",

@@ -20,6 +20,7 @@
 #include "isp/cost.h"
 #include "isp/data.h"
 #include "isp/interfaces/dataset.h"
+#include "isp/registry/number_text.h"
 #include "isp/registry/plugin.h"
 #include "isp/registry/recipe.h"
 #include "isp/report_html.h"
@@ -219,21 +220,8 @@ class Export : public isp::Stage {
                                           data.test.labels.narrow(0, 0, n).to(dev), data, mo, 128, known);
   }
 
-  static std::string num(const isp::json& v, int precision = 3) {
-    if (!v.is_number()) return "n/a";
-    std::ostringstream os;
-    os.precision(precision);
-    os << std::fixed << v.get<double>();
-    return os.str();
-  }
-
-  static std::string pct(const isp::json& v) {
-    if (!v.is_number()) return "n/a";
-    std::ostringstream os;
-    os.precision(2);
-    os << std::fixed << 100.0 * v.get<double>();
-    return os.str();
-  }
+  static std::string num(const isp::json& v, int precision = 3) { return isp::fixed_or_na(v, precision); }
+  static std::string pct(const isp::json& v) { return isp::fixed_or_na(v, 2, 100.0); }
   static std::string signed_points(const isp::json& v) {
     std::ostringstream os;
     os.precision(2);

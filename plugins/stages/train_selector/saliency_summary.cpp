@@ -3,16 +3,14 @@
 
 #include <cstdio>
 
+#include "isp/registry/number_text.h"
+
 namespace isp_selector {
 
 void print_saliency_summary(const std::string& stage, const isp::json& s) {
   // A figure by its JSON pointer, "n/a" where it is missing or null.
   auto num = [&s](const char* pointer, int digits = 3) {
-    const isp::json v = s.value(isp::json::json_pointer(pointer), isp::json());
-    if (!v.is_number()) return std::string("n/a");
-    char b[32];
-    std::snprintf(b, sizeof b, "%.*f", digits, v.get<double>());
-    return std::string(b);
+    return isp::fixed_or_na(s.value(isp::json::json_pointer(pointer), isp::json()), digits);
   };
   std::fprintf(stderr,
                "[%s] saliency on %lld test images: deletion AUC %s (random %s, centred Gaussian %s), insertion AUC "
