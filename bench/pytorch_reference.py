@@ -14,55 +14,23 @@ Prints one JSON line: median img/s and ms per step over the steps after the warm
 CPU bfloat16 autocast with NHWC tensors, PyTorch's own fast path (needs AVX512-BF16 or AMX to be fast).
 """
 import argparse
+import importlib.util
 import json
+import os
 import statistics
 import time
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 
-class Block(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.pad = cout - cin
-        self.stride = stride
-
-    def shortcut(self, x):
-        if self.stride == 1 and self.pad == 0:
-            return x
-        # option A: halve the resolution, append zero channels
-        x = F.avg_pool2d(x, self.stride) if self.stride > 1 else x
-        return F.pad(x, (0, 0, 0, 0, 0, self.pad))
-
-    def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return F.relu(y + self.shortcut(x))
-
-
-class ResNetCifar(nn.Module):
-    def __init__(self, depth=56, classes=10):
-        super().__init__()
-        n = (depth - 2) // 6
-        self.conv = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
-        layers, cin = [], 16
-        for width, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(n):
-                layers.append(Block(cin, width, stride if i == 0 else 1))
-                cin = width
-        self.layers = nn.Sequential(*layers)
-        self.fc = nn.Linear(64, classes)
-
-    def forward(self, x):
-        x = self.layers(F.relu(self.bn(self.conv(x))))
-        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+def resnet_cifar():
+    """isp's ResNetCifar as plain torch.nn modules: the one scripts/check_export_torch.py loads exports into."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts", "check_export_torch.py")
+    spec = importlib.util.spec_from_file_location("check_export_torch", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ResNetCifar
 
 
 def main():
@@ -76,7 +44,7 @@ def main():
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    model = ResNetCifar(a.depth)
+    model = resnet_cifar()(depth=a.depth)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     fmt = torch.channels_last if a.bf16 else torch.contiguous_format
     model = model.to(memory_format=fmt)
